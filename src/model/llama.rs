@@ -1,0 +1,424 @@
+//! The llama-family decoder (llama, qwen2) over a batch of sequences of
+//! different lengths, each with its own KV cache. One constructor per weight
+//! format: [`Llama::from_gguf`] and [`Llama::from_safetensors`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::ModelError;
+use super::attention::{self, AttnShape, Rope};
+use super::config::{Arch, HfConfig, ModelConfig, RopeStyle};
+use super::kv::{KvCache, KvMemory};
+use super::linear::{Linear, WeightFormat};
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    span: tracing::Span,
+}
+
+/// One sequence's share of a batched forward pass: the tokens to feed (one
+/// when decoding, many when prefilling) and the cache they extend.
+pub struct BatchEntry<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Outputs at the last fed token of each entry, in batch order.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// `(entries, vocab)` f32.
+    pub logits: Tensor,
+    /// `(entries, hidden)` f32: the final hidden state after the last norm.
+    pub hidden: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Llama {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rope: Rope,
+    device: Device,
+    kv_memory: Arc<KvMemory>,
+    span: tracing::Span,
+}
+
+/// Reads GGUF metadata of the model's own architecture prefix.
+struct GgufMeta<'a> {
+    ct: &'a gguf_file::Content,
+    arch: &'a str,
+}
+
+impl GgufMeta<'_> {
+    fn get(&self, key: &str) -> Result<&gguf_file::Value, ModelError> {
+        let full = format!("{}.{key}", self.arch);
+        self.ct.metadata.get(&full).ok_or_else(|| ModelError::Config(format!("GGUF metadata lacks {full}")))
+    }
+    fn usize(&self, key: &str) -> Result<usize, ModelError> {
+        let v = self.get(key)?;
+        Ok(v.to_u64().or_else(|_| v.to_u32().map(u64::from))? as usize)
+    }
+    fn opt_usize(&self, key: &str) -> Option<usize> {
+        self.usize(key).ok()
+    }
+    fn f32(&self, key: &str) -> Option<f32> {
+        self.get(key).ok().and_then(|v| v.to_f32().ok())
+    }
+}
+
+impl Llama {
+    /// Loads a GGUF file of the `llama` or `qwen2` architecture.
+    pub fn from_gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| ModelError::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let arch_name = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "GGUF architecture {other:?}; ponder runs llama and qwen2"
+                )));
+            }
+        };
+        let meta = GgufMeta { ct: &ct, arch: &arch_name };
+        let hidden = meta.usize("embedding_length")?;
+        let n_heads = meta.usize("attention.head_count")?;
+        let head_dim = meta.opt_usize("attention.key_length").unwrap_or(hidden / n_heads.max(1));
+        if let Some(rope_dim) = meta.opt_usize("rope.dimension_count") {
+            if rope_dim != head_dim {
+                return Err(ModelError::Unsupported(format!(
+                    "partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim})"
+                )));
+            }
+        }
+        let has_output = ct.tensor_infos.contains_key("output.weight");
+        let vocab = match meta.opt_usize("vocab_size") {
+            Some(v) => v,
+            None => ct
+                .tensor_infos
+                .get("token_embd.weight")
+                .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?
+                .shape
+                .dims()[0],
+        };
+        let cfg = ModelConfig {
+            arch,
+            hidden,
+            intermediate: meta.usize("feed_forward_length")?,
+            n_layers: meta.usize("block_count")?,
+            n_heads,
+            n_kv_heads: meta.opt_usize("attention.head_count_kv").unwrap_or(n_heads),
+            head_dim,
+            vocab,
+            rms_eps: meta.f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+            rope_theta: meta.f32("rope.freq_base").unwrap_or(10_000.0),
+            rope_style: match arch {
+                Arch::Llama => RopeStyle::Interleaved,
+                Arch::Qwen2 => RopeStyle::HalfSplit,
+            },
+            max_position: meta.opt_usize("context_length").unwrap_or(4096),
+            tie_embeddings: !has_output,
+        };
+        cfg.validate()?;
+        let quantized = ct.tensor_infos.values().any(|t| {
+            !matches!(
+                t.ggml_dtype,
+                candle_core::quantized::GgmlDType::F32
+                    | candle_core::quantized::GgmlDType::F16
+                    | candle_core::quantized::GgmlDType::BF16
+            )
+        });
+        let storage = format.resolve(quantized);
+        let mut get = |name: &str| {
+            ct.tensor(&mut file, name, device).map_err(|e| {
+                if ct.tensor_infos.contains_key(name) {
+                    ModelError::Candle(e)
+                } else {
+                    ModelError::MissingTensor(name.to_string())
+                }
+            })
+        };
+        let embed = get("token_embd.weight")?.dequantize(device)?;
+        let lm_head_q = if has_output { get("output.weight")? } else { get("token_embd.weight")? };
+        let lm_head = Linear::from_qtensor(lm_head_q, storage, None)?;
+        let norm = get("output_norm.weight")?.dequantize(device)?;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("blk.{i}");
+            let mut lin = |name: &str, bias: bool| -> Result<Linear, ModelError> {
+                let w = get(&format!("{p}.{name}.weight"))?;
+                let b = if bias { Some(get(&format!("{p}.{name}.bias"))?.dequantize(device)?) } else { None };
+                Ok(Linear::from_qtensor(w, storage, b)?)
+            };
+            let qkv_bias = arch == Arch::Qwen2;
+            let (q, k, v) = (lin("attn_q", qkv_bias)?, lin("attn_k", qkv_bias)?, lin("attn_v", qkv_bias)?);
+            let (o, gate, up, down) = (
+                lin("attn_output", false)?,
+                lin("ffn_gate", false)?,
+                lin("ffn_up", false)?,
+                lin("ffn_down", false)?,
+            );
+            layers.push(Layer {
+                attn_norm: get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?,
+                ffn_norm: get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?,
+                q,
+                k,
+                v,
+                o,
+                gate,
+                up,
+                down,
+                span: tracing::span!(tracing::Level::TRACE, "layer", index = i),
+            });
+        }
+        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+    }
+
+    /// Loads an HF checkpoint directory (`config.json` and `*.safetensors`)
+    /// of `LlamaForCausalLM` or `Qwen2ForCausalLM`, in f32, f16 or bf16.
+    pub fn from_safetensors(dir: &Path, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
+        let hf: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Format(format!("{}: {e}", config_path.display())))?;
+        let mut cfg = hf.to_config()?;
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        let storage = format.resolve(false);
+        let need = |vb: &VarBuilder, shape: (usize, usize), name: &str| -> Result<Tensor, ModelError> {
+            if vb.contains_tensor(name) {
+                Ok(vb.get(shape, name)?)
+            } else {
+                Err(ModelError::MissingTensor(name.to_string()))
+            }
+        };
+        let vec = |vb: &VarBuilder, n: usize, name: &str| -> Result<Tensor, ModelError> {
+            if vb.contains_tensor(name) {
+                Ok(vb.get(n, name)?)
+            } else {
+                Err(ModelError::MissingTensor(name.to_string()))
+            }
+        };
+        let (h, kv, q_width) = (cfg.hidden, cfg.kv_dim(), cfg.n_heads * cfg.head_dim);
+        let embed = need(&vb, (cfg.vocab, h), "model.embed_tokens.weight")?;
+        let has_head = vb.contains_tensor("lm_head.weight");
+        cfg.tie_embeddings = !has_head;
+        let head_w = if has_head { need(&vb, (cfg.vocab, h), "lm_head.weight")? } else { embed.clone() };
+        let lm_head = Linear::from_dense(head_w, storage, None)?;
+        let norm = vec(&vb, h, "model.norm.weight")?;
+        let bias = cfg.arch == Arch::Qwen2;
+        let mut layers = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let p = format!("model.layers.{i}");
+            let lin = |name: &str, shape: (usize, usize), with_bias: bool| -> Result<Linear, ModelError> {
+                let w = need(&vb, shape, &format!("{p}.{name}.weight"))?;
+                let b = if with_bias { Some(vec(&vb, shape.0, &format!("{p}.{name}.bias"))?) } else { None };
+                Ok(Linear::from_dense(w, storage, b)?)
+            };
+            layers.push(Layer {
+                attn_norm: vec(&vb, h, &format!("{p}.input_layernorm.weight"))?,
+                ffn_norm: vec(&vb, h, &format!("{p}.post_attention_layernorm.weight"))?,
+                q: lin("self_attn.q_proj", (q_width, h), bias)?,
+                k: lin("self_attn.k_proj", (kv, h), bias)?,
+                v: lin("self_attn.v_proj", (kv, h), bias)?,
+                o: lin("self_attn.o_proj", (h, q_width), false)?,
+                gate: lin("mlp.gate_proj", (cfg.intermediate, h), false)?,
+                up: lin("mlp.up_proj", (cfg.intermediate, h), false)?,
+                down: lin("mlp.down_proj", (h, cfg.intermediate), false)?,
+                span: tracing::span!(tracing::Level::TRACE, "layer", index = i),
+            });
+        }
+        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+    }
+
+    fn assemble(
+        cfg: ModelConfig,
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let (vocab, hidden) = embed.dims2()?;
+        if vocab != cfg.vocab || hidden != cfg.hidden {
+            return Err(ModelError::Config(format!(
+                "token embedding is {vocab}x{hidden}, config says {}x{}",
+                cfg.vocab, cfg.hidden
+            )));
+        }
+        Ok(Self {
+            rope: Rope::new(&cfg),
+            embed: embed.to_dtype(DType::F32)?,
+            norm: norm.to_dtype(DType::F32)?,
+            cfg,
+            layers,
+            lm_head,
+            device: device.clone(),
+            kv_memory: Arc::new(KvMemory::default()),
+            span: tracing::span!(tracing::Level::TRACE, "model"),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// An empty cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim(), self.kv_memory.clone())
+    }
+
+    /// Bytes held by all live caches of this model.
+    pub fn kv_memory(&self) -> &Arc<KvMemory> {
+        &self.kv_memory
+    }
+
+    /// Longest sequence the model accepts (prompt plus generated tokens).
+    pub fn max_position(&self) -> usize {
+        self.rope.max_position()
+    }
+
+    /// Feeds each entry's tokens after its cached positions, appends their
+    /// keys and values to its cache, and returns logits and hidden state at
+    /// each entry's last token. Weight matmuls run once over all rows.
+    pub fn forward(&self, batch: &mut [BatchEntry<'_>]) -> Result<ForwardOutput, ModelError> {
+        let _enter = self.span.enter();
+        if batch.is_empty() {
+            return Err(ModelError::EmptyBatch);
+        }
+        let mut ids = Vec::new();
+        let mut last_rows = Vec::with_capacity(batch.len());
+        for entry in batch.iter() {
+            if entry.tokens.is_empty() {
+                return Err(ModelError::EmptyBatch);
+            }
+            let needed = entry.cache.len() + entry.tokens.len();
+            if needed > self.max_position() {
+                return Err(ModelError::ContextOverflow { needed, max: self.max_position() });
+            }
+            if let Some(&bad) = entry.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+                return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab });
+            }
+            ids.extend_from_slice(entry.tokens);
+            last_rows.push((ids.len() - 1) as u32);
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut scratch = Scratch::default();
+        for (index, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, index, &x, batch, &mut scratch)?;
+        }
+        let last = Tensor::new(last_rows.as_slice(), &self.device)?;
+        let x = x.index_select(&last, 0)?;
+        let hidden = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
+        let logits = self.lm_head.forward(&hidden)?;
+        Ok(ForwardOutput { logits, hidden })
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        batch: &mut [BatchEntry<'_>],
+        scratch: &mut Scratch,
+    ) -> Result<Tensor, ModelError> {
+        let _enter = layer.span.enter();
+        let eps = self.cfg.rms_eps as f32;
+        let rows = x.dim(0)?;
+        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, eps)?;
+        let mut q = layer.q.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut k = layer.k.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = layer.v.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
+        let q_width = self.cfg.n_heads * self.cfg.head_dim;
+        let kv_dim = self.cfg.kv_dim();
+        let shape = AttnShape::of(&self.cfg);
+        let mut out = vec![0f32; rows * q_width];
+        let mut row = 0;
+        for entry in batch.iter_mut() {
+            let n = entry.tokens.len();
+            let pos0 = entry.cache.layer_len(index);
+            let qs = &mut q[row * q_width..(row + n) * q_width];
+            let ks = &mut k[row * kv_dim..(row + n) * kv_dim];
+            for i in 0..n {
+                self.rope.apply(&mut qs[i * q_width..(i + 1) * q_width], pos0 + i);
+                self.rope.apply(&mut ks[i * kv_dim..(i + 1) * kv_dim], pos0 + i);
+            }
+            entry.cache.append(index, ks, &v[row * kv_dim..(row + n) * kv_dim]);
+            attention::attend(
+                shape,
+                qs,
+                entry.cache,
+                index,
+                &mut out[row * q_width..(row + n) * q_width],
+                &mut scratch.scores,
+            );
+            row += n;
+        }
+        let attn = Tensor::from_vec(out, (rows, q_width), &self.device)?;
+        let x = (x + layer.o.forward(&attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+        Ok((x + layer.down.forward(&act)?)?)
+    }
+}
+
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let parsed: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Format(format!("{}: {e}", index.display())))?;
+        let map: HashMap<String, String> = parsed
+            .get("weight_map")
+            .and_then(|m| serde_json::from_value(m.clone()).ok())
+            .ok_or_else(|| ModelError::Format(format!("{}: no weight_map", index.display())))?;
+        let mut files: Vec<PathBuf> = map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Format(format!("{}: no *.safetensors files", dir.display())));
+    }
+    Ok(files)
+}
