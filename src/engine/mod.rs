@@ -1,0 +1,257 @@
+//! Generation: sequences with explicit KV caches, forked from shared
+//! prefixes and decoded together, one token per sequence per `step`, with
+//! per-sequence sampling and stop conditions. Knows nothing of HTTP.
+
+pub mod sampling;
+pub mod sequence;
+pub mod stop;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::{Device, IndexOp};
+
+use crate::model::{BatchEntry, Llama, ModelError, ModelSource, WeightFormat};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+
+pub use sampling::{SamplingParams, child_seed};
+pub use sequence::{
+    EosPolicy, FinishReason, HiddenCapture, Logprobs, SeqOptions, Sequence, StopCriteria, TokenLogprob,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("prompt of {tokens} tokens leaves no room in the model's context of {max}")]
+    PromptTooLong { tokens: usize, max: usize },
+    #[error("cannot fork a sequence that has tokens waiting to be fed")]
+    ForkBeforeFeed,
+}
+
+/// What one `step` did to one sequence.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SeqUpdate {
+    /// The token sampled in this step, if the sequence was sampled.
+    pub token: Option<u32>,
+    /// Text that became final in this step (partial stop-string matches are held back).
+    pub delta: String,
+    /// Set when the run ended in this step.
+    pub finished: Option<FinishReason>,
+    /// Prompt tokens fed in this step (prefill progress).
+    pub prefilled: usize,
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// Most prompt tokens of one sequence fed in one step; longer prompts are
+    /// prefilled over several steps so that decoding sequences keep moving.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { prefill_chunk: 512 }
+    }
+}
+
+/// A model with its tokenizer; sequences are owned by the caller.
+#[derive(Debug)]
+pub struct Engine {
+    model: Llama,
+    tokenizer: Tokenizer,
+    opts: EngineOptions,
+    next_id: AtomicU64,
+}
+
+impl Engine {
+    pub fn new(model: Llama, tokenizer: Tokenizer, opts: EngineOptions) -> Self {
+        Self { model, tokenizer, opts, next_id: AtomicU64::new(1) }
+    }
+
+    /// Loads weights and tokenizer from a GGUF file or an HF directory.
+    pub fn load(
+        path: &Path,
+        format: WeightFormat,
+        device: &Device,
+        opts: EngineOptions,
+    ) -> Result<Self, EngineError> {
+        let source = ModelSource::detect(path)?;
+        let tokenizer = match &source {
+            ModelSource::Gguf(p) => Tokenizer::from_gguf_file(p)?,
+            ModelSource::HfDir(d) => Tokenizer::from_hf_dir(d)?,
+        };
+        let model = source.load(format, device)?;
+        Ok(Self::new(model, tokenizer, opts))
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// A sequence for `prompt`; the prompt is fed by the next `step`s.
+    pub fn start(&self, prompt: Vec<u32>, opts: SeqOptions) -> Result<Sequence, EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let max = self.model.max_position();
+        if prompt.len() >= max {
+            return Err(EngineError::PromptTooLong { tokens: prompt.len(), max });
+        }
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= self.model.config().vocab) {
+            return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.model.config().vocab }.into());
+        }
+        Ok(Sequence {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            cache: self.model.new_cache(),
+            prompt_len: prompt.len(),
+            pending: prompt.clone(),
+            tokens: prompt,
+            logits: None,
+            hidden: None,
+            sampler: sampling::Sampler::new(opts.sampling),
+            opts,
+            run_tokens: 0,
+            text: Default::default(),
+            finish: None,
+            logprobs: Vec::new(),
+        })
+    }
+
+    /// `seeds.len()` children of `parent` that share its cached prefix (no
+    /// copy: the parent's private cache is frozen into a shared segment) and
+    /// its next-token logits, each sampling with its own seed.
+    pub fn fork(&self, parent: &mut Sequence, seeds: &[u64]) -> Result<Vec<Sequence>, EngineError> {
+        if !parent.pending.is_empty() {
+            return Err(EngineError::ForkBeforeFeed);
+        }
+        Ok(seeds
+            .iter()
+            .map(|&seed| {
+                let mut opts = parent.opts.clone();
+                opts.sampling.seed = seed;
+                Sequence {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    cache: parent.cache.fork(),
+                    tokens: parent.tokens.clone(),
+                    prompt_len: parent.prompt_len,
+                    pending: Vec::new(),
+                    logits: parent.logits.clone(),
+                    hidden: parent.hidden.clone(),
+                    sampler: sampling::Sampler::new(opts.sampling),
+                    opts,
+                    run_tokens: parent.run_tokens,
+                    text: parent.text.clone(),
+                    finish: parent.finish,
+                    logprobs: parent.logprobs.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// One decoding step over `seqs`: every running sequence with logits
+    /// samples one token and checks its stop conditions; then one batched
+    /// forward pass feeds every sampled token, prompt chunk and (for
+    /// sequences that stopped with [`HiddenCapture::AtStop`]) final token.
+    pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<SeqUpdate>, EngineError> {
+        let mut updates = vec![SeqUpdate::default(); seqs.len()];
+        for (seq, update) in seqs.iter_mut().zip(updates.iter_mut()) {
+            if seq.finish.is_none() && seq.pending.is_empty() {
+                self.sample_one(seq, update)?;
+            }
+        }
+        self.feed(seqs, &mut updates)?;
+        Ok(updates)
+    }
+
+    fn sample_one(&self, seq: &mut Sequence, update: &mut SeqUpdate) -> Result<(), EngineError> {
+        let logits = seq.logits.take().expect("a fed sequence without pending tokens holds logits");
+        let token = seq.sampler.sample(&logits);
+        if let Logprobs::Top(n) = seq.opts.logprobs {
+            let (logprob, top) = sampling::logprobs(&logits, token, n);
+            seq.logprobs.push(TokenLogprob { logprob, top });
+        }
+        seq.tokens.push(token);
+        seq.pending.push(token);
+        seq.run_tokens += 1;
+        update.token = Some(token);
+
+        let eos = seq.opts.stop.eos == EosPolicy::Stop && self.tokenizer.end_of_generation().contains(&token);
+        let before = seq.text.text.len();
+        if !eos {
+            if let Some(piece) = seq.text.stream.push(&self.tokenizer, token)? {
+                seq.text.text.push_str(&piece);
+            }
+        }
+        let stop_hit = stop::find_stop(&seq.text.text, before.max(seq.text.run_start), &seq.opts.stop.stop)
+            .filter(|m| m.start >= seq.text.run_start);
+        let finish = if eos {
+            Some(FinishReason::Eos)
+        } else if let Some(m) = stop_hit {
+            seq.text.run_end = Some(m.start);
+            Some(FinishReason::Stop { index: m.index })
+        } else if seq.run_tokens >= seq.opts.stop.max_tokens {
+            Some(FinishReason::Length)
+        } else if seq.tokens.len() >= self.model.max_position() {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        let text = &seq.text.text;
+        let ready = match finish {
+            Some(_) => seq.text.run_end.unwrap_or(text.len()),
+            None => text.len() - stop::partial_stop_len(&text[seq.text.run_start..], &seq.opts.stop.stop),
+        };
+        if ready > seq.text.emitted {
+            update.delta = text[seq.text.emitted..ready].to_string();
+            seq.text.emitted = ready;
+        }
+        seq.finish = finish;
+        update.finished = finish;
+        Ok(())
+    }
+
+    fn feed(&self, seqs: &mut [&mut Sequence], updates: &mut [SeqUpdate]) -> Result<(), EngineError> {
+        let chunk = self.opts.prefill_chunk.max(1);
+        let mut fed: Vec<(usize, usize)> = Vec::new();
+        let mut entries: Vec<BatchEntry<'_>> = Vec::new();
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            let wanted = seq.finish.is_none() || seq.wants_capture();
+            if !wanted || seq.pending.is_empty() {
+                continue;
+            }
+            let n = seq.pending.len().min(chunk);
+            fed.push((i, n));
+            let seq: &mut Sequence = seq;
+            entries.push(BatchEntry { tokens: &seq.pending[..n], cache: &mut seq.cache });
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let out = self.model.forward(&mut entries)?;
+        drop(entries);
+        for (row, &(i, n)) in fed.iter().enumerate() {
+            let seq = &mut seqs[i];
+            let was_prompt = seq.cache.len() - n < seq.prompt_len;
+            if was_prompt {
+                updates[i].prefilled = n;
+            }
+            seq.pending.drain(..n);
+            seq.hidden = Some(out.hidden.i(row).and_then(|h| h.to_vec1::<f32>()).map_err(ModelError::from)?);
+            if seq.pending.is_empty() {
+                seq.logits =
+                    Some(out.logits.i(row).and_then(|l| l.to_vec1::<f32>()).map_err(ModelError::from)?);
+            }
+        }
+        Ok(())
+    }
+}

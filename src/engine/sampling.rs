@@ -1,0 +1,192 @@
+//! Per-sequence token choice: greedy at temperature 0, else temperature,
+//! top-k and top-p with the sequence's own seeded RNG, so a sequence draws
+//! the same tokens whatever shares its batch. Also per-token logprobs.
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 keeps every token.
+    pub top_p: f32,
+    /// 0 keeps every token.
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+    }
+
+    pub fn with_seed(self, seed: u64) -> Self {
+        Self { seed, ..self }
+    }
+}
+
+/// Derives the seed of child `index` of a sequence seeded `seed`, so that
+/// `n` samples of one request are distinct yet reproducible.
+pub fn child_seed(seed: u64, index: u64) -> u64 {
+    // SplitMix64 finaliser over (seed, index): well mixed and cheap.
+    let mut z = seed ^ index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha8Rng,
+    /// Candidate buffer reused across steps.
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        Self { params, rng: ChaCha8Rng::seed_from_u64(params.seed), candidates: Vec::new() }
+    }
+
+    pub fn params(&self) -> SamplingParams {
+        self.params
+    }
+
+    /// Picks the next token from raw logits.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let inv_t = 1.0 / self.params.temperature;
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let c = &mut self.candidates;
+        c.clear();
+        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())));
+        let by_weight_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let k = self.params.top_k;
+        if k > 0 && k < c.len() {
+            c.select_nth_unstable_by(k - 1, by_weight_desc);
+            c.truncate(k);
+        }
+        if self.params.top_p < 1.0 {
+            c.sort_unstable_by(by_weight_desc);
+            let total: f32 = c.iter().map(|x| x.1).sum();
+            let mut mass = 0.0;
+            let mut keep = c.len();
+            for (i, x) in c.iter().enumerate() {
+                mass += x.1 / total;
+                if mass >= self.params.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep);
+        }
+        let total: f32 = c.iter().map(|x| x.1).sum();
+        // One draw per sampled token keeps the RNG stream aligned across runs.
+        let mut u = self.rng.random::<f32>() * total;
+        for &(id, w) in c.iter() {
+            if u < w {
+                return id;
+            }
+            u -= w;
+        }
+        c.last().map(|x| x.0).unwrap_or_else(|| argmax(logits))
+    }
+}
+
+/// Lowest index among the largest values.
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Log-probability of `token` under the model's distribution (temperature
+/// 1, unfiltered), and the `top` most likely tokens with theirs.
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let chosen = logits[token as usize] - lse;
+    if top == 0 {
+        return (chosen, Vec::new());
+    }
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let top = top.min(idx.len());
+    idx.select_nth_unstable_by(top - 1, by_logit_desc);
+    idx.truncate(top);
+    idx.sort_unstable_by(by_logit_desc);
+    (chosen, idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> SamplingParams {
+        SamplingParams { temperature, top_p, top_k, seed }
+    }
+
+    #[test]
+    fn temperature_zero_is_argmax_with_ties_to_the_lowest_id() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+    }
+
+    #[test]
+    fn the_same_seed_draws_the_same_tokens() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |seed| {
+            let mut s = Sampler::new(params(1.0, 1.0, 0, seed));
+            (0..40).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_keeps_only_the_nucleus() {
+        let logits = [0.0, 5.0, 4.9, -3.0];
+        let mut s = Sampler::new(params(1.0, 1.0, 1, 3));
+        assert!((0..20).all(|_| s.sample(&logits) == 1));
+        // Tokens 1 and 2 hold ~99.6% of the mass: top_p 0.9 never draws 0 or 3.
+        let mut s = Sampler::new(params(1.0, 0.9, 0, 3));
+        let drawn: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
+        assert!(drawn.iter().all(|&t| t == 1 || t == 2));
+        assert!(drawn.contains(&1) && drawn.contains(&2));
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax_distribution() {
+        let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
+        let mut s = Sampler::new(params(1.0, 1.0, 0, 11));
+        let ones = (0..4000).filter(|_| s.sample(&logits) == 1).count();
+        assert!((2800..3200).contains(&ones), "{ones}");
+    }
+
+    #[test]
+    fn logprobs_are_log_softmax_with_the_top_alternatives_in_order() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let (lp, top) = logprobs(&logits, 0, 2);
+        let z = (1f32.exp() + 2f32.exp() + 3f32.exp()).ln();
+        assert!((lp - (1.0 - z)).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+        assert!((top[0].1 - (3.0 - z)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn child_seeds_differ_from_each_other_and_from_the_parent() {
+        let seeds: Vec<u64> = (0..8).map(|i| child_seed(42, i)).collect();
+        let mut uniq = seeds.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 8);
+        assert!(!seeds.contains(&42));
+    }
+}
