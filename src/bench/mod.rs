@@ -1,0 +1,4 @@
+//! Benchmarks behind `ponder bench`: measurements reported in notes, never
+//! asserted in tests.
+
+pub mod engine;

@@ -1,0 +1,83 @@
+//! The `ponder` command line: argument parsing and dispatch to the
+//! subcommands. Each subcommand lives in its own module.
+
+mod generate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::engine::{Engine, EngineOptions};
+use crate::model::WeightFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "ponder", version, about = "An inference server that thinks as hard as each question needs")]
+pub struct Cli {
+    /// Compute threads (candle's pool). On 2-vCPU machines 1 is often fastest.
+    #[arg(long, global = true, env = "PONDER_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate completions for one prompt and report tokens/s.
+    Generate(generate::GenerateArgs),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Prefill, single-sequence decode, forked decode, and candle's own model as a baseline.
+    Engine(crate::bench::engine::EngineBenchArgs),
+}
+
+/// Where the model is and how to hold its weights.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A GGUF file, an HF directory (config.json + *.safetensors), or a directory with one GGUF.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Weight storage: auto (Q8_0 for quantized files, f32 otherwise), stored, q8_0, f32.
+    #[arg(long, value_enum, default_value_t = WeightFormat::Auto)]
+    pub weights: WeightFormat,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Engine> {
+        let engine =
+            Engine::load(&self.model, self.weights, &candle_core::Device::Cpu, EngineOptions::default())
+                .map_err(|e| anyhow::anyhow!("loading {}: {e}", self.model.display()))?;
+        Ok(engine)
+    }
+}
+
+/// Sets the compute thread count before any pool starts.
+fn set_threads(threads: usize) {
+    // SAFETY: called first thing in `main`, before any other thread exists,
+    // so no concurrent environment access can race with this write. candle
+    // sizes its pools from RAYON_NUM_THREADS when they first start.
+    unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(t) = cli.threads {
+        set_threads(t);
+    }
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
