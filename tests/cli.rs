@@ -1,0 +1,68 @@
+//! The `ponder` binary's quick-look commands.
+
+mod common;
+
+use std::process::Command;
+
+fn ponder(args: &[&str]) -> (bool, String, String) {
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_ponder")).args(args).env("RAYON_NUM_THREADS", "1").output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn generate_prints_n_completions_and_the_token_rates() {
+    let model = common::smollm_path();
+    let (ok, stdout, stderr) = ponder(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Name a fruit.",
+        "--chat",
+        "-n",
+        "2",
+        "--max-tokens",
+        "6",
+        "--seed",
+        "3",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("--- completion 0") && stdout.contains("--- completion 1"), "{stdout}");
+    assert!(stderr.contains("tok/s over 2 sequence(s)"), "{stderr}");
+}
+
+#[test]
+fn bench_engine_prints_one_json_object_with_the_documented_keys() {
+    let model = common::smollm_path();
+    let (ok, stdout, stderr) = ponder(&[
+        "bench",
+        "engine",
+        "--model",
+        model.to_str().unwrap(),
+        "--n",
+        "2",
+        "--tokens",
+        "3",
+        "--prompt-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    for key in ["prefill_tok_s", "decode_tok_s", "forked_decode_tok_s", "baseline_decode_tok_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+    assert_eq!(v["forked_n"], 2);
+}
+
+#[test]
+fn a_missing_model_is_reported_with_its_path() {
+    let (ok, _, stderr) = ponder(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "x"]);
+    assert!(!ok);
+    assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
+}
