@@ -1,0 +1,444 @@
+//! Settings, parsed once at start-up: built-in defaults, then the TOML file,
+//! then `PONDER_*` environment variables, then command-line flags. Nothing
+//! else in the crate reads the environment.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::WeightFormat;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("model {id:?}: {path} does not exist{hint}")]
+    MissingModel { id: String, path: String, hint: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: Limits,
+    pub queue: QueueConfig,
+    pub logging: LoggingConfig,
+    pub models: Vec<ModelEntry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsAuth {
+    /// `/metrics` answers without a key.
+    Open,
+    /// `/metrics` needs a key like the API routes.
+    Protected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Accepted `Authorization: Bearer` keys; empty means no auth.
+    pub api_keys: Vec<String>,
+    pub metrics_auth: MetricsAuth,
+    /// After SIGTERM/SIGINT, how long in-flight requests may take to finish.
+    pub drain_timeout_secs: u64,
+    /// Compute threads for the model kernels; 0 lets candle decide.
+    pub threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_keys: Vec::new(),
+            metrics_auth: MetricsAuth::Open,
+            drain_timeout_secs: 30,
+            threads: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens: usize,
+    /// `max_tokens` when a request gives none (capped by the context left).
+    pub default_max_tokens: usize,
+    pub max_n: usize,
+    pub max_stop: usize,
+    pub max_stop_chars: usize,
+    pub max_top_logprobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: 4096,
+            max_tokens: 4096,
+            default_max_tokens: 256,
+            max_n: 16,
+            max_stop: 4,
+            max_stop_chars: 64,
+            max_top_logprobs: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Sequences (a request with `n` counts n) that may wait per model
+    /// beyond those running; past this, requests get 429 at once.
+    pub capacity: usize,
+    /// Sequences one worker decodes together.
+    pub max_running: usize,
+    /// `Retry-After` seconds sent with 429.
+    pub retry_after_secs: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self { capacity: 64, max_running: 32, retry_after_secs: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptLogging {
+    Off,
+    On,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. "info" or "ponder=debug".
+    pub level: String,
+    /// Whether request log lines carry the prompt text.
+    pub prompts: PromptLogging,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into(), prompts: PromptLogging::Off }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    Cpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The `model` name clients send.
+    pub id: String,
+    /// GGUF file, HF directory, or directory with one GGUF.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub weights: WeightFormat,
+    /// One worker per device.
+    #[serde(default = "default_devices")]
+    pub devices: Vec<DeviceKind>,
+    #[serde(default = "default_prefill_chunk")]
+    pub prefill_chunk: usize,
+    /// The command that fetches the model, named when its file is missing.
+    #[serde(default)]
+    pub fetch: Option<String>,
+}
+
+fn default_devices() -> Vec<DeviceKind> {
+    vec![DeviceKind::Cpu]
+}
+
+fn default_prefill_chunk() -> usize {
+    512
+}
+
+pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
+pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            limits: Limits::default(),
+            queue: QueueConfig::default(),
+            logging: LoggingConfig::default(),
+            models: vec![ModelEntry {
+                id: DEFAULT_MODEL_ID.into(),
+                path: DEFAULT_MODEL_PATH.into(),
+                weights: WeightFormat::Auto,
+                devices: default_devices(),
+                prefill_chunk: default_prefill_chunk(),
+                fetch: Some("make models".into()),
+            }],
+        }
+    }
+}
+
+/// Command-line overrides, applied last.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub api_keys: Vec<String>,
+    /// `id=path` pairs that replace the configured models.
+    pub models: Vec<(String, PathBuf)>,
+    pub log_format: Option<LogFormat>,
+    pub threads: Option<usize>,
+}
+
+const ENV_PREFIX: &str = "PONDER_";
+const SECTIONS: [&str; 4] = ["server", "limits", "queue", "logging"];
+
+impl Config {
+    /// Defaults, then `file` (if any), then `env` (`PONDER_<SECTION>_<KEY>`),
+    /// then `overrides`; validated.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut table =
+            toml::Table::try_from(Config::default()).expect("the default config serialises to TOML");
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            let from_file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::File {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+            merge(&mut table, from_file);
+        }
+        let env: BTreeMap<String, String> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        for (var, value) in &env {
+            apply_env(&mut table, var, value)?;
+        }
+        let mut cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        cfg.apply(overrides);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(h) = &o.host {
+            self.server.host = h.clone();
+        }
+        if let Some(p) = o.port {
+            self.server.port = p;
+        }
+        if !o.api_keys.is_empty() {
+            self.server.api_keys = o.api_keys.clone();
+        }
+        if let Some(f) = o.log_format {
+            self.logging.format = f;
+        }
+        if let Some(t) = o.threads {
+            self.server.threads = t;
+        }
+        if !o.models.is_empty() {
+            self.models = o
+                .models
+                .iter()
+                .map(|(id, path)| ModelEntry {
+                    id: id.clone(),
+                    path: path.clone(),
+                    weights: WeightFormat::Auto,
+                    devices: default_devices(),
+                    prefill_chunk: default_prefill_chunk(),
+                    fetch: None,
+                })
+                .collect();
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.models.is_empty() {
+            return bad("no models configured".into());
+        }
+        let mut ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return bad(format!("model id {:?} is configured twice", w[0]));
+        }
+        for m in &self.models {
+            if m.id.is_empty() || m.devices.is_empty() || m.prefill_chunk == 0 {
+                return bad(format!("model {:?}: id, devices and prefill_chunk must be non-empty", m.id));
+            }
+        }
+        let l = &self.limits;
+        let nonzero = [
+            ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_prompt_tokens", l.max_prompt_tokens),
+            ("limits.max_tokens", l.max_tokens),
+            ("limits.default_max_tokens", l.default_max_tokens),
+            ("limits.max_n", l.max_n),
+            ("queue.max_running", self.queue.max_running),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be at least 1"));
+        }
+        if l.max_n > self.queue.max_running {
+            return bad(format!(
+                "limits.max_n ({}) exceeds queue.max_running ({}): such a request could never run",
+                l.max_n, self.queue.max_running
+            ));
+        }
+        if self.server.api_keys.iter().any(|k| k.is_empty()) {
+            return bad("server.api_keys holds an empty key".into());
+        }
+        Ok(())
+    }
+
+    /// Stops start-up when a model's files are missing, naming the path and
+    /// the command that fetches them.
+    pub fn check_model_files(&self) -> Result<(), ConfigError> {
+        for m in &self.models {
+            if !m.path.exists() {
+                let hint = m.fetch.as_ref().map(|f| format!("; fetch it with `{f}`")).unwrap_or_default();
+                return Err(ConfigError::MissingModel {
+                    id: m.id.clone(),
+                    path: m.path.display().to_string(),
+                    hint,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, API keys redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.server.api_keys = shown.server.api_keys.iter().map(|_| "<redacted>".to_string()).collect();
+        toml::to_string_pretty(&shown).expect("the config serialises to TOML")
+    }
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `PONDER_QUEUE_CAPACITY=8` sets `queue.capacity`; list settings take
+/// comma-separated values (`PONDER_SERVER_API_KEYS=k1,k2`).
+fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Env { var: var.to_string(), message };
+    let rest = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+    let Some(section) = SECTIONS.iter().find(|s| rest.starts_with(&format!("{s}_"))) else {
+        // Other PONDER_* variables (PONDER_CONFIG, PONDER_THREADS) are CLI flags' env names.
+        return Ok(());
+    };
+    let key = &rest[section.len() + 1..];
+    let sec = table.get_mut(*section).and_then(|s| s.as_table_mut()).expect("every section has defaults");
+    let current = sec.get(key).ok_or_else(|| err(format!("{section} has no setting {key:?}")))?;
+    let parsed = match current {
+        toml::Value::Array(_) => toml::Value::Array(
+            value.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
+        toml::Value::String(_) => toml::Value::String(value.into()),
+        toml::Value::Integer(_) => {
+            toml::Value::Integer(value.parse().map_err(|_| err(format!("{value:?} is not an integer")))?)
+        }
+        toml::Value::Float(_) => {
+            toml::Value::Float(value.parse().map_err(|_| err(format!("{value:?} is not a number")))?)
+        }
+        toml::Value::Boolean(_) => {
+            toml::Value::Boolean(value.parse().map_err(|_| err(format!("{value:?} is not true or false")))?)
+        }
+        _ => return Err(err("this setting cannot be set from the environment".into())),
+    };
+    sec.insert(key.to_string(), parsed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn the_shipped_config_file_equals_the_built_in_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/ponder.toml");
+        let cfg = Config::load(Some(&path), [], &Overrides::default()).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_flags_override_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[server]\nport = 9000\n[queue]\ncapacity = 5\n").unwrap();
+        let cfg = Config::load(
+            Some(&file),
+            env(&[("PONDER_QUEUE_CAPACITY", "7"), ("PONDER_SERVER_API_KEYS", "a,b"), ("HOME", "/x")]),
+            &Overrides { port: Some(9100), ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(cfg.queue.capacity, 7);
+        assert_eq!(cfg.server.port, 9100);
+        assert_eq!(cfg.server.api_keys, ["a", "b"]);
+        assert!(!cfg.to_redacted_toml().contains("\"a\""), "keys never printed");
+    }
+
+    #[test]
+    fn unknown_settings_and_bad_values_are_errors_that_name_them() {
+        let err =
+            Config::load(None, env(&[("PONDER_QUEUE_CAPACTY", "7")]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("PONDER_QUEUE_CAPACTY"), "{err}");
+        let err =
+            Config::load(None, env(&[("PONDER_QUEUE_CAPACITY", "many")]), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("\"many\" is not an integer"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        std::fs::write(&file, "[server]\nprot = 1\n").unwrap();
+        let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_model_file_names_the_path_and_the_fetch_command() {
+        let mut cfg = Config::default();
+        cfg.models[0].path = "/nowhere/model.gguf".into();
+        let err = cfg.check_model_files().unwrap_err().to_string();
+        assert!(err.contains("/nowhere/model.gguf") && err.contains("make models"), "{err}");
+    }
+}

@@ -1,0 +1,239 @@
+//! One Prometheus registry for the process: metric names as constants,
+//! fixed label sets, and typed helpers to record through.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub const HTTP_REQUESTS_TOTAL: &str = "ponder_http_requests_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "ponder_http_request_duration_seconds";
+pub const QUEUE_DURATION_SECONDS: &str = "ponder_queue_duration_seconds";
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "ponder_time_to_first_token_seconds";
+pub const INTER_TOKEN_LATENCY_SECONDS: &str = "ponder_inter_token_latency_seconds";
+pub const PROMPT_TOKENS_TOTAL: &str = "ponder_prompt_tokens_total";
+pub const GENERATED_TOKENS_TOTAL: &str = "ponder_generated_tokens_total";
+pub const QUEUE_DEPTH: &str = "ponder_queue_depth_sequences";
+pub const RUNNING_SEQUENCES: &str = "ponder_running_sequences";
+pub const BATCH_SIZE: &str = "ponder_batch_size_sequences";
+pub const CANCELLED_REQUESTS_TOTAL: &str = "ponder_cancelled_requests_total";
+pub const REJECTED_REQUESTS_TOTAL: &str = "ponder_rejected_requests_total";
+pub const KV_CACHE_BYTES: &str = "ponder_kv_cache_bytes";
+pub const MODELS_LOADED: &str = "ponder_models_loaded";
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// Why a request was turned away before reaching a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    QueueFull,
+    Draining,
+    Loading,
+}
+
+impl Rejection {
+    fn label(self) -> &'static str {
+        match self {
+            Rejection::QueueFull => "queue_full",
+            Rejection::Draining => "draining",
+            Rejection::Loading => "loading",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_duration: HistogramVec,
+    queue_duration: HistogramVec,
+    ttft: HistogramVec,
+    itl: HistogramVec,
+    prompt_tokens: IntCounterVec,
+    generated_tokens: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    running: IntGaugeVec,
+    batch_size: HistogramVec,
+    cancelled: IntCounterVec,
+    rejected: IntCounterVec,
+    kv_bytes: IntGaugeVec,
+    models_loaded: IntGauge,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric options are valid");
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric options are valid");
+    r.register(Box::new(g.clone())).expect("metric names are unique");
+    g
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)
+        .expect("metric options are valid");
+    r.register(Box::new(h.clone())).expect("metric names are unique");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let models_loaded = IntGauge::new(MODELS_LOADED, "Models loaded and serving").expect("valid gauge");
+        r.register(Box::new(models_loaded.clone())).expect("metric names are unique");
+        Self {
+            http_requests: counter(
+                &r,
+                HTTP_REQUESTS_TOTAL,
+                "HTTP requests by route and status",
+                &["route", "status"],
+            ),
+            http_duration: histogram(
+                &r,
+                HTTP_REQUEST_DURATION_SECONDS,
+                "Time from request to complete response, by route",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            queue_duration: histogram(
+                &r,
+                QUEUE_DURATION_SECONDS,
+                "Time from admission to the first decode step",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            ttft: histogram(
+                &r,
+                TIME_TO_FIRST_TOKEN_SECONDS,
+                "Time from request to its first generated token",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            itl: histogram(
+                &r,
+                INTER_TOKEN_LATENCY_SECONDS,
+                "Time between consecutive tokens of one sequence",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            prompt_tokens: counter(&r, PROMPT_TOKENS_TOTAL, "Prompt tokens prefilled", &["model"]),
+            generated_tokens: counter(&r, GENERATED_TOKENS_TOTAL, "Tokens generated", &["model"]),
+            queue_depth: gauge(&r, QUEUE_DEPTH, "Admitted sequences waiting for a worker", &["model"]),
+            running: gauge(&r, RUNNING_SEQUENCES, "Sequences in a worker's running batch", &["model"]),
+            batch_size: histogram(
+                &r,
+                BATCH_SIZE,
+                "Sequences per batched decode step",
+                &["model"],
+                BATCH_BUCKETS,
+            ),
+            cancelled: counter(
+                &r,
+                CANCELLED_REQUESTS_TOTAL,
+                "Requests whose client left before the end",
+                &["model"],
+            ),
+            rejected: counter(
+                &r,
+                REJECTED_REQUESTS_TOTAL,
+                "Requests turned away, by reason",
+                &["model", "reason"],
+            ),
+            kv_bytes: gauge(&r, KV_CACHE_BYTES, "Bytes held by live KV caches", &["model"]),
+            models_loaded,
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding into a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    pub fn http_request(&self, route: &str, status: u16, seconds: f64) {
+        self.http_requests.with_label_values(&[route, &status.to_string()]).inc();
+        self.http_duration.with_label_values(&[route]).observe(seconds);
+    }
+
+    pub fn rejected(&self, model: &str, why: Rejection) {
+        self.rejected.with_label_values(&[model, why.label()]).inc();
+    }
+
+    pub fn model_loaded(&self) {
+        self.models_loaded.inc();
+    }
+
+    /// Handles bound to one model's labels, for the worker's hot loop.
+    pub fn for_model(&self, model: &str) -> ModelMetrics {
+        let l = [model];
+        ModelMetrics {
+            queue_duration: self.queue_duration.with_label_values(&l),
+            ttft: self.ttft.with_label_values(&l),
+            itl: self.itl.with_label_values(&l),
+            prompt_tokens: self.prompt_tokens.with_label_values(&l),
+            generated_tokens: self.generated_tokens.with_label_values(&l),
+            queue_depth: self.queue_depth.with_label_values(&l),
+            running: self.running.with_label_values(&l),
+            batch_size: self.batch_size.with_label_values(&l),
+            cancelled: self.cancelled.with_label_values(&l),
+            kv_bytes: self.kv_bytes.with_label_values(&l),
+        }
+    }
+}
+
+/// One model's series.
+#[derive(Debug, Clone)]
+pub struct ModelMetrics {
+    pub queue_duration: Histogram,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generated_tokens: IntCounter,
+    pub queue_depth: IntGauge,
+    pub running: IntGauge,
+    pub batch_size: Histogram,
+    pub cancelled: IntCounter,
+    pub kv_bytes: IntGauge,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_name_follows_the_naming_rules() {
+        let m = Metrics::new();
+        m.http_request("/v1/models", 200, 0.01);
+        m.rejected("x", Rejection::QueueFull);
+        let mm = m.for_model("x");
+        mm.ttft.observe(0.1);
+        let text = m.render();
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut parts = line.split_whitespace().skip(2);
+            let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+            assert!(name.starts_with("ponder_"), "{name}");
+            if kind == "counter" {
+                assert!(name.ends_with("_total"), "{name}");
+            }
+            if kind == "histogram" && !name.contains("batch_size") {
+                assert!(name.ends_with("_seconds"), "{name}");
+            }
+        }
+        assert!(text.contains("ponder_rejected_requests_total{model=\"x\",reason=\"queue_full\"} 1"));
+    }
+}
