@@ -1,0 +1,330 @@
+//! Parse, don't validate: OpenAI wire requests become [`ValidRequest`]s
+//! (token ids, resolved defaults, checked limits) or a [`ValidationError`]
+//! that names the field, the limit and the value given.
+
+use crate::config::Limits;
+use crate::engine::{Engine, SamplingParams};
+use crate::tokenizer::{AddSpecial, ChatMessage, TokenizerError};
+use crate::wire::{
+    ChatCompletionRequest, CompletionRequest, ContentWire, PromptWire, StopWire, StreamOptions,
+};
+use crate::worker::GenerationRequest;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    /// The offending field, as OpenAI's `param`.
+    pub param: Option<String>,
+    pub message: String,
+    pub code: Option<&'static str>,
+}
+
+impl ValidationError {
+    fn new(param: &str, message: impl Into<String>) -> Self {
+        Self { param: Some(param.to_string()), message: message.into(), code: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// Whether a streamed response ends with a usage chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageChunk {
+    Omit,
+    Send,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Streaming {
+    Off,
+    On(UsageChunk),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub model: String,
+    pub endpoint: Endpoint,
+    pub generation: GenerationRequest,
+    pub streaming: Streaming,
+    /// The prompt as text (for logs that are allowed to show it).
+    pub prompt_text: String,
+}
+
+/// Limits that do not come from the model.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits<'a> {
+    pub limits: &'a Limits,
+    /// Sequences one worker runs at once: a request needing more never runs.
+    pub max_sequences: usize,
+}
+
+fn in_range_i(param: &str, v: i64, lo: i64, hi: i64) -> Result<usize, ValidationError> {
+    if v < lo || v > hi {
+        return Err(ValidationError::new(param, format!("{param} must be between {lo} and {hi}, got {v}")));
+    }
+    Ok(v as usize)
+}
+
+/// The sampling fields both endpoints share.
+struct Common<'a> {
+    max_tokens: Option<i64>,
+    max_tokens_param: &'static str,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    top_k: Option<i64>,
+    n: Option<i64>,
+    seed: Option<i64>,
+    stop: &'a Option<StopWire>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<usize>,
+}
+
+fn sampling(c: &Common<'_>) -> Result<SamplingParams, ValidationError> {
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ValidationError::new(
+            "temperature",
+            format!("temperature must be between 0 and 2, got {temperature}"),
+        ));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ValidationError::new(
+            "top_p",
+            format!("top_p must be greater than 0 and at most 1, got {top_p}"),
+        ));
+    }
+    let top_k = match c.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 => k as usize,
+        k => return Err(ValidationError::new("top_k", format!("top_k must be -1, 0 or positive, got {k}"))),
+    };
+    // Without a seed each request draws its own, as OpenAI does.
+    let seed = c.seed.map(|s| s as u64).unwrap_or_else(rand::random);
+    Ok(SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k, seed })
+}
+
+fn stops(stop: &Option<StopWire>, limits: &Limits) -> Result<Vec<String>, ValidationError> {
+    let list = match stop {
+        None => Vec::new(),
+        Some(StopWire::One(s)) => vec![s.clone()],
+        Some(StopWire::Many(v)) => v.clone(),
+    };
+    if list.len() > limits.max_stop {
+        return Err(ValidationError::new(
+            "stop",
+            format!("stop may hold at most {} strings, got {}", limits.max_stop, list.len()),
+        ));
+    }
+    for s in &list {
+        let chars = s.chars().count();
+        if chars == 0 || chars > limits.max_stop_chars {
+            return Err(ValidationError::new(
+                "stop",
+                format!("each stop string must have 1 to {} characters, got {chars}", limits.max_stop_chars),
+            ));
+        }
+    }
+    Ok(list)
+}
+
+fn build(
+    endpoint: Endpoint,
+    model: String,
+    prompts: Vec<Vec<u32>>,
+    prompt_param: &str,
+    prompt_text: String,
+    c: Common<'_>,
+    engine: &Engine,
+    rl: RequestLimits<'_>,
+) -> Result<ValidRequest, ValidationError> {
+    let limits = rl.limits;
+    let n = in_range_i("n", c.n.unwrap_or(1), 1, limits.max_n as i64)?;
+    if prompts.len() * n > rl.max_sequences {
+        return Err(ValidationError::new(
+            "n",
+            format!(
+                "{} prompts x n = {} sequences exceeds the {} a worker runs at once",
+                prompts.len(),
+                prompts.len() * n,
+                rl.max_sequences
+            ),
+        ));
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        let param = if prompts.len() > 1 { format!("{prompt_param}[{i}]") } else { prompt_param.to_string() };
+        return Err(ValidationError::new(&param, format!("{prompt_param} must not be empty")));
+    }
+    if longest > limits.max_prompt_tokens {
+        return Err(ValidationError::new(
+            prompt_param,
+            format!(
+                "{prompt_param} has {longest} tokens, more than the limit of {}",
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
+    let context = engine.model().max_position();
+    let room = context.saturating_sub(longest);
+    let max_tokens = match c.max_tokens {
+        Some(m) => in_range_i(c.max_tokens_param, m, 1, limits.max_tokens as i64)?,
+        None => limits.default_max_tokens.min(room),
+    };
+    if longest + max_tokens > context || max_tokens == 0 {
+        return Err(ValidationError {
+            param: Some(if c.max_tokens.is_some() { c.max_tokens_param } else { prompt_param }.to_string()),
+            message: format!(
+                "this model's context is {context} tokens; the prompt has {longest} and {} = {max_tokens} asks for {} in all",
+                c.max_tokens_param,
+                longest + max_tokens
+            ),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    let streaming = match (c.stream.unwrap_or(false), c.stream_options) {
+        (false, _) => Streaming::Off,
+        (true, Some(StreamOptions { include_usage: Some(true) })) => Streaming::On(UsageChunk::Send),
+        (true, _) => Streaming::On(UsageChunk::Omit),
+    };
+    Ok(ValidRequest {
+        model,
+        endpoint,
+        generation: GenerationRequest {
+            prompts,
+            n,
+            sampling: sampling(&c)?,
+            stop: stops(c.stop, limits)?,
+            max_tokens,
+            logprobs: c.logprobs,
+        },
+        streaming,
+        prompt_text,
+    })
+}
+
+fn template_error(e: TokenizerError) -> ValidationError {
+    match e {
+        TokenizerError::NoChatTemplate | TokenizerError::Template(_) => {
+            ValidationError { param: Some("messages".into()), message: e.to_string(), code: None }
+        }
+        other => ValidationError { param: None, message: other.to_string(), code: None },
+    }
+}
+
+pub fn chat(
+    req: ChatCompletionRequest,
+    engine: &Engine,
+    rl: RequestLimits<'_>,
+) -> Result<ValidRequest, ValidationError> {
+    if req.messages.is_empty() {
+        return Err(ValidationError::new("messages", "messages must hold at least one message"));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" => "user",
+            "assistant" => "assistant",
+            other => {
+                return Err(ValidationError::new(
+                    &format!("messages[{i}].role"),
+                    format!("role must be system, developer, user or assistant, got {other:?}"),
+                ));
+            }
+        };
+        let content = match &m.content {
+            None => String::new(),
+            Some(ContentWire::Text(t)) => t.clone(),
+            Some(ContentWire::Parts(parts)) => {
+                let mut text = String::new();
+                for (j, p) in parts.iter().enumerate() {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => {
+                            return Err(ValidationError::new(
+                                &format!("messages[{i}].content[{j}]"),
+                                format!("only text content parts are supported, got type {kind:?}"),
+                            ));
+                        }
+                    }
+                }
+                text
+            }
+        };
+        messages.push(ChatMessage::new(role, content));
+    }
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(ValidationError::new("top_logprobs", "top_logprobs needs logprobs set to true"));
+        }
+        (true, top) => {
+            Some(in_range_i("top_logprobs", top.unwrap_or(0), 0, rl.limits.max_top_logprobs as i64)?)
+        }
+    };
+    let tok = engine.tokenizer();
+    let text = tok.apply_chat_template(&messages).map_err(template_error)?;
+    let ids = tok.encode(&text, AddSpecial::No).map_err(template_error)?;
+    let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
+        (Some(m), _) => (Some(m), "max_completion_tokens"),
+        (None, m) => (m, "max_tokens"),
+    };
+    let c = Common {
+        max_tokens,
+        max_tokens_param,
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        n: req.n,
+        seed: req.seed,
+        stop: &req.stop,
+        stream: req.stream,
+        stream_options: req.stream_options,
+        logprobs,
+    };
+    build(Endpoint::Chat, req.model.clone(), vec![ids], "messages", text, c, engine, rl)
+}
+
+pub fn completion(
+    req: CompletionRequest,
+    engine: &Engine,
+    rl: RequestLimits<'_>,
+) -> Result<ValidRequest, ValidationError> {
+    let texts = match &req.prompt {
+        PromptWire::One(s) => vec![s.clone()],
+        PromptWire::Many(v) if v.is_empty() => {
+            return Err(ValidationError::new("prompt", "prompt must hold at least one string"));
+        }
+        PromptWire::Many(v) => v.clone(),
+    };
+    let logprobs = match req.logprobs {
+        None => None,
+        Some(k) => Some(in_range_i("logprobs", k, 0, rl.limits.max_top_logprobs as i64)?),
+    };
+    let tok = engine.tokenizer();
+    let prompts = texts
+        .iter()
+        .map(|t| tok.encode(t, AddSpecial::Yes))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ValidationError::new("prompt", e.to_string()))?;
+    let c = Common {
+        max_tokens: req.max_tokens,
+        max_tokens_param: "max_tokens",
+        temperature: req.temperature,
+        top_p: req.top_p,
+        top_k: req.top_k,
+        n: req.n,
+        seed: req.seed,
+        stop: &req.stop,
+        stream: req.stream,
+        stream_options: req.stream_options,
+        logprobs,
+    };
+    build(Endpoint::Completion, req.model.clone(), prompts, "prompt", texts.join("\n"), c, engine, rl)
+}
