@@ -5,33 +5,52 @@
 //! Dependencies point one way, from the outside in:
 //!
 //! ```text
-//! cli, bench ──► engine ──► model      (tensors: weights, forward pass, KV caches)
-//!                   └─────► tokenizer  (text ⇄ ids, chat template, streaming decode)
+//! server ─► api ─► validation ─► worker ─► engine ─► model      (tensors: weights, forward pass, KV caches)
+//!            │                              └──────► tokenizer  (text ⇄ ids, chat template, streaming decode)
+//!            └─► wire (OpenAI JSON types), metrics, config
 //! ```
 //!
+//! - [`config`]: settings parsed once (defaults, TOML file, `PONDER_*`, flags).
+//! - [`server`]: wiring and graceful shutdown; [`api`]: routes, auth, errors
+//!   in OpenAI's JSON, SSE; [`wire`]: the OpenAI request/response types.
+//! - [`validation`]: wire requests become [`validation::ValidRequest`]s (token
+//!   ids, defaults resolved, limits checked) or an error naming the field.
+//! - [`worker`]: admission counted in sequences (RAII permits), one thread per
+//!   model and device owning its engine; its [`worker::Scheduler`] decodes the
+//!   sequences of every running request together.
+//! - [`engine`]: sequences with sampling and stop conditions; `step` samples
+//!   one token for every running sequence and feeds all of them (and any
+//!   prompt chunks) through one batched forward pass.
 //! - [`model`]: the llama-family decoder over a batch of sequences of
 //!   different lengths; each sequence owns its [`model::KvCache`], and forks
 //!   share prefixes instead of copying them.
 //! - [`tokenizer`]: `tokenizer.json` or a tokenizer built from GGUF metadata,
 //!   the chat template (minijinja), end-of-generation ids.
-//! - [`engine`]: sequences with sampling and stop conditions; `step` samples
-//!   one token for every running sequence and feeds all of them (and any
-//!   prompt chunks) through one batched forward pass.
-//! - [`cli`] and [`bench`]: the `ponder` command.
+//! - [`metrics`]: the Prometheus registry; [`cli`] and [`bench`]: the command.
 //!
-//! # Path of one generation
+//! # Path of one request
 //!
-//! `Engine::start(prompt)` makes a [`engine::Sequence`] whose prompt is
-//! pending; the next `Engine::step` prefills it (in the same forward pass as
-//! the decode steps of other sequences) and stores its next-token logits;
-//! `Engine::fork` gives k children that share the prefilled cache; each
-//! further `step` samples a token per child with the child's own seed,
-//! checks EOS, stop strings (on decoded text, across token boundaries) and
-//! `max_tokens`, and feeds the new tokens in one batched pass. Dropping a
-//! sequence frees its cache.
+//! `POST /v1/chat/completions` → [`api`] checks the key and parses the body
+//! (400 naming the field on failure) → [`validation::chat`] renders the chat
+//! template, tokenizes and checks limits → the model's pool admits `n`
+//! sequences or answers 429 at once → a [`worker::Job`] goes down a bounded
+//! channel to the worker thread → the scheduler starts a root sequence whose
+//! prompt is prefilled in the next batched step, forks it into `n` choices
+//! sharing the prompt's cache, and steps them with every other running
+//! sequence; each step's text deltas go back as [`worker::GenEvent`]s → the
+//! handler answers with one JSON body or SSE chunks. A closed reply channel
+//! (the client left) drops the request's sequences, and their caches, before
+//! the next step.
 
+pub mod api;
 pub mod bench;
 pub mod cli;
+pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
+pub mod server;
 pub mod tokenizer;
+pub mod validation;
+pub mod wire;
+pub mod worker;

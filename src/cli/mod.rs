@@ -2,6 +2,7 @@
 //! subcommands. Each subcommand lives in its own module.
 
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,6 +24,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Serve the configured models over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
     /// Generate completions for one prompt and report tokens/s.
     Generate(generate::GenerateArgs),
     /// Measure performance.
@@ -34,6 +37,8 @@ enum Command {
 enum BenchCommand {
     /// Prefill, single-sequence decode, forked decode, and candle's own model as a baseline.
     Engine(crate::bench::engine::EngineBenchArgs),
+    /// Load `ponder serve` (started as a second process) over loopback: throughput, p50/p99 latency.
+    Server(crate::bench::server::ServerBenchArgs),
 }
 
 /// Where the model is and how to hold its weights.
@@ -57,8 +62,8 @@ impl ModelArgs {
 }
 
 /// Sets the compute thread count before any pool starts.
-fn set_threads(threads: usize) {
-    // SAFETY: called first thing in `main`, before any other thread exists,
+pub(crate) fn set_threads(threads: usize) {
+    // SAFETY: called from `main` before any runtime or pool thread exists,
     // so no concurrent environment access can race with this write. candle
     // sizes its pools from RAYON_NUM_THREADS when they first start.
     unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string()) };
@@ -70,8 +75,10 @@ pub fn main() -> ExitCode {
         set_threads(t);
     }
     let result = match cli.command {
+        Command::Serve(args) => serve::run(args, cli.threads),
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args),
+        Command::Bench(BenchCommand::Server(args)) => crate::bench::server::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

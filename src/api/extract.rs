@@ -1,0 +1,66 @@
+//! A JSON body extractor whose every failure is an OpenAI-style 400 naming
+//! the field (by its path) and what was wrong.
+
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::validation::ValidationError;
+
+pub struct JsonBody<T>(pub T);
+
+fn invalid(param: Option<String>, message: String) -> ApiError {
+    ApiError::Invalid(ValidationError { param, message, code: None })
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let limit = state.config.limits.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let too_big = |got: String| {
+            invalid(
+                None,
+                format!("request body must be at most {limit} bytes (limits.max_body_bytes), got {got}"),
+            )
+        };
+        if let Some(n) = declared.filter(|&n| n > limit) {
+            return Err(too_big(format!("{n} bytes")));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| too_big(format!("more than {limit} bytes")))?;
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize(de) {
+            Ok(v) => Ok(JsonBody(v)),
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let text = inner.to_string();
+                // serde reports a missing field at its parent's path.
+                let missing = text.strip_prefix("missing field `").and_then(|r| r.split('`').next());
+                let param = match missing {
+                    Some(field) if path == "." => Some(field.to_string()),
+                    Some(field) => Some(format!("{path}.{field}")),
+                    None => (path != "." && !inner.is_syntax() && !inner.is_eof()).then_some(path),
+                };
+                let message = match inner.classify() {
+                    serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                        format!("request body is not valid JSON: {inner}")
+                    }
+                    _ => match &param {
+                        Some(p) => format!("{p}: {inner}"),
+                        None => format!("request body: {inner}"),
+                    },
+                };
+                Err(invalid(param, message))
+            }
+        }
+    }
+}

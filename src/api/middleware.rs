@@ -1,0 +1,174 @@
+//! Cross-cutting request handling: request ids, metrics and the one log
+//! line per request (recorded when the response body ends, so streams are
+//! measured to their last byte), and API-key checks.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::config::PromptLogging;
+use crate::metrics::Metrics;
+
+/// The request's id, also sent back as `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// What a handler learns about a request, for its log line.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub model: Option<String>,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub queue_secs: Option<f64>,
+    pub ttft_secs: Option<f64>,
+    pub prompt: Option<String>,
+    pub streamed: bool,
+}
+
+/// Shared between the handler (or its stream) and the log line.
+pub type SummaryCell = Arc<Mutex<Summary>>;
+
+pub fn update(cell: &SummaryCell, f: impl FnOnce(&mut Summary)) {
+    f(&mut cell.lock().expect("no panics while holding the summary lock"));
+}
+
+struct Finish {
+    metrics: Metrics,
+    route: String,
+    status: u16,
+    id: String,
+    start: Instant,
+    summary: SummaryCell,
+    log_prompts: PromptLogging,
+    completed: bool,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let secs = self.start.elapsed().as_secs_f64();
+        self.metrics.http_request(&self.route, self.status, secs);
+        let s = self.summary.lock().map(|s| s.clone()).unwrap_or_default();
+        let prompt = match self.log_prompts {
+            PromptLogging::On => s.prompt.as_deref(),
+            PromptLogging::Off => None,
+        };
+        tracing::info!(
+            target: "ponder::request",
+            id = %self.id,
+            route = %self.route,
+            status = self.status,
+            model = s.model.as_deref().unwrap_or("-"),
+            prompt_tokens = s.prompt_tokens,
+            completion_tokens = s.completion_tokens,
+            queue_ms = s.queue_secs.map(|x| (x * 1e3).round()),
+            ttft_ms = s.ttft_secs.map(|x| (x * 1e3).round()),
+            total_ms = (secs * 1e3).round(),
+            stream = s.streamed,
+            body = if self.completed { "complete" } else { "aborted" },
+            prompt,
+            "request"
+        );
+    }
+}
+
+/// A response body that reports the request when it ends or is dropped.
+struct Tracked {
+    inner: Body,
+    finish: Option<Finish>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // hyper stops polling a body that reports its end, so check both.
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            if let Some(mut f) = self.finish.take() {
+                f.completed = true;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pub async fn track(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let route =
+        req.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let summary = SummaryCell::default();
+    req.extensions_mut().insert(RequestId(id.clone()));
+    req.extensions_mut().insert(summary.clone());
+    let start = Instant::now();
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert("x-request-id", HeaderValue::from_str(&id).expect("a uuid is a valid header value"));
+    let finish = Finish {
+        metrics: state.metrics.clone(),
+        route,
+        status: resp.status().as_u16(),
+        id,
+        start,
+        summary,
+        log_prompts: state.config.logging.prompts,
+        completed: false,
+    };
+    resp.map(|inner| Body::new(Tracked { inner, finish: Some(finish) }))
+}
+
+/// Whether `Authorization: Bearer <key>` holds one of the keys, compared in
+/// constant time.
+fn authorized(keys: &[String], header: Option<&HeaderValue>) -> bool {
+    let Some(given) = header.and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    // Check every key so timing does not reveal which one matched.
+    keys.iter().fold(false, |ok, k| ok | bool::from(k.as_bytes().ct_eq(given.trim().as_bytes())))
+}
+
+pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let keys = &state.config.server.api_keys;
+    if keys.is_empty() || authorized(keys, req.headers().get(header::AUTHORIZATION)) {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_configured_bearer_key_is_authorized() {
+        let keys = vec!["alpha".to_string(), "beta-key".to_string()];
+        let h = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert!(authorized(&keys, Some(&h("Bearer beta-key"))));
+        assert!(!authorized(&keys, Some(&h("Bearer beta"))));
+        assert!(!authorized(&keys, Some(&h("beta-key"))));
+        assert!(!authorized(&keys, Some(&h("Basic alpha"))));
+        assert!(!authorized(&keys, None));
+    }
+}

@@ -1,0 +1,180 @@
+//! The HTTP surface: OpenAI-compatible routes, auth, errors in OpenAI's
+//! JSON, SSE streaming, health, metrics and the OpenAPI document. Knows
+//! nothing of models beyond the worker pools it hands jobs to.
+
+mod error;
+mod extract;
+mod generate;
+pub mod middleware;
+mod stream;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use axum::{Json, Router};
+
+pub use error::ApiError;
+
+use crate::config::{Config, MetricsAuth};
+use crate::metrics::{Metrics, Rejection};
+use crate::validation::RequestLimits;
+use crate::wire::{ModelCard, ModelList};
+use crate::worker::{ModelPool, PoolStatus};
+
+/// Every route the server answers, as (method, path). The router is built
+/// from this table, and a test checks that `openapi.yaml` documents exactly
+/// these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("GET", "/v1/models"),
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.yaml"),
+];
+
+/// The OpenAPI document, served as is.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub models: Arc<BTreeMap<String, Arc<ModelPool>>>,
+    draining: Arc<AtomicBool>,
+    started: u64,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, metrics: Metrics, models: BTreeMap<String, Arc<ModelPool>>) -> Self {
+        Self {
+            config,
+            metrics,
+            models: Arc::new(models),
+            draining: Arc::new(AtomicBool::new(false)),
+            started: generate::unix_now(),
+        }
+    }
+
+    /// New requests get 503 from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    fn request_limits(&self) -> RequestLimits<'_> {
+        RequestLimits { limits: &self.config.limits, max_sequences: self.config.queue.max_running }
+    }
+
+    /// The pool serving `model`, once loaded.
+    fn ready_pool(&self, model: &str) -> Result<Arc<ModelPool>, ApiError> {
+        let pool = self.models.get(model).ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
+        if pool.engine().is_none() {
+            self.metrics.rejected(model, Rejection::Loading);
+            return Err(ApiError::Loading(model.to_string()));
+        }
+        Ok(pool.clone())
+    }
+}
+
+async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
+    Json(ModelList {
+        object: "list",
+        data: state
+            .models
+            .keys()
+            .map(|id| ModelCard {
+                id: id.clone(),
+                object: "model",
+                created: state.started,
+                owned_by: "ponder",
+            })
+            .collect(),
+    })
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let models: BTreeMap<&str, String> = state
+        .models
+        .iter()
+        .map(|(id, p)| {
+            let s = match p.status() {
+                PoolStatus::Loading => "loading".to_string(),
+                PoolStatus::Ready => "ready".to_string(),
+                PoolStatus::Failed(e) => format!("failed: {e}"),
+            };
+            (id.as_str(), s)
+        })
+        .collect();
+    let all_ready = state.models.values().all(|p| p.status() == PoolStatus::Ready);
+    let (code, status) = match (state.is_draining(), all_ready) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, true) => (StatusCode::OK, "ok"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    };
+    (code, Json(serde_json::json!({ "status": status, "models": models }))).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
+}
+
+async fn not_found() -> Response {
+    let body = serde_json::json!({"error": {
+        "message": "No such route; GET /openapi.yaml lists the API.",
+        "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
+    match (method, path) {
+        ("POST", "/v1/chat/completions") => post(generate::chat),
+        ("POST", "/v1/completions") => post(generate::completions),
+        ("GET", "/v1/models") => get(list_models),
+        ("GET", "/health") => get(health),
+        ("GET", "/metrics") => get(metrics),
+        ("GET", "/openapi.yaml") => get(openapi),
+        _ => unreachable!("ROUTES lists only routes with handlers"),
+    }
+}
+
+/// Whether a route needs an API key when keys are configured.
+fn needs_key(path: &str, metrics_auth: MetricsAuth) -> bool {
+    match path {
+        "/health" | "/openapi.yaml" => false,
+        "/metrics" => metrics_auth == MetricsAuth::Protected,
+        _ => true,
+    }
+}
+
+/// The application, without a socket: tests call it with `oneshot`.
+pub fn router(state: AppState) -> Router {
+    let mut open = Router::new();
+    let mut keyed = Router::new();
+    for &(method, path) in ROUTES {
+        if needs_key(path, state.config.server.metrics_auth) {
+            keyed = keyed.route(path, handler(method, path));
+        } else {
+            open = open.route(path, handler(method, path));
+        }
+    }
+    let keyed =
+        keyed.route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_key));
+    open.merge(keyed)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::track))
+        .with_state(state)
+}

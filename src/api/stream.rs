@@ -1,0 +1,182 @@
+//! Server-sent events in OpenAI's chunk format: role chunks, content
+//! deltas, finish chunks, an optional usage chunk, then `data: [DONE]`. An
+//! error after the stream has started arrives as an error event.
+
+use std::convert::Infallible;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream::{self, Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::generate::{chat_logprobs, completion_logprobs};
+use super::middleware::{SummaryCell, update};
+use crate::engine::FinishReason;
+use crate::validation::{Endpoint, UsageChunk, ValidRequest};
+use crate::wire::{ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice, Usage};
+use crate::worker::{GenEvent, TokenOut};
+
+/// What every chunk of one response repeats.
+pub(crate) struct StreamCtx {
+    pub id: String,
+    pub created: u64,
+    pub valid: ValidRequest,
+    pub summary: SummaryCell,
+}
+
+struct State {
+    ctx: StreamCtx,
+    usage: UsageChunk,
+    rx: mpsc::Receiver<GenEvent>,
+    /// Bytes of text sent per choice (completions' `text_offset`).
+    sent: Vec<usize>,
+    phase: Phase,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Start,
+    Body,
+    End,
+}
+
+fn data(v: &impl serde::Serialize) -> Event {
+    Event::default().data(serde_json::to_string(v).expect("wire types serialise"))
+}
+
+impl State {
+    fn usage_field(&self, usage: Option<Usage>) -> Option<Option<Usage>> {
+        match self.usage {
+            UsageChunk::Send => Some(usage),
+            UsageChunk::Omit => None,
+        }
+    }
+
+    fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Event {
+        data(&ChatCompletionChunk {
+            id: self.ctx.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.ctx.created,
+            model: self.ctx.valid.model.clone(),
+            choices,
+            usage: self.usage_field(usage),
+        })
+    }
+
+    fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Event {
+        data(&Completion {
+            id: self.ctx.id.clone(),
+            object: "text_completion",
+            created: self.ctx.created,
+            model: self.ctx.valid.model.clone(),
+            choices,
+            usage: self.usage_field(usage),
+        })
+    }
+
+    fn chunk(
+        &mut self,
+        index: usize,
+        text: String,
+        tokens: &[TokenOut],
+        finish: Option<FinishReason>,
+    ) -> Event {
+        let want_logprobs = self.ctx.valid.generation.logprobs.is_some() && !tokens.is_empty();
+        match self.ctx.valid.endpoint {
+            Endpoint::Chat => {
+                let delta =
+                    ChatDelta { role: None, content: (!text.is_empty() || finish.is_none()).then_some(text) };
+                let choice = ChatChunkChoice {
+                    index,
+                    delta,
+                    logprobs: want_logprobs.then(|| chat_logprobs(tokens)),
+                    finish_reason: finish.map(FinishReason::openai),
+                };
+                self.chat_chunk(vec![choice], None)
+            }
+            Endpoint::Completion => {
+                let logprobs = want_logprobs.then(|| completion_logprobs(tokens, self.sent[index]));
+                self.sent[index] += text.len();
+                let choice = CompletionChoice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: finish.map(FinishReason::openai),
+                };
+                self.completion_chunk(vec![choice], None)
+            }
+        }
+    }
+
+    async fn next_events(&mut self) -> Vec<Event> {
+        match self.phase {
+            Phase::Start => {
+                self.phase = Phase::Body;
+                if self.ctx.valid.endpoint == Endpoint::Chat {
+                    let roles = (0..self.sent.len())
+                        .map(|index| ChatChunkChoice {
+                            index,
+                            delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
+                            logprobs: None,
+                            finish_reason: None,
+                        })
+                        .collect();
+                    return vec![self.chat_chunk(roles, None)];
+                }
+                Vec::new()
+            }
+            Phase::Body => match self.rx.recv().await {
+                Some(GenEvent::Delta { choice, text, tokens }) => {
+                    vec![self.chunk(choice, text, &tokens, None)]
+                }
+                Some(GenEvent::Finished { choice, reason }) => {
+                    vec![self.chunk(choice, String::new(), &[], Some(reason))]
+                }
+                Some(GenEvent::Done(stats)) => {
+                    self.phase = Phase::End;
+                    update(&self.ctx.summary, |s| {
+                        s.prompt_tokens = stats.prompt_tokens;
+                        s.completion_tokens = stats.completion_tokens;
+                        s.queue_secs = Some(stats.queue_secs);
+                        s.ttft_secs = stats.ttft_secs;
+                    });
+                    let usage = Usage::new(stats.prompt_tokens, stats.completion_tokens);
+                    let mut out = Vec::new();
+                    if self.usage == UsageChunk::Send {
+                        out.push(match self.ctx.valid.endpoint {
+                            Endpoint::Chat => self.chat_chunk(Vec::new(), Some(usage)),
+                            Endpoint::Completion => self.completion_chunk(Vec::new(), Some(usage)),
+                        });
+                    }
+                    out.push(Event::default().data("[DONE]"));
+                    out
+                }
+                Some(GenEvent::Failed) | None => {
+                    self.phase = Phase::End;
+                    let err = ApiError::Internal(format!("worker failed request {}", self.ctx.id));
+                    tracing::error!(request = %self.ctx.id, "worker failed a streaming request");
+                    vec![data(&err.body()), Event::default().data("[DONE]")]
+                }
+            },
+            Phase::End => Vec::new(),
+        }
+    }
+}
+
+fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(state, |mut st| async move {
+        if st.phase == Phase::End {
+            return None;
+        }
+        let evs = st.next_events().await;
+        Some((evs, st))
+    })
+    .flat_map(|evs| stream::iter(evs.into_iter().map(Ok)))
+}
+
+pub(crate) fn sse(ctx: StreamCtx, usage: UsageChunk, rx: mpsc::Receiver<GenEvent>) -> Response {
+    let choices = ctx.valid.generation.sequences();
+    let state = State { ctx, usage, rx, sent: vec![0; choices], phase: Phase::Start };
+    Sse::new(events(state)).into_response()
+}

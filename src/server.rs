@@ -1,0 +1,81 @@
+//! Wiring: configuration to worker pools to router to socket, and the
+//! shutdown sequence (stop accepting, drain with a deadline, stop workers).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::worker::{ModelPool, PoolStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    ModelLoad(String),
+}
+
+/// Serves `config`'s models on `listener` until `shutdown` resolves, then
+/// refuses new requests and lets in-flight ones finish for at most the
+/// configured drain timeout.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let metrics = Metrics::new();
+    let pools: BTreeMap<String, Arc<ModelPool>> =
+        config.models.iter().map(|m| (m.id.clone(), ModelPool::spawn(m, &config.queue, &metrics))).collect();
+    let drain = Duration::from_secs(config.server.drain_timeout_secs);
+    let state = AppState::new(Arc::new(config), metrics, pools);
+    let app = api::router(state.clone());
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_state = state.clone();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: refusing new requests, draining in-flight ones");
+        drain_state.start_draining();
+        let _ = signalled_tx.send(());
+    });
+    let deadline = async move {
+        if signalled_rx.await.is_ok() {
+            tokio::time::sleep(drain).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = serve.into_future() => r.map_err(ServerError::from),
+        _ = deadline => {
+            tracing::warn!(secs = drain.as_secs(), "drain timeout reached; abandoning in-flight requests");
+            Ok(())
+        }
+        failure = watch_loads(state.clone()) => Err(ServerError::ModelLoad(failure)),
+    };
+    // Workers finish what they hold and exit once every job sender is gone.
+    drop(state);
+    result
+}
+
+/// Resolves with the message of the first model that fails to load.
+async fn watch_loads(state: AppState) -> String {
+    loop {
+        for pool in state.models.values() {
+            if let PoolStatus::Failed(msg) = pool.status() {
+                return msg;
+            }
+        }
+        if state.models.values().all(|p| p.status() == PoolStatus::Ready) {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
