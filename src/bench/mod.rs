@@ -2,3 +2,4 @@
 //! asserted in tests.
 
 pub mod engine;
+pub mod server;
