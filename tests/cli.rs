@@ -66,3 +66,40 @@ fn a_missing_model_is_reported_with_its_path() {
     assert!(!ok);
     assert!(stderr.contains("/nonexistent/model.gguf"), "{stderr}");
 }
+
+#[test]
+fn serve_print_config_shows_the_effective_settings_with_keys_redacted() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ponder"))
+        .args([
+            "serve",
+            "--config",
+            "config/ponder.toml",
+            "--port",
+            "9123",
+            "--api-key",
+            "secret-key",
+            "--print-config",
+        ])
+        .env("PONDER_QUEUE_CAPACITY", "7")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let cfg: toml::Table = text.parse().expect("the printed config is TOML");
+    assert_eq!(cfg["server"]["port"].as_integer(), Some(9123));
+    assert_eq!(cfg["queue"]["capacity"].as_integer(), Some(7), "environment applies");
+    assert_eq!(cfg["models"][0]["id"].as_str(), Some("smollm2-135m-instruct"));
+    assert!(!text.contains("secret-key"), "keys are never printed");
+}
+
+#[test]
+fn serve_refuses_to_start_when_a_model_file_is_missing_naming_path_and_fetch_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("p.toml");
+    std::fs::write(&cfg, "[[models]]\nid = \"m\"\npath = \"/nowhere/model.gguf\"\nfetch = \"make models\"\n")
+        .unwrap();
+    let (ok, _, stderr) = ponder(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("/nowhere/model.gguf") && stderr.contains("make models"), "{stderr}");
+}

@@ -77,14 +77,16 @@ fn the_chat_template_from_the_gguf_renders_chatml_with_a_default_system_prompt()
 fn token_ids_equal_llama_cpp_on_the_same_gguf() {
     // Golden ids from llama-cpp-python 0.3.36 tokenizing the same GGUF
     // (add_bos=False, special=True); see the file's "source" field.
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_llamacpp_tokens.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/smollm2_llamacpp_tokens.json");
     let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let tok = tokenizer();
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 9);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> =
+            case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         assert_eq!(tok.encode(text, AddSpecial::No).unwrap(), want, "{text:?}");
     }
 }

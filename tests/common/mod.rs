@@ -58,3 +58,108 @@ pub fn prefill(engine: &Engine, seq: &mut Sequence) {
         engine.step(&mut [seq]).expect("prefill succeeds");
     }
 }
+
+// ---------------------------------------------------------------- servers
+
+use ponder::config::Config;
+
+/// A server on an ephemeral loopback port, on its own runtime thread.
+pub struct TestServer {
+    pub base: String,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts `config` (its port is ignored) and waits until /health is 200.
+    pub fn start(mut config: Config) -> Self {
+        config.server.host = "127.0.0.1".into();
+        config.server.port = 0;
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                ponder::server::run(listener, config, async move {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        let server = Self { base: format!("http://{addr}"), shutdown: Some(stop_tx), thread: Some(thread) };
+        server.wait_healthy();
+        server
+    }
+
+    fn wait_healthy(&self) {
+        for _ in 0..600 {
+            if let Ok(r) = blocking_get(&format!("{}/health", self.base)) {
+                if r.0 == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("server at {} never became healthy", self.base);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Signals shutdown (as SIGTERM would) and waits for `run` to return.
+    pub fn stop(mut self) {
+        self.shutdown.take().map(|s| s.send(()));
+        self.thread.take().map(|t| t.join());
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.take().map(|s| s.send(()));
+    }
+}
+
+/// (status, body) of a GET, without an async runtime.
+pub fn blocking_get(url: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The default config serving SmolLM2 from its absolute path.
+pub fn smollm_config() -> Config {
+    let mut c = Config::default();
+    c.models[0].path = smollm_path();
+    c
+}
+
+/// One server with the default config, shared by every test of a binary.
+pub fn shared_server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| TestServer::start(smollm_config()))
+}
+
+pub const MODEL: &str = "smollm2-135m-instruct";
+
+/// The `data:` payloads of an SSE body, `[DONE]` included.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+}
+
+/// The value of a metric line (name with labels, as printed) in /metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
