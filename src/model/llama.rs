@@ -200,14 +200,36 @@ impl Llama {
     /// Loads an HF checkpoint directory (`config.json` and `*.safetensors`)
     /// of `LlamaForCausalLM` or `Qwen2ForCausalLM`, in f32, f16 or bf16.
     pub fn from_safetensors(dir: &Path, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
+        let cfg = Self::hf_config(dir)?;
+        let files = safetensors_files(dir)?;
+        // SAFETY: the files are mapped read-only and not modified while loaded.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        Self::from_varbuilder(cfg, &vb, format, device)
+    }
+
+    /// The architecture of an HF checkpoint directory, from its `config.json`.
+    pub fn hf_config(dir: &Path) -> Result<ModelConfig, ModelError> {
         let config_path = dir.join("config.json");
         let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
         let hf: HfConfig = serde_json::from_str(&text)
             .map_err(|e| ModelError::Format(format!("{}: {e}", config_path.display())))?;
-        let mut cfg = hf.to_config()?;
-        let files = safetensors_files(dir)?;
-        // SAFETY: the files are mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        hf.to_config()
+    }
+
+    /// The safetensors files of an HF checkpoint directory.
+    pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+        safetensors_files(dir)
+    }
+
+    /// Builds the model from HF-named tensors (a checkpoint, or tensors a
+    /// caller has changed, e.g. with a LoRA adapter merged in).
+    pub fn from_varbuilder(
+        mut cfg: ModelConfig,
+        vb: &VarBuilder,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let vb = vb.clone();
         let storage = format.resolve(false);
         let need = |vb: &VarBuilder, shape: (usize, usize), name: &str| -> Result<Tensor, ModelError> {
             if vb.contains_tensor(name) {
@@ -330,17 +352,41 @@ impl Llama {
             ids.extend_from_slice(entry.tokens);
             last_rows.push((ids.len() - 1) as u32);
         }
-        let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
-        let mut scratch = Scratch::default();
-        for (index, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, index, &x, batch, &mut scratch)?;
-        }
+        let x = self.rows(&ids, batch)?;
         let last = Tensor::new(last_rows.as_slice(), &self.device)?;
         let x = x.index_select(&last, 0)?;
         let hidden = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
         let logits = self.lm_head.forward(&hidden)?;
         Ok(ForwardOutput { logits, hidden })
+    }
+
+    /// The residual stream of every fed row, before the final norm.
+    fn rows(&self, ids: &[u32], batch: &mut [BatchEntry<'_>]) -> Result<Tensor, ModelError> {
+        let ids = Tensor::new(ids, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let mut scratch = Scratch::default();
+        for (index, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, index, &x, batch, &mut scratch)?;
+        }
+        Ok(x)
+    }
+
+    /// Final hidden states `(tokens, hidden)` (after the last norm) at every
+    /// position of one sequence fed from scratch: what a reward head on the
+    /// backbone reads.
+    pub fn hidden_states(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyBatch);
+        }
+        if tokens.len() > self.max_position() {
+            return Err(ModelError::ContextOverflow { needed: tokens.len(), max: self.max_position() });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab });
+        }
+        let mut cache = self.new_cache();
+        let x = self.rows(tokens, &mut [BatchEntry { tokens, cache: &mut cache }])?;
+        Ok(candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?)
     }
 
     fn layer_forward(
@@ -414,11 +460,15 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| ModelError::io(dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        // Only the checkpoint's own shards: a PRM head or an adapter may sit beside them.
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "safetensors")
+                && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("model"))
+        })
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(ModelError::Format(format!("{}: no *.safetensors files", dir.display())));
+        return Err(ModelError::Format(format!("{}: no model*.safetensors files", dir.display())));
     }
     Ok(files)
 }
