@@ -1,0 +1,243 @@
+//! The head PRM: a small network on the policy model's own final hidden
+//! state (after the last norm). Features: the hidden state at the last token
+//! of each reasoning step (the token that completes the step delimiter, or
+//! EOS); for the empty prefix, at the last prompt token. Scoring a
+//! trajectory therefore costs nothing beyond generating it.
+//!
+//! Two heads share the file: `quantile.*` (3 sigmoid outputs, the β = 0.1,
+//! 0.5, 0.9 quantiles, trained with the pinball loss on Monte-Carlo labels)
+//! and `raw.*` (one sigmoid output trained on hard labels with a binary
+//! loss: the uncalibrated PRM that calibration is measured against).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::{PrmError, PrmScore, Quantiles};
+
+/// Shape of a head: `hidden` inputs, an optional ReLU layer, `outputs` sigmoids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeadShape {
+    pub hidden: usize,
+    /// Units of the ReLU layer; 0 makes the head linear.
+    pub units: usize,
+    pub outputs: usize,
+}
+
+/// Weights of one head (trainable when built from `Var`s).
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub shape: HeadShape,
+    fc1: Option<(Tensor, Tensor)>,
+    out_w: Tensor,
+    out_b: Tensor,
+}
+
+fn var(t: Tensor, vars: &mut Vec<Var>) -> candle_core::Result<Tensor> {
+    let v = Var::from_tensor(&t)?;
+    let t = v.as_tensor().clone();
+    vars.push(v);
+    Ok(t)
+}
+
+impl Head {
+    /// Small random weights (seeded), as trainable variables.
+    pub fn init(shape: HeadShape, seed: u64, device: &Device) -> candle_core::Result<(Self, Vec<Var>)> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, Normal};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut vars = Vec::new();
+        let mut normal = |rows: usize, cols: usize, std: f64| -> candle_core::Result<Tensor> {
+            let dist = Normal::new(0.0, std).expect("std is positive");
+            let data: Vec<f32> = (0..rows * cols).map(|_| dist.sample(&mut rng) as f32).collect();
+            Tensor::from_vec(data, (rows, cols), device)
+        };
+        let (fc1, width) = if shape.units > 0 {
+            let w = var(normal(shape.units, shape.hidden, (2.0 / shape.hidden as f64).sqrt())?, &mut vars)?;
+            let b = var(Tensor::zeros(shape.units, DType::F32, device)?, &mut vars)?;
+            (Some((w, b)), shape.units)
+        } else {
+            (None, shape.hidden)
+        };
+        let out_w = var(normal(shape.outputs, width, 0.01)?, &mut vars)?;
+        let out_b = var(Tensor::zeros(shape.outputs, DType::F32, device)?, &mut vars)?;
+        Ok((Self { shape, fc1, out_w, out_b }, vars))
+    }
+
+    /// A quantile head whose three outputs all equal this one-output head
+    /// (DESIGN §1: training starts from the uncalibrated PRM).
+    pub fn to_quantile_init(&self) -> candle_core::Result<(Self, Vec<Var>)> {
+        assert_eq!(self.shape.outputs, 1, "conversion starts from a one-output head");
+        let mut vars = Vec::new();
+        let fc1 = match &self.fc1 {
+            Some((w, b)) => Some((var(w.copy()?, &mut vars)?, var(b.copy()?, &mut vars)?)),
+            None => None,
+        };
+        let out_w = var(self.out_w.repeat((3, 1))?, &mut vars)?;
+        let out_b = var(self.out_b.repeat(3)?, &mut vars)?;
+        Ok((Self { shape: HeadShape { outputs: 3, ..self.shape }, fc1, out_w, out_b }, vars))
+    }
+
+    /// Logits `(n, outputs)` for features `(n, hidden)`.
+    pub fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = match &self.fc1 {
+            Some((w, b)) => x.matmul(&w.t()?)?.broadcast_add(b)?.relu()?,
+            None => x.clone(),
+        };
+        x.matmul(&self.out_w.t()?)?.broadcast_add(&self.out_b)
+    }
+
+    pub fn probabilities(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::sigmoid(&self.logits(x)?)
+    }
+
+    fn tensors(&self, prefix: &str, out: &mut HashMap<String, Tensor>) {
+        if let Some((w, b)) = &self.fc1 {
+            out.insert(format!("{prefix}.fc1.weight"), w.clone());
+            out.insert(format!("{prefix}.fc1.bias"), b.clone());
+        }
+        out.insert(format!("{prefix}.out.weight"), self.out_w.clone());
+        out.insert(format!("{prefix}.out.bias"), self.out_b.clone());
+    }
+
+    fn from_tensors(prefix: &str, t: &HashMap<String, Tensor>) -> Option<Self> {
+        let out_w = t.get(&format!("{prefix}.out.weight"))?.clone();
+        let out_b = t.get(&format!("{prefix}.out.bias"))?.clone();
+        let fc1 = match (t.get(&format!("{prefix}.fc1.weight")), t.get(&format!("{prefix}.fc1.bias"))) {
+            (Some(w), Some(b)) => Some((w.clone(), b.clone())),
+            _ => None,
+        };
+        let (outputs, width) = out_w.dims2().ok()?;
+        let (units, hidden) = match &fc1 {
+            Some((w, _)) => w.dims2().ok()?,
+            None => (0, width),
+        };
+        Some(Self { shape: HeadShape { hidden, units, outputs }, fc1, out_w, out_b })
+    }
+}
+
+/// What the sidecar JSON says about a head file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadInfo {
+    pub feature: String,
+    pub hidden: usize,
+    pub quantiles: Vec<f64>,
+    #[serde(default)]
+    pub notes: String,
+}
+
+pub const FEATURE: &str = "final hidden state (after the last norm) at the last token of each step; \
+                           the last prompt token for the empty prefix";
+
+/// The quantile head and (optionally) its raw counterpart.
+#[derive(Debug, Clone)]
+pub struct HeadPrm {
+    pub quantile: Head,
+    pub raw: Option<Head>,
+}
+
+impl HeadPrm {
+    pub fn hidden(&self) -> usize {
+        self.quantile.shape.hidden
+    }
+
+    /// Scores a batch of feature vectors.
+    pub fn score(&self, features: &[&[f32]]) -> Result<Vec<PrmScore>, PrmError> {
+        if features.is_empty() {
+            return Ok(Vec::new());
+        }
+        let h = self.hidden();
+        if let Some(bad) = features.iter().find(|f| f.len() != h) {
+            return Err(PrmError::Width { got: bad.len(), want: h });
+        }
+        let flat: Vec<f32> = features.iter().flat_map(|f| f.iter().copied()).collect();
+        let x = Tensor::from_vec(flat, (features.len(), h), &Device::Cpu)?;
+        let q = self.quantile.probabilities(&x)?.to_vec2::<f32>()?;
+        let raw = match &self.raw {
+            Some(r) => Some(r.probabilities(&x)?.squeeze(D::Minus1)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(q.into_iter()
+            .enumerate()
+            .map(|(i, v)| PrmScore {
+                quantiles: Quantiles::sorted([v[0], v[1], v[2]]),
+                raw: raw.as_ref().map(|r| r[i]),
+            })
+            .collect())
+    }
+
+    pub fn save(&self, path: &Path, notes: &str) -> Result<(), PrmError> {
+        let mut t = HashMap::new();
+        self.quantile.tensors("quantile", &mut t);
+        if let Some(r) = &self.raw {
+            r.tensors("raw", &mut t);
+        }
+        candle_core::safetensors::save(&t, path)?;
+        let info = HeadInfo {
+            feature: FEATURE.into(),
+            hidden: self.hidden(),
+            quantiles: super::BETAS.to_vec(),
+            notes: notes.to_string(),
+        };
+        let sidecar = path.with_extension("json");
+        std::fs::write(&sidecar, serde_json::to_string_pretty(&info).expect("HeadInfo serialises"))
+            .map_err(|e| PrmError::File { path: sidecar.display().to_string(), message: e.to_string() })
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PrmError> {
+        let err = |message: String| PrmError::File { path: path.display().to_string(), message };
+        let t = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| err(e.to_string()))?;
+        let quantile =
+            Head::from_tensors("quantile", &t).ok_or_else(|| err("no quantile.out.* tensors".into()))?;
+        if quantile.shape.outputs != 3 {
+            return Err(err(format!("quantile head has {} outputs, not 3", quantile.shape.outputs)));
+        }
+        let raw = Head::from_tensors("raw", &t);
+        Ok(Self { quantile, raw })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_converted_head_starts_with_three_outputs_equal_to_the_raw_probability() {
+        let dev = Device::Cpu;
+        for units in [0, 8] {
+            let (raw, _) = Head::init(HeadShape { hidden: 5, units, outputs: 1 }, 3, &dev).unwrap();
+            let (q, vars) = raw.to_quantile_init().unwrap();
+            assert_eq!(vars.len(), if units > 0 { 4 } else { 2 });
+            let x = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+            let p_raw = raw.probabilities(&x).unwrap().to_vec2::<f32>().unwrap();
+            let p_q = q.probabilities(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (r, qs) in p_raw.iter().zip(&p_q) {
+                assert!(qs.iter().all(|v| (v - r[0]).abs() < 1e-7), "{r:?} {qs:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_saved_head_loads_and_scores_sorted_quantiles() {
+        let dev = Device::Cpu;
+        let (raw, _) = Head::init(HeadShape { hidden: 4, units: 0, outputs: 1 }, 1, &dev).unwrap();
+        let (quantile, _) = Head::init(HeadShape { hidden: 4, units: 6, outputs: 3 }, 2, &dev).unwrap();
+        let prm = HeadPrm { quantile, raw: Some(raw) };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("prm_head.safetensors");
+        prm.save(&path, "test").unwrap();
+        let back = HeadPrm::load(&path).unwrap();
+        let f = [0.5f32, -1.0, 2.0, 0.1];
+        let (a, b) = (prm.score(&[&f]).unwrap(), back.score(&[&f]).unwrap());
+        assert_eq!(a, b);
+        let q = a[0].quantiles;
+        assert!(q.q10 <= q.q50 && q.q50 <= q.q90);
+        assert!(a[0].raw.is_some());
+        assert!(matches!(back.score(&[&[1.0, 2.0]]), Err(PrmError::Width { got: 2, want: 4 })));
+        let info: HeadInfo =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
+        assert_eq!(info.hidden, 4);
+    }
+}

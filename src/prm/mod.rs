@@ -1,0 +1,89 @@
+//! Process reward models: for a question and a reasoning prefix (possibly
+//! empty), the quantiles β ∈ {0.1, 0.5, 0.9} of the probability that the
+//! policy, continuing from there, reaches a correct answer (DESIGN §1), and
+//! the uncalibrated score where there is one.
+//!
+//! - [`head::HeadPrm`]: a small head on the policy's own final hidden state
+//!   at the end of each step (the default; scoring costs almost nothing
+//!   beyond generating).
+//! - [`model_prm::ModelPrm`]: a separate model in the Qwen2.5-Math-PRM format.
+
+pub mod head;
+pub mod model_prm;
+
+use serde::{Deserialize, Serialize};
+
+/// The quantile levels of every PRM output, ascending.
+pub const BETAS: [f64; 3] = [0.1, 0.5, 0.9];
+
+/// Success-probability quantiles, sorted so they never cross.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Quantiles {
+    pub q10: f32,
+    pub q50: f32,
+    pub q90: f32,
+}
+
+impl Quantiles {
+    /// Sorts three quantile estimates (independent heads can cross).
+    pub fn sorted(mut v: [f32; 3]) -> Self {
+        v.sort_by(f32::total_cmp);
+        Self { q10: v[0], q50: v[1], q90: v[2] }
+    }
+
+    /// All three equal (a point estimate).
+    pub fn point(p: f32) -> Self {
+        Self { q10: p, q50: p, q90: p }
+    }
+
+    /// The estimate at quantile level `beta` (0.1, 0.5 or 0.9; others
+    /// interpolate linearly between them and clamp outside).
+    pub fn at(&self, beta: f64) -> f32 {
+        let (b, q) = (BETAS, [self.q10, self.q50, self.q90]);
+        if beta <= b[0] {
+            return q[0];
+        }
+        if beta >= b[2] {
+            return q[2];
+        }
+        let i = if beta <= b[1] { 0 } else { 1 };
+        let t = ((beta - b[i]) / (b[i + 1] - b[i])) as f32;
+        q[i] + t * (q[i + 1] - q[i])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PrmScore {
+    pub quantiles: Quantiles,
+    /// The uncalibrated PRM's P(good), where the PRM has one.
+    pub raw: Option<f32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrmError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("PRM feature of width {got} does not fit a head for width {want}")]
+    Width { got: usize, want: usize },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crossing_quantiles_are_sorted_and_interpolated() {
+        let q = Quantiles::sorted([0.7, 0.2, 0.5]);
+        assert_eq!((q.q10, q.q50, q.q90), (0.2, 0.5, 0.7));
+        assert_eq!(q.at(0.1), 0.2);
+        assert_eq!(q.at(0.05), 0.2);
+        assert!((q.at(0.3) - 0.35).abs() < 1e-6);
+        assert_eq!(q.at(0.95), 0.7);
+    }
+}

@@ -1,0 +1,207 @@
+//! A separate PRM in the Qwen2.5-Math-PRM format: a qwen2 backbone whose
+//! `score` head (Linear → ReLU → Linear(2)) reads the final hidden state at
+//! each `<extra_0>` token that ends a step, in the chat format of its model
+//! card; P(good) is softmax index 1.
+//!
+//! The 2-class head can be turned into a 3-quantile head whose every output
+//! starts as P(good) (each row `w_good − w_bad`, bias `b_good − b_bad`,
+//! sigmoid), a trained quantile head can replace it, and a LoRA adapter can
+//! be merged into the backbone at load.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use super::{PrmError, PrmScore, Quantiles};
+use crate::model::{Llama, WeightFormat};
+use crate::tokenizer::{AddSpecial, ChatMessage, Tokenizer};
+
+pub const STEP_TOKEN: &str = "<extra_0>";
+/// The system prompt of Qwen2.5-Math-PRM's model card.
+pub const SYSTEM_PROMPT: &str = "Please reason step by step, and put your final answer within \\boxed{}.";
+
+/// Which head scores steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadChoice {
+    /// The checkpoint's own 2-class head: a point estimate.
+    TwoClass,
+    /// The 2-class head converted to three quantile outputs (all equal to
+    /// P(good) until trained).
+    Converted,
+    /// A trained quantile head from a safetensors file (`score.2.*` with 3
+    /// rows, and optionally `score.0.*`).
+    Trained(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPrmOptions {
+    pub head: HeadChoice,
+    /// A PEFT LoRA adapter directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`) merged into the backbone at load.
+    pub lora: Option<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct ModelPrm {
+    backbone: Llama,
+    tokenizer: Tokenizer,
+    fc1: (Tensor, Tensor),
+    /// The checkpoint's 2-class output layer (P(good), the raw score).
+    classes: (Tensor, Tensor),
+    /// The 3-quantile output layer, when one is used.
+    quantiles: Option<(Tensor, Tensor)>,
+    step_token: u32,
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> PrmError {
+    PrmError::File { path: path.display().to_string(), message: e.to_string() }
+}
+
+#[derive(Deserialize)]
+struct LoraConfig {
+    r: usize,
+    lora_alpha: f64,
+}
+
+/// W += (alpha / r) B A for every adapted module.
+fn merge_lora(tensors: &mut HashMap<String, Tensor>, dir: &Path) -> Result<usize, PrmError> {
+    let cfg_path = dir.join("adapter_config.json");
+    let cfg: LoraConfig =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e))?)
+            .map_err(|e| file_err(&cfg_path, e))?;
+    let weights = dir.join("adapter_model.safetensors");
+    let adapter =
+        candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| file_err(&weights, e))?;
+    let scale = cfg.lora_alpha / cfg.r as f64;
+    let mut merged = 0;
+    for (name, a) in &adapter {
+        let Some(module) = name.strip_suffix(".lora_A.weight") else { continue };
+        let b = adapter
+            .get(&format!("{module}.lora_B.weight"))
+            .ok_or_else(|| file_err(&weights, format!("{module} has lora_A but no lora_B")))?;
+        let base = module.strip_prefix("base_model.model.").unwrap_or(module);
+        let key = format!("{base}.weight");
+        let w = tensors.get(&key).ok_or_else(|| file_err(&weights, format!("the backbone has no {key}")))?;
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+        let updated = (w.to_dtype(DType::F32)? + delta)?;
+        tensors.insert(key, updated);
+        merged += 1;
+    }
+    Ok(merged)
+}
+
+impl ModelPrm {
+    pub fn load(dir: &Path, opts: &ModelPrmOptions) -> Result<Self, PrmError> {
+        let device = Device::Cpu;
+        let cfg = Llama::hf_config(dir)?;
+        let mut tensors = HashMap::new();
+        for f in Llama::safetensors_files(dir)? {
+            for (k, v) in candle_core::safetensors::load(&f, &device).map_err(|e| file_err(&f, e))? {
+                tensors.insert(k, v.to_dtype(DType::F32)?);
+            }
+        }
+        if let Some(lora) = &opts.lora {
+            merge_lora(&mut tensors, lora)?;
+        }
+        let take = |name: &str, t: &HashMap<String, Tensor>| -> Result<Tensor, PrmError> {
+            t.get(name)
+                .cloned()
+                .ok_or_else(|| file_err(dir, format!("no tensor {name}: not a Qwen2.5-Math-PRM checkpoint")))
+        };
+        let fc1 = (take("score.0.weight", &tensors)?, take("score.0.bias", &tensors)?);
+        let classes = (take("score.2.weight", &tensors)?, take("score.2.bias", &tensors)?);
+        if classes.0.dim(0)? != 2 {
+            return Err(file_err(
+                dir,
+                format!("score.2.weight has {} rows, a 2-class head has 2", classes.0.dim(0)?),
+            ));
+        }
+        let (fc1, quantiles) = match &opts.head {
+            HeadChoice::TwoClass => (fc1, None),
+            HeadChoice::Converted => {
+                let (w, b) = &classes;
+                let dw = (w.i(1)? - w.i(0)?)?.unsqueeze(0)?.repeat((3, 1))?;
+                let db = (b.i(1)? - b.i(0)?)?.unsqueeze(0)?.repeat(3)?;
+                (fc1, Some((dw, db)))
+            }
+            HeadChoice::Trained(path) => {
+                let t = candle_core::safetensors::load(path, &device).map_err(|e| file_err(path, e))?;
+                let w = t
+                    .get("score.2.weight")
+                    .ok_or_else(|| file_err(path, "no score.2.weight"))?
+                    .to_dtype(DType::F32)?;
+                let b = t
+                    .get("score.2.bias")
+                    .ok_or_else(|| file_err(path, "no score.2.bias"))?
+                    .to_dtype(DType::F32)?;
+                if w.dim(0)? != 3 {
+                    return Err(file_err(
+                        path,
+                        format!("score.2.weight has {} rows, a quantile head has 3", w.dim(0)?),
+                    ));
+                }
+                let fc1 = match (t.get("score.0.weight"), t.get("score.0.bias")) {
+                    (Some(w1), Some(b1)) => (w1.to_dtype(DType::F32)?, b1.to_dtype(DType::F32)?),
+                    _ => fc1,
+                };
+                (fc1, Some((w, b)))
+            }
+        };
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+        let backbone = Llama::from_varbuilder(cfg, &vb, WeightFormat::Auto, &device)?;
+        let tokenizer = Tokenizer::from_hf_dir(dir)?;
+        let step_token = tokenizer
+            .token_id(STEP_TOKEN)
+            .ok_or_else(|| file_err(dir, format!("the tokenizer has no {STEP_TOKEN}")))?;
+        Ok(Self { backbone, tokenizer, fc1, classes, quantiles, step_token })
+    }
+
+    /// The prompt tokens: system, user question, and the steps joined and
+    /// ended by `<extra_0>` as the assistant turn. With no steps the
+    /// assistant turn is a lone `<extra_0>`, which scores the question alone.
+    pub fn encode(&self, question: &str, steps: &[String]) -> Result<Vec<u32>, PrmError> {
+        let mut answer = steps.join(STEP_TOKEN);
+        answer.push_str(STEP_TOKEN);
+        let messages = [
+            ChatMessage::new("system", SYSTEM_PROMPT),
+            ChatMessage::new("user", question),
+            ChatMessage::new("assistant", answer),
+        ];
+        let template =
+            self.tokenizer.chat_template().ok_or(crate::tokenizer::TokenizerError::NoChatTemplate)?;
+        let text = template.render(&messages, false)?;
+        Ok(self.tokenizer.encode(&text, AddSpecial::No)?)
+    }
+
+    /// One score per step (the question alone when `steps` is empty).
+    pub fn step_scores(&self, question: &str, steps: &[String]) -> Result<Vec<PrmScore>, PrmError> {
+        let ids = self.encode(question, steps)?;
+        let positions: Vec<u32> =
+            ids.iter().enumerate().filter(|(_, t)| **t == self.step_token).map(|(i, _)| i as u32).collect();
+        let hidden = self.backbone.hidden_states(&ids)?;
+        let at = hidden.index_select(&Tensor::new(positions.as_slice(), hidden.device())?, 0)?;
+        let z = at.matmul(&self.fc1.0.t()?)?.broadcast_add(&self.fc1.1)?.relu()?;
+        let logits = z.matmul(&self.classes.0.t()?)?.broadcast_add(&self.classes.1)?;
+        let good = candle_nn::ops::softmax(&logits, D::Minus1)?.i((.., 1))?.to_vec1::<f32>()?;
+        let quantiles = match &self.quantiles {
+            Some((w, b)) => {
+                Some(candle_nn::ops::sigmoid(&z.matmul(&w.t()?)?.broadcast_add(b)?)?.to_vec2::<f32>()?)
+            }
+            None => None,
+        };
+        Ok(good
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| PrmScore {
+                quantiles: match &quantiles {
+                    Some(q) => Quantiles::sorted([q[i][0], q[i][1], q[i][2]]),
+                    None => Quantiles::point(p),
+                },
+                raw: Some(p),
+            })
+            .collect())
+    }
+}
