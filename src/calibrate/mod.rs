@@ -1,0 +1,9 @@
+//! Calibration of process reward models: Monte-Carlo labels, quantile-head
+//! training, baselines, metrics and reports (DESIGN §1).
+
+pub mod baselines;
+pub mod labels;
+pub mod metrics;
+pub mod report;
+pub mod run;
+pub mod train;
