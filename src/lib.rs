@@ -43,12 +43,16 @@
 //! the next step.
 
 pub mod api;
+pub mod arith;
 pub mod bench;
+pub mod calibrate;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod metrics;
 pub mod model;
+pub mod prm;
 pub mod server;
 pub mod tokenizer;
 pub mod validation;

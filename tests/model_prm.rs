@@ -1,0 +1,205 @@
+//! The Qwen2.5-Math-PRM-format model PRM on tiny random checkpoints with
+//! the real tensor names: step scores against candle's qwen2 backbone plus
+//! the score head, the 2-class to 3-quantile conversion, a trained quantile
+//! head, and a merged LoRA adapter.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, IndexOp, Tensor};
+use candle_nn::VarBuilder;
+use ponder::prm::model_prm::{HeadChoice, ModelPrm, ModelPrmOptions, STEP_TOKEN};
+use tokenizers::AddedToken;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::models::bpe::BPE;
+
+const H: usize = 32;
+const LAYERS: usize = 2;
+
+fn write_tokenizer(dir: &Path) -> usize {
+    let specials = ["<|im_start|>", "<|im_end|>", STEP_TOKEN];
+    let chars: Vec<String> =
+        ['\n', ' '].into_iter().chain((b'!'..=b'~').map(char::from)).map(String::from).collect();
+    let vocab: ahash::AHashMap<String, u32> =
+        specials.iter().map(|s| s.to_string()).chain(chars).enumerate().map(|(i, s)| (s, i as u32)).collect();
+    let n = vocab.len();
+    let mut tok = tokenizers::Tokenizer::new(BPE::builder().vocab_and_merges(vocab, vec![]).build().unwrap());
+    tok.with_decoder(Some(Fuse::new()));
+    tok.add_special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect::<Vec<_>>()).unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    let template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}";
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>"}).to_string(),
+    )
+    .unwrap();
+    n
+}
+
+/// A tiny Qwen2ForProcessRewardModel checkpoint.
+fn write_prm(dir: &Path) {
+    let vocab = write_tokenizer(dir);
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut rand = |name: &str, shape: &[usize], scale: f64, offset: f64| {
+        t.insert(
+            name.into(),
+            ((Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap() + offset).unwrap(),
+        );
+    };
+    let s = 1.0 / (H as f64).sqrt();
+    rand("model.embed_tokens.weight", &[vocab, H], 0.5, 0.0);
+    rand("model.norm.weight", &[H], 0.1, 1.0);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        rand(&format!("{p}.input_layernorm.weight"), &[H], 0.1, 1.0);
+        rand(&format!("{p}.post_attention_layernorm.weight"), &[H], 0.1, 1.0);
+        for (n, rows) in [("q_proj", H), ("k_proj", H / 2), ("v_proj", H / 2)] {
+            rand(&format!("{p}.self_attn.{n}.weight"), &[rows, H], s, 0.0);
+            rand(&format!("{p}.self_attn.{n}.bias"), &[rows], 0.1, 0.0);
+        }
+        rand(&format!("{p}.self_attn.o_proj.weight"), &[H, H], s, 0.0);
+        rand(&format!("{p}.mlp.gate_proj.weight"), &[2 * H, H], s, 0.0);
+        rand(&format!("{p}.mlp.up_proj.weight"), &[2 * H, H], s, 0.0);
+        rand(&format!("{p}.mlp.down_proj.weight"), &[H, 2 * H], s, 0.0);
+    }
+    rand("score.0.weight", &[H, H], s, 0.0);
+    rand("score.0.bias", &[H], 0.1, 0.0);
+    rand("score.2.weight", &[2, H], 1.0, 0.0);
+    rand("score.2.bias", &[2], 0.1, 0.0);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["Qwen2ForProcessRewardModel"], "model_type": "qwen2",
+        "hidden_size": H, "intermediate_size": 2 * H, "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "sliding_window": 512, "max_window_layers": LAYERS, "use_sliding_window": false,
+        "tie_word_embeddings": false, "hidden_act": "silu",
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+/// P(good) at every step token, from candle's qwen2 backbone and the head.
+fn reference(dir: &Path, ids: &[u32], step: u32) -> Vec<f32> {
+    use candle_transformers::models::qwen2;
+    let dev = Device::Cpu;
+    let files = [dir.join("model.safetensors")];
+    // SAFETY: the file is not modified while mapped.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &dev).unwrap() };
+    let cfg: qwen2::Config =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let mut model = qwen2::Model::new(&cfg, vb.clone()).unwrap();
+    let hidden = model
+        .forward(&Tensor::new(ids, &dev).unwrap().unsqueeze(0).unwrap(), 0, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let l0 = candle_nn::linear(H, H, vb.pp("score.0")).unwrap();
+    let l2 = candle_nn::linear(H, 2, vb.pp("score.2")).unwrap();
+    use candle_core::Module;
+    let logits = l2.forward(&l0.forward(&hidden).unwrap().relu().unwrap()).unwrap();
+    let p =
+        candle_nn::ops::softmax(&logits, D::Minus1).unwrap().i((.., 1)).unwrap().to_vec1::<f32>().unwrap();
+    ids.iter().zip(p).filter(|(t, _)| **t == step).map(|(_, p)| p).collect()
+}
+
+fn steps() -> Vec<String> {
+    vec!["3 + 4 = 7".into(), "7 * 2 = 14".into(), "The answer is 14.".into()]
+}
+
+#[test]
+fn step_scores_equal_candles_qwen2_backbone_with_the_score_head() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let prm =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::TwoClass, lora: None }).unwrap();
+    let ids = prm.encode("What is (3 + 4) * 2?", &steps()).unwrap();
+    let step = 2;
+    assert_eq!(ids.iter().filter(|&&t| t == step).count(), 3, "one <extra_0> per step");
+    let want = reference(dir.path(), &ids, step);
+    let got = prm.step_scores("What is (3 + 4) * 2?", &steps()).unwrap();
+    assert_eq!(got.len(), 3);
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g.raw.unwrap() - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        assert_eq!(g.quantiles.q10, g.quantiles.q90, "a 2-class head is a point estimate");
+    }
+    // The question alone is scored through a lone step token.
+    assert_eq!(prm.step_scores("What is 1 + 1?", &[]).unwrap().len(), 1);
+}
+
+#[test]
+fn the_converted_quantile_head_starts_with_every_output_equal_to_p_good() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let two =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::TwoClass, lora: None }).unwrap();
+    let conv =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::Converted, lora: None }).unwrap();
+    let a = two.step_scores("q?", &steps()).unwrap();
+    let b = conv.step_scores("q?", &steps()).unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        let p = x.raw.unwrap();
+        for q in [y.quantiles.q10, y.quantiles.q50, y.quantiles.q90] {
+            assert!((q - p).abs() < 1e-6, "{x:?} {y:?}");
+        }
+    }
+}
+
+#[test]
+fn a_trained_quantile_head_and_a_lora_adapter_load_from_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let dev = Device::Cpu;
+    // A trained head: three distinct rows.
+    let head = dir.path().join("quantile_head.safetensors");
+    let mut t = HashMap::new();
+    t.insert("score.2.weight".to_string(), Tensor::randn(0f32, 1.0, (3, H), &dev).unwrap());
+    t.insert("score.2.bias".to_string(), Tensor::new(&[-1f32, 0.0, 1.0], &dev).unwrap());
+    candle_core::safetensors::save(&t, &head).unwrap();
+    let trained =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::Trained(head), lora: None }).unwrap();
+    for s in trained.step_scores("q?", &steps()).unwrap() {
+        assert!(s.quantiles.q10 < s.quantiles.q90 && s.quantiles.q10 <= s.quantiles.q50);
+    }
+    // A LoRA adapter on layer 0's q_proj equals the same delta merged by hand.
+    let lora = dir.path().join("lora");
+    std::fs::create_dir(&lora).unwrap();
+    let a = Tensor::randn(0f32, 0.3, (4, H), &dev).unwrap();
+    let b = Tensor::randn(0f32, 0.3, (H, 4), &dev).unwrap();
+    let mut t = HashMap::new();
+    t.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string(), a.clone());
+    t.insert("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight".to_string(), b.clone());
+    candle_core::safetensors::save(&t, lora.join("adapter_model.safetensors")).unwrap();
+    std::fs::write(
+        lora.join("adapter_config.json"),
+        r#"{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}"#,
+    )
+    .unwrap();
+    let with_lora =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::TwoClass, lora: Some(lora) })
+            .unwrap();
+
+    let merged_dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(dir.path().join(f), merged_dir.path().join(f)).unwrap();
+    }
+    let mut weights = candle_core::safetensors::load(dir.path().join("model.safetensors"), &dev).unwrap();
+    let key = "model.layers.0.self_attn.q_proj.weight".to_string();
+    let merged = (&weights[&key] + (b.matmul(&a).unwrap() * 2.0).unwrap()).unwrap();
+    weights.insert(key, merged);
+    candle_core::safetensors::save(&weights, merged_dir.path().join("model.safetensors")).unwrap();
+    let by_hand =
+        ModelPrm::load(merged_dir.path(), &ModelPrmOptions { head: HeadChoice::TwoClass, lora: None })
+            .unwrap();
+    let plain =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::TwoClass, lora: None }).unwrap();
+    let (x, y, z) = (
+        with_lora.step_scores("q?", &steps()).unwrap(),
+        by_hand.step_scores("q?", &steps()).unwrap(),
+        plain.step_scores("q?", &steps()).unwrap(),
+    );
+    for ((p, q), r) in x.iter().zip(&y).zip(&z) {
+        assert!((p.raw.unwrap() - q.raw.unwrap()).abs() < 1e-6);
+        assert!((p.raw.unwrap() - r.raw.unwrap()).abs() > 1e-7, "the adapter changes the scores");
+    }
+}
