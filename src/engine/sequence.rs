@@ -187,6 +187,11 @@ impl Sequence {
         self.cache.len()
     }
 
+    /// Every token is fed: the hidden state and logits are current.
+    pub fn is_fed(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// Whether the next `step` would feed tokens or sample.
     pub fn needs_work(&self) -> bool {
         self.finish.is_none() || self.wants_capture()

@@ -131,11 +131,23 @@ pub struct HeadInfo {
 pub const FEATURE: &str = "final hidden state (after the last norm) at the last token of each step; \
                            the last prompt token for the empty prefix";
 
+/// Which output answers as the PRM's quantiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadOutput {
+    /// The calibrated quantile head.
+    #[default]
+    Calibrated,
+    /// The uncalibrated head, its P(good) taken as every quantile.
+    Raw,
+}
+
 /// The quantile head and (optionally) its raw counterpart.
 #[derive(Debug, Clone)]
 pub struct HeadPrm {
     pub quantile: Head,
     pub raw: Option<Head>,
+    pub output: HeadOutput,
 }
 
 impl HeadPrm {
@@ -161,9 +173,13 @@ impl HeadPrm {
         };
         Ok(q.into_iter()
             .enumerate()
-            .map(|(i, v)| PrmScore {
-                quantiles: Quantiles::sorted([v[0], v[1], v[2]]),
-                raw: raw.as_ref().map(|r| r[i]),
+            .map(|(i, v)| {
+                let raw = raw.as_ref().map(|r| r[i]);
+                let quantiles = match (self.output, raw) {
+                    (HeadOutput::Raw, Some(p)) => Quantiles::point(p),
+                    _ => Quantiles::sorted([v[0], v[1], v[2]]),
+                };
+                PrmScore { quantiles, raw }
             })
             .collect())
     }
@@ -195,7 +211,24 @@ impl HeadPrm {
             return Err(err(format!("quantile head has {} outputs, not 3", quantile.shape.outputs)));
         }
         let raw = Head::from_tensors("raw", &t);
-        Ok(Self { quantile, raw })
+        Ok(Self { quantile, raw, output: HeadOutput::Calibrated })
+    }
+
+    /// The same heads answering with the raw output.
+    pub fn with_output(mut self, output: HeadOutput) -> Result<Self, PrmError> {
+        if output == HeadOutput::Raw && self.raw.is_none() {
+            return Err(PrmError::File { path: "prm head".into(), message: "has no raw head".into() });
+        }
+        self.output = output;
+        Ok(self)
+    }
+}
+
+impl super::Scorer for HeadPrm {
+    fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
+        let features: Vec<&[f32]> =
+            items.iter().map(|i| i.hidden.ok_or(PrmError::NoHiddenState)).collect::<Result<_, _>>()?;
+        HeadPrm::score(self, &features)
     }
 }
 
@@ -224,7 +257,7 @@ mod tests {
         let dev = Device::Cpu;
         let (raw, _) = Head::init(HeadShape { hidden: 4, units: 0, outputs: 1 }, 1, &dev).unwrap();
         let (quantile, _) = Head::init(HeadShape { hidden: 4, units: 6, outputs: 3 }, 2, &dev).unwrap();
-        let prm = HeadPrm { quantile, raw: Some(raw) };
+        let prm = HeadPrm { quantile, raw: Some(raw), output: HeadOutput::Calibrated };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("prm_head.safetensors");
         prm.save(&path, "test").unwrap();

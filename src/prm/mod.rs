@@ -59,8 +59,24 @@ pub struct PrmScore {
     pub raw: Option<f32>,
 }
 
+/// What a PRM may read about one prefix: the question and steps as text,
+/// and the policy's final hidden state at the prefix's last token.
+#[derive(Debug, Clone, Copy)]
+pub struct ScoreItem<'a> {
+    pub question: &'a str,
+    pub steps: &'a [String],
+    pub hidden: Option<&'a [f32]>,
+}
+
+/// The PRM interface: success-probability quantiles for a batch of prefixes.
+pub trait Scorer: Send + Sync {
+    fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrmError {
+    #[error("this PRM reads the policy's hidden state, which the caller did not give")]
+    NoHiddenState,
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("PRM feature of width {got} does not fit a head for width {want}")]

@@ -205,3 +205,15 @@ impl ModelPrm {
             .collect())
     }
 }
+
+impl super::Scorer for ModelPrm {
+    /// Each prefix's last score: its last step's (the question's when empty).
+    fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
+        items
+            .iter()
+            .map(|i| {
+                Ok(*self.step_scores(i.question, i.steps)?.last().expect("one score per step, at least one"))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,75 @@
+//! Choosing answers among candidates: the best PRM score, a PRM-weighted
+//! vote over extracted answers, or a majority vote.
+
+use std::collections::HashMap;
+
+use super::{Candidate, Select};
+
+/// The key answers are grouped by: the final number for arithmetic
+/// (`The answer is N`, else the last number), else the trimmed text.
+pub fn answer_key(text: &str) -> String {
+    crate::arith::task::extract_answer(text).map_or_else(|| text.trim().to_string(), |n| n.to_string())
+}
+
+fn q50(c: &Candidate) -> f64 {
+    c.score.map_or(0.0, |s| s.quantiles.q50 as f64)
+}
+
+/// Up to `n` candidates with distinct answers, best first.
+pub fn choose(candidates: &[Candidate], how: Select, n: usize) -> Vec<Candidate> {
+    // Per answer: (weight, best member).
+    let mut groups: HashMap<&str, (f64, usize, &Candidate)> = HashMap::new();
+    for c in candidates {
+        let g = groups.entry(c.answer.as_str()).or_insert((0.0, 0, c));
+        g.0 += q50(c);
+        g.1 += 1;
+        if q50(c) > q50(g.2) {
+            g.2 = c;
+        }
+    }
+    let mut ranked: Vec<(f64, f64, &Candidate)> = groups
+        .into_values()
+        .map(|(sum, count, best)| match how {
+            Select::PrmMax => (q50(best), 0.0, best),
+            Select::PrmVote => (sum, q50(best), best),
+            Select::Majority => (count as f64, sum, best),
+        })
+        .collect();
+    // Ties fall back to the answer text, so the choice is deterministic.
+    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.answer.cmp(&b.2.answer)));
+    ranked.into_iter().take(n.max(1)).map(|(_, _, c)| c.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prm::{PrmScore, Quantiles};
+
+    fn cand(answer: &str, q: f32) -> Candidate {
+        Candidate {
+            text: format!("The answer is {answer}."),
+            answer: answer.into(),
+            score: Some(PrmScore { quantiles: Quantiles::point(q), raw: None }),
+            tokens: 5,
+            steps: 1,
+            ended: true,
+        }
+    }
+
+    #[test]
+    fn prm_max_vote_and_majority_can_pick_different_answers() {
+        let cs =
+            [cand("7", 0.9), cand("8", 0.5), cand("8", 0.5), cand("9", 0.3), cand("9", 0.3), cand("9", 0.3)];
+        assert_eq!(choose(&cs, Select::PrmMax, 1)[0].answer, "7");
+        assert_eq!(choose(&cs, Select::PrmVote, 1)[0].answer, "8", "0.5 + 0.5 beats 0.9 and 0.9");
+        assert_eq!(choose(&cs, Select::Majority, 1)[0].answer, "9");
+        let top = choose(&cs, Select::PrmMax, 3);
+        assert_eq!(top.iter().map(|c| c.answer.as_str()).collect::<Vec<_>>(), ["7", "8", "9"]);
+    }
+
+    #[test]
+    fn answers_are_keyed_by_the_final_number() {
+        assert_eq!(answer_key("2 + 2 = 4\n\nThe answer is 4."), "4");
+        assert_eq!(answer_key("  no number here "), "no number here");
+    }
+}

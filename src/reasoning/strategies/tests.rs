@@ -1,0 +1,267 @@
+//! The strategies against a fake engine and scorer.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::{Future, ready};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::super::*;
+use crate::prm::{PrmScore, Quantiles};
+
+const STEPS: usize = 3;
+const TOKENS_PER_STEP: usize = 10;
+
+struct FakeTraj {
+    steps: Vec<String>,
+    correct: bool,
+}
+
+/// Solutions take `STEPS` steps and end with 42 (right) or 13 (wrong);
+/// a sample from the question is right with probability `p`, children
+/// inherit their parent's fate. The PRM sees the fate (a perfect ranker)
+/// and says `root` for the question alone.
+struct Fake {
+    st: RefCell<State>,
+}
+
+struct State {
+    trajs: HashMap<Traj, FakeTraj>,
+    next: Traj,
+    generated: usize,
+    p: f64,
+    root: Quantiles,
+    rng: ChaCha8Rng,
+    extend_calls: Vec<usize>,
+    score_calls: Vec<usize>,
+    forks: Vec<usize>,
+}
+
+impl Fake {
+    fn new(p: f64, root: Quantiles) -> Self {
+        let mut trajs = HashMap::new();
+        trajs.insert(0, FakeTraj { steps: vec![], correct: false });
+        Self {
+            st: RefCell::new(State {
+                trajs,
+                next: 1,
+                generated: 0,
+                p,
+                root,
+                rng: ChaCha8Rng::seed_from_u64(7),
+                extend_calls: vec![],
+                score_calls: vec![],
+                forks: vec![],
+            }),
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.st.borrow().trajs.len()
+    }
+}
+
+impl Backend for Fake {
+    fn root(&self) -> Traj {
+        0
+    }
+
+    fn fork(&self, t: Traj, k: usize) -> Result<Vec<Traj>, ReasoningError> {
+        let mut st = self.st.borrow_mut();
+        st.forks.push(k);
+        let (steps, inherited) = {
+            let parent = st.trajs.get(&t).ok_or(ReasoningError::UnknownTrajectory(t))?;
+            (parent.steps.clone(), parent.correct)
+        };
+        let mut out = Vec::new();
+        for _ in 0..k {
+            let p = st.p;
+            let correct = if t == 0 { st.rng.random_bool(p) } else { inherited };
+            let id = st.next;
+            st.next += 1;
+            st.trajs.insert(id, FakeTraj { steps: steps.clone(), correct });
+            out.push(id);
+        }
+        Ok(out)
+    }
+
+    fn release(&self, ts: &[Traj]) {
+        let mut st = self.st.borrow_mut();
+        for t in ts {
+            st.trajs.remove(t);
+        }
+    }
+
+    fn info(&self, t: Traj) -> TrajInfo {
+        let st = self.st.borrow();
+        let tr = &st.trajs[&t];
+        TrajInfo {
+            text: tr.steps.join("\n\n"),
+            finished: tr.steps.len() == STEPS + 1,
+            ended: tr.steps.len() == STEPS + 1,
+            tokens: tr.steps.len() * TOKENS_PER_STEP,
+            steps: tr.steps.clone(),
+        }
+    }
+
+    fn generated_tokens(&self) -> usize {
+        self.st.borrow().generated
+    }
+
+    fn extend(&self, ts: &[Traj]) -> impl Future<Output = Result<(), ReasoningError>> {
+        let mut st = self.st.borrow_mut();
+        st.extend_calls.push(ts.len());
+        for t in ts {
+            let tr = st.trajs.get_mut(t).expect("live trajectory");
+            let k = tr.steps.len();
+            let step = if k < STEPS {
+                format!("step {k}")
+            } else if tr.correct {
+                "The answer is 42.".into()
+            } else {
+                "The answer is 13.".into()
+            };
+            tr.steps.push(step);
+            st.generated += TOKENS_PER_STEP;
+        }
+        ready(Ok(()))
+    }
+
+    fn score(&self, ts: &[Traj]) -> impl Future<Output = Result<Vec<PrmScore>, ReasoningError>> {
+        let mut st = self.st.borrow_mut();
+        st.score_calls.push(ts.len());
+        let out = ts
+            .iter()
+            .map(|t| {
+                let q = if *t == 0 {
+                    st.root
+                } else if st.trajs[t].correct {
+                    Quantiles::sorted([0.8, 0.9, 0.95])
+                } else {
+                    Quantiles::sorted([0.02, 0.1, 0.2])
+                };
+                PrmScore { quantiles: q, raw: None }
+            })
+            .collect();
+        ready(Ok(out))
+    }
+}
+
+fn params(strategy: Strategy, budget: Budget) -> ReasoningParams {
+    ReasoningParams {
+        strategy,
+        budget,
+        max_samples: 64,
+        confidence: 0.99,
+        budget_quantile: 0.1,
+        beam_width: 8,
+        beams: 8,
+        prune_every: 1,
+        select: Select::PrmMax,
+        candidates: Candidates::Return,
+        n: 1,
+        max_tokens: 1000,
+        max_step_tokens: 100,
+        max_steps: 20,
+    }
+}
+
+fn run_fake(fake: &Fake, p: &ReasoningParams) -> Outcome {
+    futures::executor::block_on(run(fake, p)).unwrap()
+}
+
+#[test]
+fn adaptive_best_of_n_draws_n_ias_of_the_lower_quantile_and_prices_the_rest() {
+    // q10 = 0.5 at C = 0.99: N_IAS = 7.
+    let fake = Fake::new(0.5, Quantiles::sorted([0.5, 0.6, 0.7]));
+    let out = run_fake(&fake, &params(Strategy::BestOfN, Budget::Adaptive));
+    let a = out.accounting;
+    assert_eq!((a.samples, a.fixed_samples), (7, 64));
+    assert_eq!(a.prm_evaluations, 1 + 7);
+    let per_sample = (STEPS + 1) * TOKENS_PER_STEP;
+    assert_eq!(a.tokens_generated, 7 * per_sample);
+    assert_eq!(a.fixed_tokens_estimate, 64 * per_sample);
+    assert_eq!(a.tokens_saved, 57 * per_sample);
+    assert_eq!(a.start, Some(Quantiles::sorted([0.5, 0.6, 0.7])));
+    // All samples advance together, one step per call.
+    assert_eq!(fake.st.borrow().extend_calls, vec![7; STEPS + 1]);
+    assert_eq!(out.candidates.len(), 7);
+}
+
+#[test]
+fn best_of_n_picks_a_right_answer_when_any_sample_has_one() {
+    let fake = Fake::new(0.2, Quantiles::sorted([0.2, 0.2, 0.2]));
+    let out = run_fake(&fake, &params(Strategy::BestOfN, Budget::Adaptive));
+    assert_eq!(out.accounting.samples, 21);
+    assert!(out.candidates.iter().any(|c| c.answer == "42"));
+    assert_eq!(out.answers[0].answer, "42");
+    assert_eq!(out.accounting.selected.unwrap().q50, 0.9);
+    assert_eq!(out.accounting.steps, STEPS + 1);
+}
+
+#[test]
+fn fixed_best_of_n_always_draws_n_max_and_saves_nothing() {
+    let fake = Fake::new(0.99, Quantiles::sorted([0.99, 0.99, 0.99]));
+    let a = run_fake(&fake, &params(Strategy::BestOfN, Budget::Fixed)).accounting;
+    assert_eq!((a.samples, a.tokens_saved, a.prm_evaluations), (64, 0, 64));
+    assert_eq!(a.start, None, "a fixed budget needs no start score");
+}
+
+#[test]
+fn an_easy_question_gets_one_or_two_samples_and_a_hard_one_the_cap() {
+    let easy = run_fake(
+        &Fake::new(0.99, Quantiles::sorted([0.95, 0.97, 0.99])),
+        &params(Strategy::BestOfN, Budget::Adaptive),
+    );
+    let hard = run_fake(
+        &Fake::new(0.01, Quantiles::sorted([0.001, 0.01, 0.02])),
+        &params(Strategy::BestOfN, Budget::Adaptive),
+    );
+    assert!(easy.accounting.samples <= 2);
+    assert_eq!(hard.accounting.samples, 64);
+}
+
+#[test]
+fn fixed_beam_keeps_k_max_paths_and_expands_each_into_m_max() {
+    let fake = Fake::new(0.3, Quantiles::sorted([0.3, 0.3, 0.3]));
+    let mut p = params(Strategy::Beam, Budget::Fixed);
+    p.max_samples = 16;
+    p.beams = 4;
+    p.beam_width = 4;
+    let out = run_fake(&fake, &p);
+    let st = fake.st.borrow();
+    // 16 initial samples, then at each of the STEPS pruning points 4 kept paths × 4 children.
+    assert_eq!(st.forks[0], 16);
+    assert!(st.forks[1..].iter().all(|&m| m == 4));
+    assert_eq!(st.forks.len(), 1 + STEPS * 4);
+    assert_eq!(st.extend_calls, vec![16; STEPS + 1]);
+    assert_eq!(out.answers[0].answer, "42");
+    assert_eq!(out.accounting.samples, 16 + STEPS * 16);
+    assert_eq!(out.accounting.fixed_samples, out.accounting.samples);
+    drop(st);
+    assert_eq!(fake.live(), 0, "every path was released");
+}
+
+#[test]
+fn adaptive_beam_narrows_to_one_confident_path() {
+    // The question looks easy (q10 0.92: 2 samples); once a right path is
+    // found its q10 of 0.8 keeps K = 1 beam with M = 3 children.
+    let fake = Fake::new(0.9, Quantiles::sorted([0.92, 0.95, 0.99]));
+    let out = run_fake(&fake, &params(Strategy::Beam, Budget::Adaptive));
+    let st = fake.st.borrow();
+    assert_eq!(st.forks[0], 2);
+    assert!(st.forks[1..].iter().all(|&m| m == ias::children(0.8, 1, 0.99, 8)), "{:?}", st.forks);
+    assert_eq!(out.answers[0].answer, "42");
+    assert!(out.accounting.tokens_saved > 0);
+}
+
+#[test]
+fn selection_returns_n_distinct_answers() {
+    let fake = Fake::new(0.5, Quantiles::sorted([0.1, 0.1, 0.1]));
+    let mut p = params(Strategy::BestOfN, Budget::Fixed);
+    p.n = 2;
+    let out = run_fake(&fake, &p);
+    assert_eq!(out.answers.len(), 2);
+    assert_ne!(out.answers[0].answer, out.answers[1].answer);
+}
