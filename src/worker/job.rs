@@ -6,6 +6,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::engine::{FinishReason, SamplingParams};
+use crate::reasoning::{Accounting, Candidate, ReasoningParams};
 
 use super::admission::SeqPermit;
 
@@ -21,13 +22,36 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     /// Logprob alternatives per token; `None` records no logprobs.
     pub logprobs: Option<usize>,
+    /// The question as text (what a text-reading PRM scores).
+    pub question: String,
+    /// Search with a PRM instead of plain sampling.
+    pub reasoning: Option<ReasoningParams>,
 }
 
 impl GenerationRequest {
-    /// Sequences this request occupies: one per choice.
+    /// Sequences this request may occupy at once: one per choice, or the
+    /// most trajectories its reasoning strategy can hold.
     pub fn sequences(&self) -> usize {
+        match &self.reasoning {
+            Some(r) => r.max_samples.max(r.beams * r.beam_width).max(self.n),
+            None => self.prompts.len() * self.n,
+        }
+    }
+
+    /// Choices the response holds.
+    pub fn choices(&self) -> usize {
         self.prompts.len() * self.n
     }
+}
+
+/// What a reasoning request spent, saved and considered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReasoningReport {
+    pub params: ReasoningParams,
+    pub accounting: Accounting,
+    pub candidates: Vec<Candidate>,
+    /// Tokens of the returned answers (the rest are reasoning tokens).
+    pub answer_tokens: usize,
 }
 
 /// An admitted request on its way to a worker.
@@ -72,6 +96,8 @@ pub enum GenEvent {
         choice: usize,
         reason: FinishReason,
     },
+    /// A reasoning request's accounting, sent before `Done`.
+    Reasoning(Box<ReasoningReport>),
     /// Every choice finished.
     Done(JobStats),
     /// The worker could not complete the request; details are in its log.

@@ -19,7 +19,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::metrics::{Metrics, ModelMetrics};
 
 pub use admission::{Admission, QueueFull, SeqPermit};
-pub use job::{GenEvent, GenerationRequest, Job, JobStats, TokenOut};
+pub use job::{GenEvent, GenerationRequest, Job, JobStats, ReasoningReport, TokenOut};
 pub use scheduler::{Scheduler, StepReport};
 
 /// Load state of a model's workers.
@@ -140,11 +140,33 @@ fn worker_main(
             return;
         }
     };
-    tracing::info!(model = %entry.id, secs = started.elapsed().as_secs_f64(), "model loaded");
+    let prm: Option<Arc<dyn crate::prm::Scorer>> = match &entry.prm {
+        None => None,
+        Some(path) => match crate::prm::head::HeadPrm::load(path) {
+            Ok(head) if head.hidden() == engine.model().config().hidden => Some(Arc::new(head)),
+            Ok(head) => {
+                let msg = format!(
+                    "model {:?}: PRM head {} reads hidden states of width {}, the model's are {}",
+                    entry.id,
+                    path.display(),
+                    head.hidden(),
+                    engine.model().config().hidden
+                );
+                *shared.failure.lock().expect("no panics while holding the lock") = Some(msg);
+                return;
+            }
+            Err(e) => {
+                *shared.failure.lock().expect("no panics while holding the lock") =
+                    Some(format!("model {:?}: PRM head: {e}", entry.id));
+                return;
+            }
+        },
+    };
+    tracing::info!(model = %entry.id, secs = started.elapsed().as_secs_f64(), prm = prm.is_some(), "model loaded");
     let _ = shared.engine.set(engine.clone());
     shared.loaded.fetch_add(1, Ordering::AcqRel);
     metrics.model_loaded();
-    run_worker(Scheduler::new(engine, mm, max_running), &mut rx);
+    run_worker(Scheduler::new(engine, mm, max_running, prm), &mut rx);
 }
 
 /// The worker loop: block while idle, otherwise take every queued job and

@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::engine::{
-    Engine, EngineError, EosPolicy, HiddenCapture, Logprobs, SeqOptions, Sequence, StopCriteria, child_seed,
+    Engine, EngineError, EosPolicy, FinishReason, HiddenCapture, Logprobs, SeqOptions, Sequence,
+    StopCriteria, child_seed,
 };
 use crate::metrics::ModelMetrics;
+use crate::prm::Scorer;
+use crate::reasoning::Outcome;
+use crate::reasoning::runtime::{ReasoningJob, Runtime, TaskId};
 
-use super::job::{Delivery, GenEvent, Job, JobStats, Outbox, TokenOut};
+use super::job::{Delivery, GenEvent, Job, JobStats, Outbox, ReasoningReport, TokenOut};
 
 /// A request in the running batch.
 struct Active {
@@ -47,17 +51,42 @@ pub struct StepReport {
     pub completed: usize,
 }
 
+/// A reasoning request: its strategy runs in the runtime; the answers are
+/// sent once it has chosen them.
+struct Thinking {
+    job: Job,
+    task: TaskId,
+    queue_secs: f64,
+    outbox: Outbox,
+    complete: bool,
+}
+
 pub struct Scheduler {
     engine: Arc<Engine>,
     metrics: ModelMetrics,
     max_running: usize,
     waiting: VecDeque<Job>,
     running: Vec<Active>,
+    runtime: Runtime,
+    thinking: Vec<Thinking>,
 }
 
 impl Scheduler {
-    pub fn new(engine: Arc<Engine>, metrics: ModelMetrics, max_running: usize) -> Self {
-        Self { engine, metrics, max_running, waiting: VecDeque::new(), running: Vec::new() }
+    pub fn new(
+        engine: Arc<Engine>,
+        metrics: ModelMetrics,
+        max_running: usize,
+        prm: Option<Arc<dyn Scorer>>,
+    ) -> Self {
+        Self {
+            runtime: Runtime::new(engine.clone(), prm),
+            engine,
+            metrics,
+            max_running,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            thinking: Vec::new(),
+        }
     }
 
     pub fn submit(&mut self, job: Job) {
@@ -67,12 +96,14 @@ impl Scheduler {
 
     /// Nothing waiting, running or left to deliver.
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty()
+        self.waiting.is_empty() && self.running.is_empty() && self.thinking.is_empty()
     }
 
     /// Whether a step would run the model (rather than only deliver events).
     pub fn has_compute(&self) -> bool {
-        !self.waiting.is_empty() || self.running.iter().any(|a| !a.complete)
+        !self.waiting.is_empty()
+            || self.running.iter().any(|a| !a.complete)
+            || self.thinking.iter().any(|t| !t.complete)
     }
 
     pub fn waiting_sequences(&self) -> usize {
@@ -80,7 +111,8 @@ impl Scheduler {
     }
 
     pub fn running_sequences(&self) -> usize {
-        self.running.iter().map(Active::unfinished_sequences).sum()
+        self.running.iter().map(Active::unfinished_sequences).sum::<usize>()
+            + self.thinking.iter().filter(|t| !t.complete).map(|t| t.job.request.sequences()).sum::<usize>()
     }
 
     pub fn step(&mut self) -> StepReport {
@@ -97,17 +129,25 @@ impl Scheduler {
         report.batch = batch;
         report.tokens = tokens;
         self.promote_prefilled_roots();
-        report.completed = self.complete_and_flush();
+        report.completed = self.complete_and_flush() + self.finish_thinking();
         self.update_gauges();
         report
     }
 
     /// Drops requests whose client left: their sequences and caches go at once.
     fn reap_cancelled(&mut self) -> usize {
-        let before = self.waiting.len() + self.running.len();
+        let before = self.waiting.len() + self.running.len() + self.thinking.len();
         self.waiting.retain(|j| !j.reply.is_closed());
         self.running.retain(|a| !a.job.reply.is_closed());
-        let cancelled = before - self.waiting.len() - self.running.len();
+        let runtime = &mut self.runtime;
+        self.thinking.retain(|t| {
+            let open = !t.job.reply.is_closed();
+            if !open {
+                runtime.cancel(t.task);
+            }
+            open
+        });
+        let cancelled = before - self.waiting.len() - self.running.len() - self.thinking.len();
         self.metrics.cancelled.inc_by(cancelled as u64);
         cancelled
     }
@@ -120,7 +160,9 @@ impl Scheduler {
             }
             let job = self.waiting.pop_front().expect("front() was Some");
             running += job.request.sequences();
-            if let Some(active) = self.activate(job) {
+            if job.request.reasoning.is_some() {
+                self.think(job);
+            } else if let Some(active) = self.activate(job) {
                 self.running.push(active);
             }
         }
@@ -152,7 +194,7 @@ impl Scheduler {
                 }
             }
         }
-        let choices = job.request.sequences();
+        let choices = job.request.choices();
         Some(Active {
             roots,
             choices: (0..choices).map(|_| None).collect(),
@@ -190,13 +232,15 @@ impl Scheduler {
                 }
             }
         }
-        if refs.is_empty() {
+        if refs.is_empty() && self.runtime.is_idle() {
             return Ok((0, 0));
         }
-        let batch = refs.len();
-        self.metrics.batch_size.observe(batch as f64);
-        let updates = self.engine.step(&mut refs)?;
-        drop(refs);
+        let step = self.runtime.step(refs)?;
+        let (batch, updates) = (step.batch, step.updates);
+        if batch > 0 {
+            self.metrics.batch_size.observe(batch as f64);
+        }
+        self.metrics.generated_tokens.inc_by(step.reasoning_tokens as u64);
         let now = Instant::now();
         let mut tokens = 0;
         for (update, (a, slot)) in updates.into_iter().zip(owners) {
@@ -238,7 +282,7 @@ impl Scheduler {
                 active.choices[c] = None;
             }
         }
-        Ok((batch, tokens))
+        Ok((batch, tokens + step.reasoning_tokens))
     }
 
     /// Roots whose prompt is fully fed become their prompt's choices: the
@@ -276,6 +320,11 @@ impl Scheduler {
     }
 
     fn fail_running(&mut self) {
+        for t in &mut self.thinking {
+            self.runtime.cancel(t.task);
+            t.outbox.push(GenEvent::Failed);
+            t.complete = true;
+        }
         for active in &mut self.running {
             active.roots.clear();
             active.choices.iter_mut().for_each(|c| *c = None);
@@ -289,7 +338,7 @@ impl Scheduler {
     fn complete_and_flush(&mut self) -> usize {
         let mut completed = 0;
         for active in &mut self.running {
-            if !active.complete && active.finished == active.job.request.sequences() {
+            if !active.complete && active.finished == active.job.request.choices() {
                 active.complete = true;
                 completed += 1;
                 active.outbox.push(GenEvent::Done(JobStats {
@@ -315,9 +364,99 @@ impl Scheduler {
         completed
     }
 
+    /// Starts a reasoning request in the runtime.
+    fn think(&mut self, job: Job) {
+        let queue_secs = job.admitted.elapsed().as_secs_f64();
+        self.metrics.queue_duration.observe(queue_secs);
+        let r = &job.request;
+        let spawned = self.runtime.spawn(ReasoningJob {
+            question: r.question.clone(),
+            prompt: r.prompts[0].clone(),
+            params: r.reasoning.expect("think() takes reasoning jobs"),
+            sampling: r.sampling,
+        });
+        match spawned {
+            Ok(task) => {
+                self.metrics.prompt_tokens.inc_by(r.prompts[0].len() as u64);
+                self.thinking.push(Thinking {
+                    job,
+                    task,
+                    queue_secs,
+                    outbox: Outbox::default(),
+                    complete: false,
+                });
+            }
+            Err(e) => {
+                tracing::error!(request = %job.id, error = %e, "could not start reasoning");
+                let _ = job.reply.try_send(GenEvent::Failed);
+            }
+        }
+    }
+
+    /// Sends the answers of reasoning requests that finished, delivers what
+    /// each client has room for, and forgets delivered or abandoned ones.
+    fn finish_thinking(&mut self) -> usize {
+        let mut completed = 0;
+        for (task, result) in self.runtime.take_finished() {
+            let Some(t) = self.thinking.iter_mut().find(|t| t.task == task) else { continue };
+            t.complete = true;
+            match result {
+                Ok(outcome) => {
+                    completed += 1;
+                    let now = Instant::now();
+                    self.metrics.ttft.observe(now.duration_since(t.job.received).as_secs_f64());
+                    let params = t.job.request.reasoning.expect("thinking jobs have reasoning");
+                    self.metrics.reasoning.record(
+                        params.strategy.name(),
+                        &outcome.accounting,
+                        params.budget_quantile,
+                    );
+                    answer_events(&mut t.outbox, &t.job, outcome, t.queue_secs);
+                }
+                Err(e) => {
+                    tracing::error!(request = %t.job.id, error = %e, "reasoning failed");
+                    t.outbox.push(GenEvent::Failed);
+                }
+            }
+        }
+        self.thinking.retain_mut(|t| match t.outbox.flush(&t.job.reply) {
+            Delivery::Closed => false,
+            Delivery::Open => !(t.complete && t.outbox.is_empty()),
+        });
+        completed
+    }
+
     fn update_gauges(&self) {
         self.metrics.queue_depth.set(self.waiting_sequences() as i64);
         self.metrics.running.set(self.running_sequences() as i64);
         self.metrics.kv_bytes.set(self.engine.model().kv_memory().live_bytes() as i64);
     }
+}
+
+/// The answers of a reasoning request as choice events, then its report.
+fn answer_events(outbox: &mut Outbox, job: &Job, outcome: Outcome, queue_secs: f64) {
+    let Outcome { answers, candidates, accounting } = outcome;
+    let answer_tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    for (choice, a) in answers.iter().enumerate() {
+        outbox.push(GenEvent::Delta { choice, text: a.text.clone(), tokens: Vec::new() });
+        let reason = if a.ended { FinishReason::Eos } else { FinishReason::Length };
+        outbox.push(GenEvent::Finished { choice, reason });
+    }
+    // Fewer distinct answers than `n`: the remaining choices are empty.
+    for choice in answers.len()..job.request.choices() {
+        outbox.push(GenEvent::Finished { choice, reason: FinishReason::Eos });
+    }
+    let params = job.request.reasoning.expect("answer events are for reasoning jobs");
+    outbox.push(GenEvent::Reasoning(Box::new(ReasoningReport {
+        params,
+        accounting,
+        candidates,
+        answer_tokens,
+    })));
+    outbox.push(GenEvent::Done(JobStats {
+        prompt_tokens: job.request.prompts[0].len(),
+        completion_tokens: accounting.tokens_generated,
+        queue_secs,
+        ttft_secs: Some(job.received.elapsed().as_secs_f64()),
+    }));
 }
