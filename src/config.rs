@@ -111,7 +111,7 @@ pub struct QueueConfig {
 
 impl Default for QueueConfig {
     fn default() -> Self {
-        Self { capacity: 64, max_running: 32, retry_after_secs: 1 }
+        Self { capacity: 64, max_running: 64, retry_after_secs: 1 }
     }
 }
 
@@ -168,6 +168,52 @@ pub struct ModelEntry {
     /// The command that fetches the model, named when its file is missing.
     #[serde(default)]
     pub fetch: Option<String>,
+    /// A PRM head (`prm_head.safetensors` from `ponder calibrate`) on this
+    /// model's hidden states; without one, adaptive reasoning is refused.
+    #[serde(default)]
+    pub prm: Option<PathBuf>,
+    /// Defaults of the request's `reasoning` object for this model.
+    #[serde(default)]
+    pub reasoning: ReasoningDefaults,
+}
+
+/// Per-model defaults of the `reasoning` request object.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReasoningDefaults {
+    pub strategy: crate::reasoning::Strategy,
+    /// N_max.
+    pub max_samples: usize,
+    /// C.
+    pub confidence: f64,
+    pub budget_quantile: f64,
+    /// M_max.
+    pub beam_width: usize,
+    /// K_max.
+    pub beams: usize,
+    pub prune_every: usize,
+    pub select: crate::reasoning::Select,
+    /// Tokens per reasoning step.
+    pub max_step_tokens: usize,
+    /// Steps per trajectory.
+    pub max_steps: usize,
+}
+
+impl Default for ReasoningDefaults {
+    fn default() -> Self {
+        Self {
+            strategy: crate::reasoning::Strategy::BestOfN,
+            max_samples: 64,
+            confidence: 0.99,
+            budget_quantile: 0.1,
+            beam_width: 8,
+            beams: 8,
+            prune_every: 1,
+            select: crate::reasoning::Select::PrmMax,
+            max_step_tokens: 128,
+            max_steps: 20,
+        }
+    }
 }
 
 fn default_devices() -> Vec<DeviceKind> {
@@ -180,6 +226,9 @@ fn default_prefill_chunk() -> usize {
 
 pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
 pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const ARITH_MODEL_ID: &str = "ponder-arith";
+pub const ARITH_MODEL_PATH: &str = "models/ponder-arith";
+pub const ARITH_PRM_PATH: &str = "models/ponder-arith/prm_head.safetensors";
 
 impl Default for Config {
     fn default() -> Self {
@@ -188,14 +237,30 @@ impl Default for Config {
             limits: Limits::default(),
             queue: QueueConfig::default(),
             logging: LoggingConfig::default(),
-            models: vec![ModelEntry {
-                id: DEFAULT_MODEL_ID.into(),
-                path: DEFAULT_MODEL_PATH.into(),
-                weights: WeightFormat::Auto,
-                devices: default_devices(),
-                prefill_chunk: default_prefill_chunk(),
-                fetch: Some("make models".into()),
-            }],
+            models: vec![
+                ModelEntry {
+                    id: DEFAULT_MODEL_ID.into(),
+                    path: DEFAULT_MODEL_PATH.into(),
+                    weights: WeightFormat::Auto,
+                    devices: default_devices(),
+                    prefill_chunk: default_prefill_chunk(),
+                    fetch: Some("make models".into()),
+                    prm: None,
+                    reasoning: ReasoningDefaults::default(),
+                },
+                ModelEntry {
+                    id: ARITH_MODEL_ID.into(),
+                    path: ARITH_MODEL_PATH.into(),
+                    weights: WeightFormat::Auto,
+                    devices: default_devices(),
+                    prefill_chunk: default_prefill_chunk(),
+                    fetch: Some(
+                        "git checkout models/ponder-arith (it is committed), or `ponder arith train`".into(),
+                    ),
+                    prm: Some(ARITH_PRM_PATH.into()),
+                    reasoning: ReasoningDefaults { max_step_tokens: 64, ..ReasoningDefaults::default() },
+                },
+            ],
         }
     }
 }
@@ -276,6 +341,9 @@ impl Config {
                     devices: default_devices(),
                     prefill_chunk: default_prefill_chunk(),
                     fetch: None,
+                    // A head written by `ponder calibrate` beside the model is picked up.
+                    prm: Some(path.join("prm_head.safetensors")).filter(|p| p.is_file()),
+                    reasoning: ReasoningDefaults::default(),
                 })
                 .collect();
         }
@@ -294,6 +362,22 @@ impl Config {
         for m in &self.models {
             if m.id.is_empty() || m.devices.is_empty() || m.prefill_chunk == 0 {
                 return bad(format!("model {:?}: id, devices and prefill_chunk must be non-empty", m.id));
+            }
+            let r = &m.reasoning;
+            if r.max_samples == 0
+                || r.beam_width == 0
+                || r.beams == 0
+                || r.prune_every == 0
+                || r.max_steps == 0
+                || r.max_step_tokens == 0
+            {
+                return bad(format!("model {:?}: reasoning sizes must be at least 1", m.id));
+            }
+            if !(r.confidence > 0.0 && r.confidence < 1.0) || !(0.0..=1.0).contains(&r.budget_quantile) {
+                return bad(format!(
+                    "model {:?}: reasoning.confidence must be in (0, 1), budget_quantile in [0, 1]",
+                    m.id
+                ));
             }
         }
         let l = &self.limits;
@@ -324,6 +408,13 @@ impl Config {
     /// the command that fetches them.
     pub fn check_model_files(&self) -> Result<(), ConfigError> {
         for m in &self.models {
+            if let Some(prm) = m.prm.as_ref().filter(|p| !p.exists()) {
+                return Err(ConfigError::MissingModel {
+                    id: m.id.clone(),
+                    path: prm.display().to_string(),
+                    hint: "; `ponder calibrate` writes a PRM head".into(),
+                });
+            }
             if !m.path.exists() {
                 let hint = m.fetch.as_ref().map(|f| format!("; fetch it with `{f}`")).unwrap_or_default();
                 return Err(ConfigError::MissingModel {

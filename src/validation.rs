@@ -2,11 +2,12 @@
 //! (token ids, resolved defaults, checked limits) or a [`ValidationError`]
 //! that names the field, the limit and the value given.
 
-use crate::config::Limits;
+use crate::config::{Limits, ReasoningDefaults};
 use crate::engine::{Engine, SamplingParams};
+use crate::reasoning::{Budget, Candidates, ReasoningParams, Strategy};
 use crate::tokenizer::{AddSpecial, ChatMessage, TokenizerError};
 use crate::wire::{
-    ChatCompletionRequest, CompletionRequest, ContentWire, PromptWire, StopWire, StreamOptions,
+    ChatCompletionRequest, CompletionRequest, ContentWire, PromptWire, ReasoningWire, StopWire, StreamOptions,
 };
 use crate::worker::GenerationRequest;
 
@@ -54,12 +55,18 @@ pub struct ValidRequest {
     pub prompt_text: String,
 }
 
-/// Limits that do not come from the model.
+/// Limits and defaults that do not come from the request.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestLimits<'a> {
     pub limits: &'a Limits,
     /// Sequences one worker runs at once: a request needing more never runs.
     pub max_sequences: usize,
+    /// The model's defaults for the `reasoning` object.
+    pub reasoning: &'a ReasoningDefaults,
+    /// Whether the model has a PRM (adaptive reasoning needs one).
+    pub has_prm: bool,
+    /// The model's id, for error messages.
+    pub model: &'a str,
 }
 
 fn in_range_i(param: &str, v: i64, lo: i64, hi: i64) -> Result<usize, ValidationError> {
@@ -82,6 +89,96 @@ struct Common<'a> {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     logprobs: Option<usize>,
+    reasoning: Option<&'a ReasoningWire>,
+}
+
+fn reasoning_params(
+    w: &ReasoningWire,
+    rl: RequestLimits<'_>,
+    n: usize,
+    max_tokens: usize,
+) -> Result<ReasoningParams, ValidationError> {
+    let d = rl.reasoning;
+    let strategy = w.strategy.unwrap_or(d.strategy);
+    let adaptive = w.adaptive.unwrap_or(rl.has_prm && strategy != Strategy::Single);
+    let select = w.select.unwrap_or(d.select);
+    let no_prm = |param: &str, what: &str| {
+        ValidationError::new(
+            param,
+            format!(
+                "{what} needs a PRM and model {:?} has none (configure `prm` for it, or use another model)",
+                rl.model
+            ),
+        )
+    };
+    if adaptive && !rl.has_prm {
+        return Err(no_prm("reasoning.adaptive", "adaptive reasoning"));
+    }
+    if adaptive && strategy == Strategy::Single {
+        return Err(ValidationError::new(
+            "reasoning.adaptive",
+            "the single strategy has no budget to adapt; use best_of_n or beam",
+        ));
+    }
+    if strategy == Strategy::Beam && !rl.has_prm {
+        return Err(no_prm("reasoning.strategy", "beam search"));
+    }
+    if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
+        return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
+    }
+    let cap = rl.max_sequences as i64;
+    let max_samples =
+        in_range_i("reasoning.max_samples", w.max_samples.unwrap_or(d.max_samples as i64), 1, cap)?;
+    let beam_width = in_range_i("reasoning.beam_width", w.beam_width.unwrap_or(d.beam_width as i64), 1, cap)?;
+    let beams = in_range_i("reasoning.beams", w.beams.unwrap_or(d.beams as i64), 1, cap)?;
+    let prune_every =
+        in_range_i("reasoning.prune_every", w.prune_every.unwrap_or(d.prune_every as i64), 1, 100)?;
+    if beams * beam_width > rl.max_sequences {
+        return Err(ValidationError::new(
+            "reasoning.beams",
+            format!(
+                "reasoning.beams x reasoning.beam_width = {} paths exceeds the {} sequences a worker runs at once",
+                beams * beam_width,
+                rl.max_sequences
+            ),
+        ));
+    }
+    let confidence = w.confidence.unwrap_or(d.confidence);
+    if !(confidence > 0.0 && confidence < 1.0) {
+        return Err(ValidationError::new(
+            "reasoning.confidence",
+            format!("reasoning.confidence must be greater than 0 and less than 1, got {confidence}"),
+        ));
+    }
+    let budget_quantile = w.budget_quantile.unwrap_or(d.budget_quantile);
+    if !(0.1..=0.9).contains(&budget_quantile) {
+        return Err(ValidationError::new(
+            "reasoning.budget_quantile",
+            format!("reasoning.budget_quantile must be between 0.1 and 0.9, got {budget_quantile}"),
+        ));
+    }
+    if n > max_samples {
+        return Err(ValidationError::new(
+            "n",
+            format!("n ({n}) must not exceed reasoning.max_samples ({max_samples})"),
+        ));
+    }
+    Ok(ReasoningParams {
+        strategy,
+        budget: if adaptive { Budget::Adaptive } else { Budget::Fixed },
+        max_samples,
+        confidence,
+        budget_quantile,
+        beam_width,
+        beams,
+        prune_every,
+        select,
+        candidates: if w.return_candidates.unwrap_or(false) { Candidates::Return } else { Candidates::Omit },
+        n,
+        max_tokens,
+        max_step_tokens: d.max_step_tokens.min(max_tokens),
+        max_steps: d.max_steps,
+    })
 }
 
 fn sampling(c: &Common<'_>) -> Result<SamplingParams, ValidationError> {
@@ -133,19 +230,21 @@ fn stops(stop: &Option<StopWire>, limits: &Limits) -> Result<Vec<String>, Valida
     Ok(list)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     endpoint: Endpoint,
     model: String,
     prompts: Vec<Vec<u32>>,
     prompt_param: &str,
     prompt_text: String,
+    question: String,
     c: Common<'_>,
     engine: &Engine,
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
     let limits = rl.limits;
     let n = in_range_i("n", c.n.unwrap_or(1), 1, limits.max_n as i64)?;
-    if prompts.len() * n > rl.max_sequences {
+    if c.reasoning.is_none() && prompts.len() * n > rl.max_sequences {
         return Err(ValidationError::new(
             "n",
             format!(
@@ -187,6 +286,24 @@ fn build(
             code: Some("context_length_exceeded"),
         });
     }
+    let reasoning = match c.reasoning {
+        None => None,
+        Some(w) => {
+            if prompts.len() > 1 {
+                return Err(ValidationError::new(prompt_param, "reasoning takes one prompt per request"));
+            }
+            if c.logprobs.is_some() {
+                return Err(ValidationError::new("logprobs", "logprobs are not available with reasoning"));
+            }
+            if c.stop.is_some() {
+                return Err(ValidationError::new(
+                    "stop",
+                    "reasoning steps end at blank lines; stop strings are not available with reasoning",
+                ));
+            }
+            Some(reasoning_params(w, rl, n, max_tokens)?)
+        }
+    };
     let streaming = match (c.stream.unwrap_or(false), c.stream_options) {
         (false, _) => Streaming::Off,
         (true, Some(StreamOptions { include_usage: Some(true) })) => Streaming::On(UsageChunk::Send),
@@ -202,6 +319,8 @@ fn build(
             stop: stops(c.stop, limits)?,
             max_tokens,
             logprobs: c.logprobs,
+            question,
+            reasoning,
         },
         streaming,
         prompt_text,
@@ -287,8 +406,11 @@ pub fn chat(
         stream: req.stream,
         stream_options: req.stream_options,
         logprobs,
+        reasoning: req.reasoning.as_ref(),
     };
-    build(Endpoint::Chat, req.model.clone(), vec![ids], "messages", text, c, engine, rl)
+    let question =
+        messages.iter().rev().find(|m| m.role == "user").map_or_else(String::new, |m| m.content.clone());
+    build(Endpoint::Chat, req.model.clone(), vec![ids], "messages", text, question, c, engine, rl)
 }
 
 pub fn completion(
@@ -325,6 +447,18 @@ pub fn completion(
         stream: req.stream,
         stream_options: req.stream_options,
         logprobs,
+        reasoning: req.reasoning.as_ref(),
     };
-    build(Endpoint::Completion, req.model.clone(), prompts, "prompt", texts.join("\n"), c, engine, rl)
+    let question = texts.join("\n");
+    build(
+        Endpoint::Completion,
+        req.model.clone(),
+        prompts,
+        "prompt",
+        question.clone(),
+        question,
+        c,
+        engine,
+        rl,
+    )
 }

@@ -71,8 +71,36 @@ macro_rules! request_with_sampling {
             pub stream_options: Option<StreamOptions>,
             #[serde(default)]
             pub user: Option<String>,
+            /// ponder's adaptive reasoning (OpenAI clients send it through `extra_body`).
+            #[serde(default)]
+            pub reasoning: Option<ReasoningWire>,
         }
     };
+}
+
+/// The `reasoning` request object; absent fields take the model's defaults.
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct ReasoningWire {
+    #[serde(default)]
+    pub strategy: Option<crate::reasoning::Strategy>,
+    #[serde(default)]
+    pub adaptive: Option<bool>,
+    #[serde(default)]
+    pub max_samples: Option<i64>,
+    #[serde(default)]
+    pub confidence: Option<f64>,
+    #[serde(default)]
+    pub budget_quantile: Option<f64>,
+    #[serde(default)]
+    pub beam_width: Option<i64>,
+    #[serde(default)]
+    pub beams: Option<i64>,
+    #[serde(default)]
+    pub prune_every: Option<i64>,
+    #[serde(default)]
+    pub select: Option<crate::reasoning::Select>,
+    #[serde(default)]
+    pub return_candidates: Option<bool>,
 }
 
 request_with_sampling! {
@@ -106,16 +134,64 @@ request_with_sampling! {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct CompletionTokensDetails {
+    /// Generated tokens not in the returned answers.
+    pub reasoning_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Usage {
     pub prompt_tokens: usize,
+    /// Every generated token: what the request cost.
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
 }
 
 impl Usage {
     pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
-        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            completion_tokens_details: None,
+        }
     }
+
+    pub fn with_reasoning(mut self, reasoning_tokens: usize) -> Self {
+        self.completion_tokens_details = Some(CompletionTokensDetails { reasoning_tokens });
+        self
+    }
+}
+
+/// A candidate answer with its PRM estimate (`return_candidates`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CandidateOut {
+    pub text: String,
+    pub answer: String,
+    pub score: Option<crate::prm::Quantiles>,
+    pub tokens: usize,
+    pub steps: usize,
+}
+
+/// What adaptive reasoning spent and saved on one request.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PonderInfo {
+    pub strategy: crate::reasoning::Strategy,
+    pub adaptive: bool,
+    pub select: crate::reasoning::Select,
+    pub samples: usize,
+    pub fixed_samples: usize,
+    pub tokens_generated: usize,
+    pub fixed_tokens_estimate: usize,
+    pub tokens_saved: usize,
+    pub prm_evaluations: usize,
+    pub success_probability_start: Option<crate::prm::Quantiles>,
+    pub success_probability_selected: Option<crate::prm::Quantiles>,
+    pub steps: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<CandidateOut>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -160,6 +236,8 @@ pub struct ChatCompletion {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ponder: Option<PonderInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -187,6 +265,8 @@ pub struct ChatCompletionChunk {
     pub choices: Vec<ChatChunkChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ponder: Option<PonderInfo>,
 }
 
 /// The legacy completions logprobs layout.
@@ -215,6 +295,8 @@ pub struct Completion {
     pub choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ponder: Option<PonderInfo>,
 }
 
 #[derive(Debug, Clone, Serialize)]

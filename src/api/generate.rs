@@ -15,12 +15,14 @@ use super::middleware::{SummaryCell, update};
 use super::stream::{self, StreamCtx};
 use crate::engine::FinishReason;
 use crate::metrics::Rejection;
+use crate::reasoning::{Budget, Candidates};
 use crate::validation::{self, Endpoint, Streaming, ValidRequest};
 use crate::wire::{
-    ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChatMessageOut, ChatTokenLogprob,
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, TopLogprob, Usage,
+    CandidateOut, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChatMessageOut,
+    ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PonderInfo,
+    TopLogprob, Usage,
 };
-use crate::worker::{GenEvent, Job, JobStats, TokenOut};
+use crate::worker::{GenEvent, Job, JobStats, ReasoningReport, TokenOut};
 
 /// Events buffered between a worker and one response.
 const EVENT_CHANNEL: usize = 64;
@@ -38,7 +40,8 @@ pub async fn chat(
     update(&summary, |s| s.model = Some(req.model.clone()));
     let pool = state.ready_pool(&req.model)?;
     let engine = pool.engine().expect("a ready pool has an engine").clone();
-    let valid = validation::chat(req, &engine, state.request_limits())?;
+    let model = req.model.clone();
+    let valid = validation::chat(req, &engine, state.request_limits(&model))?;
     run(state, valid, received, summary).await
 }
 
@@ -51,7 +54,8 @@ pub async fn completions(
     update(&summary, |s| s.model = Some(req.model.clone()));
     let pool = state.ready_pool(&req.model)?;
     let engine = pool.engine().expect("a ready pool has an engine").clone();
-    let valid = validation::completion(req, &engine, state.request_limits())?;
+    let model = req.model.clone();
+    let valid = validation::completion(req, &engine, state.request_limits(&model))?;
     run(state, valid, received, summary).await
 }
 
@@ -92,7 +96,7 @@ async fn run(
     let ctx = StreamCtx { id, created: unix_now(), valid, summary };
     match ctx.valid.streaming {
         Streaming::On(usage) => Ok(stream::sse(ctx, usage, rx)),
-        Streaming::Off => Ok(collect(ctx, rx).await?.into_response()),
+        Streaming::Off => collect(ctx, rx).await,
     }
 }
 
@@ -102,18 +106,81 @@ pub(crate) struct Collected {
     pub tokens: Vec<Vec<TokenOut>>,
     pub finish: Vec<Option<FinishReason>>,
     pub stats: JobStats,
+    pub reasoning: Option<Box<ReasoningReport>>,
 }
 
-async fn collect(
-    ctx: StreamCtx,
-    mut rx: mpsc::Receiver<GenEvent>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let choices = ctx.valid.generation.sequences();
+/// The `ponder` object of a reasoning request's response.
+pub(crate) fn ponder_info(r: &ReasoningReport) -> PonderInfo {
+    let a = &r.accounting;
+    PonderInfo {
+        strategy: r.params.strategy,
+        adaptive: r.params.budget == Budget::Adaptive,
+        select: r.params.select,
+        samples: a.samples,
+        fixed_samples: a.fixed_samples,
+        tokens_generated: a.tokens_generated,
+        fixed_tokens_estimate: a.fixed_tokens_estimate,
+        tokens_saved: a.tokens_saved,
+        prm_evaluations: a.prm_evaluations,
+        success_probability_start: a.start,
+        success_probability_selected: a.selected,
+        steps: a.steps,
+        candidates: (r.params.candidates == Candidates::Return).then(|| {
+            r.candidates
+                .iter()
+                .map(|c| CandidateOut {
+                    text: c.text.clone(),
+                    answer: c.answer.clone(),
+                    score: c.score.map(|s| s.quantiles),
+                    tokens: c.tokens,
+                    steps: c.steps,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// Usage, with the generated tokens outside the returned answers as reasoning tokens.
+pub(crate) fn usage(stats: &JobStats, reasoning: Option<&ReasoningReport>) -> Usage {
+    let u = Usage::new(stats.prompt_tokens, stats.completion_tokens);
+    match reasoning {
+        Some(r) => u.with_reasoning(stats.completion_tokens.saturating_sub(r.answer_tokens)),
+        None => u,
+    }
+}
+
+/// `x-ponder-*` headers with the same figures as the `ponder` object.
+fn ponder_headers(p: &PonderInfo) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        ("x-ponder-strategy", p.strategy.name().to_string()),
+        ("x-ponder-adaptive", p.adaptive.to_string()),
+        ("x-ponder-samples", p.samples.to_string()),
+        ("x-ponder-fixed-samples", p.fixed_samples.to_string()),
+        ("x-ponder-tokens-generated", p.tokens_generated.to_string()),
+        ("x-ponder-fixed-tokens-estimate", p.fixed_tokens_estimate.to_string()),
+        ("x-ponder-tokens-saved", p.tokens_saved.to_string()),
+        ("x-ponder-prm-evaluations", p.prm_evaluations.to_string()),
+        ("x-ponder-steps", p.steps.to_string()),
+    ];
+    let q = |q: crate::prm::Quantiles| format!("{:.4},{:.4},{:.4}", q.q10, q.q50, q.q90);
+    if let Some(s) = p.success_probability_start {
+        h.push(("x-ponder-success-probability-start", q(s)));
+    }
+    if let Some(s) = p.success_probability_selected {
+        h.push(("x-ponder-success-probability-selected", q(s)));
+    }
+    h
+}
+
+async fn collect(ctx: StreamCtx, mut rx: mpsc::Receiver<GenEvent>) -> Result<Response, ApiError> {
+    let choices = ctx.valid.generation.choices();
     let mut texts = vec![String::new(); choices];
     let mut tokens = vec![Vec::new(); choices];
     let mut finish = vec![None; choices];
+    let mut reasoning = None;
     let stats = loop {
         match rx.recv().await {
+            Some(GenEvent::Reasoning(r)) => reasoning = Some(r),
             Some(GenEvent::Delta { choice, text, tokens: t }) => {
                 texts[choice].push_str(&text);
                 tokens[choice].extend(t);
@@ -131,12 +198,21 @@ async fn collect(
         s.queue_secs = Some(stats.queue_secs);
         s.ttft_secs = stats.ttft_secs;
     });
-    let c = Collected { texts, tokens, finish, stats };
-    let body = match ctx.valid.endpoint {
-        Endpoint::Chat => serde_json::to_value(chat_body(&ctx, c)),
-        Endpoint::Completion => serde_json::to_value(completion_body(&ctx, c)),
+    let info = reasoning.as_deref().map(ponder_info);
+    let c = Collected { texts, tokens, finish, stats, reasoning };
+    // Serialised straight from the wire types, as stream chunks are, so
+    // numbers print the same in both.
+    let mut resp = match ctx.valid.endpoint {
+        Endpoint::Chat => Json(chat_body(&ctx, c)).into_response(),
+        Endpoint::Completion => Json(completion_body(&ctx, c)).into_response(),
     };
-    body.map(Json).map_err(|e| ApiError::Internal(e.to_string()))
+    let headers: Vec<(&'static str, String)> = info.as_ref().map(ponder_headers).unwrap_or_default();
+    for (name, value) in headers {
+        if let Ok(v) = axum::http::HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    Ok(resp)
 }
 
 pub(crate) fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
@@ -191,7 +267,8 @@ fn chat_body(ctx: &StreamCtx, c: Collected) -> ChatCompletion {
                 finish_reason: finish.map(FinishReason::openai),
             })
             .collect(),
-        usage: Usage::new(c.stats.prompt_tokens, c.stats.completion_tokens),
+        usage: usage(&c.stats, c.reasoning.as_deref()),
+        ponder: c.reasoning.as_deref().map(ponder_info),
     }
 }
 
@@ -215,6 +292,7 @@ fn completion_body(ctx: &StreamCtx, c: Collected) -> Completion {
                 finish_reason: finish.map(FinishReason::openai),
             })
             .collect(),
-        usage: Some(Some(Usage::new(c.stats.prompt_tokens, c.stats.completion_tokens))),
+        usage: Some(Some(usage(&c.stats, c.reasoning.as_deref()))),
+        ponder: c.reasoning.as_deref().map(ponder_info),
     }
 }

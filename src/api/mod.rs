@@ -70,8 +70,16 @@ impl AppState {
         self.draining.load(Ordering::SeqCst)
     }
 
-    fn request_limits(&self) -> RequestLimits<'_> {
-        RequestLimits { limits: &self.config.limits, max_sequences: self.config.queue.max_running }
+    fn request_limits<'a>(&'a self, model: &'a str) -> RequestLimits<'a> {
+        let entry = self.config.models.iter().find(|m| m.id == model);
+        static DEFAULTS: std::sync::OnceLock<crate::config::ReasoningDefaults> = std::sync::OnceLock::new();
+        RequestLimits {
+            limits: &self.config.limits,
+            max_sequences: self.config.queue.max_running,
+            reasoning: entry.map_or_else(|| DEFAULTS.get_or_init(Default::default), |e| &e.reasoning),
+            has_prm: entry.is_some_and(|e| e.prm.is_some()),
+            model,
+        }
     }
 
     /// The pool serving `model`, once loaded.
@@ -88,11 +96,15 @@ impl AppState {
 async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
     Json(ModelList {
         object: "list",
+        // Config order, so that clients taking the first model get the
+        // configured default.
         data: state
+            .config
             .models
-            .keys()
-            .map(|id| ModelCard {
-                id: id.clone(),
+            .iter()
+            .filter(|m| state.models.contains_key(&m.id))
+            .map(|m| ModelCard {
+                id: m.id.clone(),
                 object: "model",
                 created: state.started,
                 owned_by: "ponder",

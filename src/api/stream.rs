@@ -10,12 +10,14 @@ use futures::stream::{self, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::generate::{chat_logprobs, completion_logprobs};
+use super::generate::{chat_logprobs, completion_logprobs, ponder_info, usage};
 use super::middleware::{SummaryCell, update};
 use crate::engine::FinishReason;
 use crate::validation::{Endpoint, UsageChunk, ValidRequest};
-use crate::wire::{ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice, Usage};
-use crate::worker::{GenEvent, TokenOut};
+use crate::wire::{
+    ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice, PonderInfo, Usage,
+};
+use crate::worker::{GenEvent, ReasoningReport, TokenOut};
 
 /// What every chunk of one response repeats.
 pub(crate) struct StreamCtx {
@@ -32,6 +34,7 @@ struct State {
     /// Bytes of text sent per choice (completions' `text_offset`).
     sent: Vec<usize>,
     phase: Phase,
+    reasoning: Option<Box<ReasoningReport>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -54,24 +57,46 @@ impl State {
     }
 
     fn chat_chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> Event {
+        self.chat_final(choices, usage, None)
+    }
+
+    fn chat_final(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<Usage>,
+        ponder: Option<PonderInfo>,
+    ) -> Event {
+        let usage = if ponder.is_some() { Some(usage) } else { self.usage_field(usage) };
         data(&ChatCompletionChunk {
             id: self.ctx.id.clone(),
             object: "chat.completion.chunk",
             created: self.ctx.created,
             model: self.ctx.valid.model.clone(),
             choices,
-            usage: self.usage_field(usage),
+            usage,
+            ponder,
         })
     }
 
     fn completion_chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> Event {
+        self.completion_final(choices, usage, None)
+    }
+
+    fn completion_final(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<Usage>,
+        ponder: Option<PonderInfo>,
+    ) -> Event {
+        let usage = if ponder.is_some() { Some(usage) } else { self.usage_field(usage) };
         data(&Completion {
             id: self.ctx.id.clone(),
             object: "text_completion",
             created: self.ctx.created,
             model: self.ctx.valid.model.clone(),
             choices,
-            usage: self.usage_field(usage),
+            usage,
+            ponder,
         })
     }
 
@@ -127,6 +152,10 @@ impl State {
                 Vec::new()
             }
             Phase::Body => match self.rx.recv().await {
+                Some(GenEvent::Reasoning(r)) => {
+                    self.reasoning = Some(r);
+                    Vec::new()
+                }
                 Some(GenEvent::Delta { choice, text, tokens }) => {
                     vec![self.chunk(choice, text, &tokens, None)]
                 }
@@ -141,12 +170,14 @@ impl State {
                         s.queue_secs = Some(stats.queue_secs);
                         s.ttft_secs = stats.ttft_secs;
                     });
-                    let usage = Usage::new(stats.prompt_tokens, stats.completion_tokens);
+                    let usage = usage(&stats, self.reasoning.as_deref());
+                    let ponder = self.reasoning.as_deref().map(ponder_info);
                     let mut out = Vec::new();
-                    if self.usage == UsageChunk::Send {
+                    // A reasoning request always ends with its figures and usage.
+                    if self.usage == UsageChunk::Send || ponder.is_some() {
                         out.push(match self.ctx.valid.endpoint {
-                            Endpoint::Chat => self.chat_chunk(Vec::new(), Some(usage)),
-                            Endpoint::Completion => self.completion_chunk(Vec::new(), Some(usage)),
+                            Endpoint::Chat => self.chat_final(Vec::new(), Some(usage), ponder),
+                            Endpoint::Completion => self.completion_final(Vec::new(), Some(usage), ponder),
                         });
                     }
                     out.push(Event::default().data("[DONE]"));
@@ -176,7 +207,7 @@ fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
 }
 
 pub(crate) fn sse(ctx: StreamCtx, usage: UsageChunk, rx: mpsc::Receiver<GenEvent>) -> Response {
-    let choices = ctx.valid.generation.sequences();
-    let state = State { ctx, usage, rx, sent: vec![0; choices], phase: Phase::Start };
+    let choices = ctx.valid.generation.choices();
+    let state = State { ctx, usage, rx, sent: vec![0; choices], phase: Phase::Start, reasoning: None };
     Sse::new(events(state)).into_response()
 }
