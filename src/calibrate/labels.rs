@@ -58,6 +58,12 @@ pub struct LabelRow {
     pub success: f64,
     pub correct: usize,
     pub n_mc: usize,
+    /// A finished solution, labelled by the checker (1 or 0) rather than by
+    /// continuations. DESIGN §1 drops these from calibration; ponder trains
+    /// the head on them too, so that it can rank finished answers, and
+    /// leaves them out of the calibration report.
+    #[serde(default)]
+    pub final_answer: bool,
 }
 
 impl LabelRow {
@@ -171,7 +177,18 @@ pub fn label_batch(
                         && !step.contains("The answer is")
                         && steps.len() < cfg.max_prefix;
                     if !more {
-                        pending[q].live -= 1;
+                        let st = &mut pending[q];
+                        let mut all = steps.clone();
+                        all.push(step);
+                        if st.seen.insert(format!("final:{}", seq.text())) {
+                            let ok = task::is_correct(seq.text(), st.problem.answer);
+                            let mut r =
+                                row(&st.problem, all.len(), all, seq.tokens().to_vec(), seq.prompt_len());
+                            r.correct = usize::from(ok);
+                            r.final_answer = true;
+                            st.rows.push(r);
+                        }
+                        st.live -= 1;
                         seqs.swap_remove(i);
                         continue;
                     }
@@ -208,7 +225,8 @@ pub fn label_batch(
     let mut rows = Vec::new();
     for p in pending {
         for mut r in p.rows {
-            r.success = r.correct as f64 / r.n_mc.max(1) as f64;
+            r.success =
+                if r.final_answer { r.correct as f64 } else { r.correct as f64 / r.n_mc.max(1) as f64 };
             rows.push(r);
         }
     }
@@ -227,6 +245,7 @@ fn row(p: &Problem, k: usize, prefix: Vec<String>, tokens: Vec<u32>, prompt_len:
         success: 0.0,
         correct: 0,
         n_mc: 0,
+        final_answer: false,
     }
 }
 

@@ -51,10 +51,10 @@ pub struct CalibrateArgs {
     units: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Directory for labels and the report (default: <model>/calibration).
+    /// Directory for labels and the report (default: MODEL_DIR/calibration).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where the trained heads go (default: <model>/prm_head.safetensors).
+    /// Where the trained heads go (default: MODEL_DIR/prm_head.safetensors).
     #[arg(long)]
     head: Option<PathBuf>,
 }
@@ -100,7 +100,11 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     )?;
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;
 
+    // Heads learn from every row; calibration is fitted and reported on
+    // prefixes without the final answer (DESIGN §1).
     let (train_rows, val_rows) = by_question(&fit_rows);
+    let fit_rows: Vec<LabelRow> = fit_rows.into_iter().filter(|r| !r.final_answer).collect();
+    let eval_rows: Vec<LabelRow> = eval_rows.into_iter().filter(|r| !r.final_answer).collect();
     anyhow::ensure!(
         !train_rows.is_empty() && !val_rows.is_empty(),
         "too few questions to split for validation"
@@ -112,7 +116,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         (data(&train_rows)?, data(&val_rows)?, data(&fit_rows)?, data(&eval_rows)?);
     let fit_cfg = FitConfig { units: args.units, seed: args.seed, ..Default::default() };
     let (raw, quantile, raw_val, q_val) = train::train_heads(&train_d, &val_d, &fit_cfg)?;
-    let prm = HeadPrm { quantile, raw: Some(raw) };
+    let prm = HeadPrm { quantile, raw: Some(raw), output: crate::prm::head::HeadOutput::Calibrated };
     prm.save(
         &head_path,
         &format!(

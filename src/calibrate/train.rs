@@ -202,6 +202,7 @@ mod tests {
                 success: ((i * 37) % 101) as f64 / 100.0,
                 correct: (i * 37) % 101 / 13,
                 n_mc: 8,
+                final_answer: false,
             })
             .collect();
         let d = Data::new(&x, &rows).unwrap();
