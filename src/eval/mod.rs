@@ -1,229 +1,186 @@
-//! `ponder eval`: accuracy of a model on the arithmetic task, per level,
-//! with the distribution of per-question success rates over k samples.
+//! `ponder eval`: a model on the arithmetic task (or any JSONL of
+//! questions and answers) — per-sample accuracy and the spread of
+//! per-question success, or best-of-N and beam search with a PRM, fixed or
+//! adaptive, and a sweep comparing them.
 
-use std::path::PathBuf;
+mod samples;
+mod search;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use clap::Args;
-use serde::Serialize;
 
-use crate::arith::task::{self, Problem, Split};
+use crate::arith::task::{self, Split};
 use crate::config::{Config, Overrides};
-use crate::engine::{
-    Engine, EngineOptions, EosPolicy, HiddenCapture, Logprobs, SamplingParams, SeqOptions, Sequence,
-    StopCriteria, child_seed,
-};
-use crate::tokenizer::{AddSpecial, ChatMessage};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Strategy {
-    /// Independent samples, each scored on its own.
-    Single,
-}
+use crate::engine::{Engine, EngineOptions};
+use crate::model::WeightFormat;
+use crate::prm::head::{HeadOutput, HeadPrm};
+use crate::reasoning::{Select, Strategy};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A model id from the configuration, or a model path.
     #[arg(long)]
-    model: String,
+    pub model: String,
     /// Configuration file that lists model ids (defaults are built in).
     #[arg(long)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Split::Test)]
-    split: Split,
-    /// Problems per level (six levels).
-    #[arg(long, default_value_t = 50)]
-    per_level: usize,
-    #[arg(long, value_enum, default_value_t = Strategy::Single)]
-    strategy: Strategy,
-    /// Samples per question.
-    #[arg(long, default_value_t = 16)]
-    samples: usize,
-    #[arg(long, default_value_t = 0.7)]
-    temperature: f32,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 256)]
-    max_tokens: usize,
-    /// Questions decoded together (each with all its samples).
-    #[arg(long, default_value_t = 8)]
-    concurrent: usize,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct LevelReport {
-    pub level: u8,
-    pub accuracy: f64,
-    pub questions: usize,
-}
-
-#[derive(Debug, Serialize)]
-pub struct EvalReport {
-    pub model: String,
     pub split: Split,
+    /// Questions from a JSONL file of {question, answer[, level, id]} instead of a split.
+    #[arg(long)]
+    pub jsonl: Option<PathBuf>,
+    /// Problems per level (six levels) of the split.
+    #[arg(long, default_value_t = 50)]
+    pub per_level: usize,
+    /// single: independent samples each scored; best_of_n and beam: one answer per question.
+    #[arg(long, value_enum, default_value_t = Strategy::Single)]
     pub strategy: Strategy,
+    /// Samples per question (single).
+    #[arg(long, default_value_t = 16)]
     pub samples: usize,
+    /// Budget from the PRM (IAS) or fixed.
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
+    pub adaptive: bool,
+    /// N_max.
+    #[arg(long, default_value_t = 64)]
+    pub max_samples: usize,
+    /// C.
+    #[arg(long, default_value_t = 0.99)]
+    pub confidence: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub budget_quantile: f64,
+    /// M_max.
+    #[arg(long, default_value_t = 8)]
+    pub beam_width: usize,
+    /// K_max.
+    #[arg(long, default_value_t = 8)]
+    pub beams: usize,
+    #[arg(long, default_value_t = 1)]
+    pub prune_every: usize,
+    #[arg(long, value_enum, default_value_t = Select::PrmMax)]
+    pub select: Select,
+    /// Which head answers as the PRM: the calibrated quantiles or the raw score.
+    #[arg(long, value_enum, default_value_t = HeadOutput::Calibrated)]
+    pub prm: HeadOutput,
+    /// The PRM head file (default: the model's configured `prm`, else MODEL_DIR/prm_head.safetensors).
+    #[arg(long)]
+    pub prm_path: Option<PathBuf>,
+    /// Print the fixed best-of-N curve beside adaptive runs with the raw and calibrated PRMs.
+    #[arg(long)]
+    pub sweep: bool,
+    #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
-    /// Correct samples over all samples.
-    pub accuracy: f64,
-    pub per_level: Vec<LevelReport>,
-    /// `success_histogram[k]`: questions with exactly k correct samples.
-    pub success_histogram: Vec<usize>,
-    /// Fraction of questions whose success rate is strictly between 2/k and (k-2)/k.
-    pub spread_fraction: f64,
-    /// Fraction of samples whose steps are separated by blank lines.
-    pub blank_line_steps: f64,
-    /// Fraction of samples ending with `The answer is N.`
-    pub answer_line: f64,
-    pub mean_generated_tokens: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per sample.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Questions decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub concurrent: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// Per question: how many of its samples were right, and format counts.
-struct Outcome {
-    level: u8,
-    correct: usize,
-    separated: usize,
-    answer_line: usize,
-    tokens: usize,
+/// A question with its reference answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalProblem {
+    pub id: String,
+    /// 0 when the source has no levels.
+    pub level: u8,
+    pub question: String,
+    pub answer: String,
 }
 
-pub fn resolve(
+impl EvalProblem {
+    pub fn is_correct(&self, text: &str) -> bool {
+        crate::reasoning::select::answer_key(text) == self.answer
+    }
+}
+
+fn problems(args: &EvalArgs) -> anyhow::Result<Vec<EvalProblem>> {
+    let Some(path) = &args.jsonl else {
+        return Ok(task::generate(args.split, args.per_level)
+            .into_iter()
+            .map(|p| EvalProblem {
+                id: p.id,
+                level: p.level,
+                question: p.question,
+                answer: p.answer.to_string(),
+            })
+            .collect());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            let question = v["question"]
+                .as_str()
+                .ok_or_else(|| anyhow::anyhow!("{}:{}: no \"question\" string", path.display(), i + 1))?;
+            let answer = match &v["answer"] {
+                serde_json::Value::String(s) => crate::reasoning::select::answer_key(s),
+                serde_json::Value::Number(n) => n.to_string(),
+                _ => anyhow::bail!("{}:{}: no \"answer\"", path.display(), i + 1),
+            };
+            Ok(EvalProblem {
+                id: v["id"].as_str().map_or_else(|| format!("line-{}", i + 1), str::to_string),
+                level: v["level"].as_u64().unwrap_or(0) as u8,
+                question: question.to_string(),
+                answer,
+            })
+        })
+        .collect()
+}
+
+pub fn resolve(model: &str, config: Option<&Path>) -> anyhow::Result<(PathBuf, WeightFormat)> {
+    resolve_entry(model, config).map(|(p, w, _)| (p, w))
+}
+
+/// Path, weight format and PRM head of a model id (or a path taken as is).
+fn resolve_entry(
     model: &str,
-    config: Option<&std::path::Path>,
-) -> anyhow::Result<(PathBuf, crate::model::WeightFormat)> {
+    config: Option<&Path>,
+) -> anyhow::Result<(PathBuf, WeightFormat, Option<PathBuf>)> {
     let cfg = Config::load(config, std::iter::empty(), &Overrides::default())?;
     Ok(match cfg.models.iter().find(|m| m.id == model) {
-        Some(m) => (m.path.clone(), m.weights),
-        None => (PathBuf::from(model), crate::model::WeightFormat::Auto),
+        Some(m) => (m.path.clone(), m.weights, m.prm.clone()),
+        None => (PathBuf::from(model), WeightFormat::Auto, None),
     })
 }
 
-fn run_questions(engine: &Engine, problems: &[Problem], args: &EvalArgs) -> anyhow::Result<Vec<Outcome>> {
-    let tok = engine.tokenizer();
-    let mut seqs: Vec<(usize, Sequence)> = Vec::new();
-    for (q, p) in problems.iter().enumerate() {
-        let text = tok.apply_chat_template(&[ChatMessage::new("user", p.question.clone())])?;
-        let opts = SeqOptions {
-            sampling: SamplingParams { temperature: args.temperature, top_p: 1.0, top_k: 0, seed: args.seed },
-            stop: StopCriteria { max_tokens: args.max_tokens, stop: Vec::new(), eos: EosPolicy::Stop },
-            logprobs: Logprobs::None,
-            capture: HiddenCapture::Never,
-        };
-        let mut root = engine.start(tok.encode(&text, AddSpecial::No)?, opts)?;
-        while root.cached_len() < root.prompt_len() {
-            engine.step(&mut [&mut root])?;
-        }
-        let seeds: Vec<u64> =
-            (0..args.samples as u64).map(|j| child_seed(args.seed ^ fnv(&p.id), j)).collect();
-        seqs.extend(engine.fork(&mut root, &seeds)?.into_iter().map(|s| (q, s)));
-    }
-    while seqs.iter().any(|(_, s)| s.is_running()) {
-        let mut live: Vec<&mut Sequence> =
-            seqs.iter_mut().map(|(_, s)| s).filter(|s| s.is_running()).collect();
-        engine.step(&mut live)?;
-    }
-    let mut out: Vec<Outcome> = problems
-        .iter()
-        .map(|p| Outcome { level: p.level, correct: 0, separated: 0, answer_line: 0, tokens: 0 })
-        .collect();
-    for (q, s) in &seqs {
-        let text = s.text();
-        let (separated, ends) = task::format_ok(text);
-        let o = &mut out[*q];
-        o.correct += usize::from(task::is_correct(text, problems[*q].answer));
-        o.separated += usize::from(separated);
-        o.answer_line += usize::from(ends);
-        o.tokens += s.generated().len();
-    }
-    Ok(out)
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+pub(crate) fn load_prm(path: &Path, output: HeadOutput) -> anyhow::Result<HeadPrm> {
+    Ok(HeadPrm::load(path).map_err(|e| anyhow::anyhow!("{e}"))?.with_output(output)?)
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
-    let (path, weights) = resolve(&args.model, args.config.as_deref())?;
+    anyhow::ensure!(args.max_samples >= 1, "--max-samples must be at least 1");
+    let (path, weights, configured_prm) = resolve_entry(&args.model, args.config.as_deref())?;
     let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
-    let problems = task::generate(args.split, args.per_level);
-    let bar = indicatif::ProgressBar::new(problems.len() as u64);
-    let mut outcomes = Vec::new();
-    for chunk in problems.chunks(args.concurrent.max(1)) {
-        outcomes.extend(run_questions(&engine, chunk, &args)?);
-        bar.inc(chunk.len() as u64);
+    let problems = problems(&args)?;
+    if args.strategy == Strategy::Single && !args.sweep {
+        return samples::run(&engine, &problems, &args);
     }
-    bar.finish_and_clear();
-    let report = summarize(&args, &outcomes);
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+    let prm_path =
+        args.prm_path.clone().or(configured_prm).unwrap_or_else(|| path.join("prm_head.safetensors"));
+    let engine = Arc::new(engine);
+    if args.sweep {
+        search::sweep(engine, &prm_path, &problems, &args)
     } else {
-        print_report(&report);
-    }
-    Ok(())
-}
-
-fn summarize(args: &EvalArgs, outcomes: &[Outcome]) -> EvalReport {
-    let k = args.samples;
-    let total = (outcomes.len() * k) as f64;
-    let mut histogram = vec![0; k + 1];
-    for o in outcomes {
-        histogram[o.correct] += 1;
-    }
-    let per_level = task::LEVELS
-        .filter_map(|level| {
-            let qs: Vec<&Outcome> = outcomes.iter().filter(|o| o.level == level).collect();
-            (!qs.is_empty()).then(|| LevelReport {
-                level,
-                accuracy: qs.iter().map(|o| o.correct).sum::<usize>() as f64 / (qs.len() * k) as f64,
-                questions: qs.len(),
-            })
-        })
-        .collect();
-    let spread = outcomes.iter().filter(|o| o.correct > 2 && o.correct + 2 < k).count();
-    EvalReport {
-        model: args.model.clone(),
-        split: args.split,
-        strategy: args.strategy,
-        samples: k,
-        temperature: args.temperature,
-        accuracy: outcomes.iter().map(|o| o.correct).sum::<usize>() as f64 / total,
-        per_level,
-        success_histogram: histogram,
-        spread_fraction: spread as f64 / outcomes.len() as f64,
-        blank_line_steps: outcomes.iter().map(|o| o.separated).sum::<usize>() as f64 / total,
-        answer_line: outcomes.iter().map(|o| o.answer_line).sum::<usize>() as f64 / total,
-        mean_generated_tokens: outcomes.iter().map(|o| o.tokens).sum::<usize>() as f64 / total,
+        search::run(engine, &prm_path, &problems, &args)
     }
 }
 
-fn print_report(r: &EvalReport) {
-    println!(
-        "{} on {} ({} samples per question, temperature {})",
-        r.model,
-        r.split.name(),
-        r.samples,
-        r.temperature
-    );
-    println!("accuracy {:.1}%", r.accuracy * 100.0);
-    println!("level  accuracy  questions");
-    for l in &r.per_level {
-        println!("{:>5}  {:>7.1}%  {:>9}", l.level, l.accuracy * 100.0, l.questions);
+/// The question source, for reports.
+pub(crate) fn source_name(args: &EvalArgs) -> String {
+    match &args.jsonl {
+        Some(p) => p.display().to_string(),
+        None => args.split.name().to_string(),
     }
-    println!("per-question correct samples (0..={}): {:?}", r.samples, r.success_histogram);
-    println!(
-        "questions strictly between 2/{k} and {}/{k}: {:.1}%",
-        r.samples.saturating_sub(2),
-        r.spread_fraction * 100.0,
-        k = r.samples
-    );
-    println!(
-        "format: blank-line steps {:.1}%, final answer line {:.1}%; mean {:.1} tokens per sample",
-        r.blank_line_steps * 100.0,
-        r.answer_line * 100.0,
-        r.mean_generated_tokens
-    );
 }
