@@ -29,24 +29,27 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 3000)]
     pub steps: usize,
     /// Sequences per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 24)]
     pub batch: usize,
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 200)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 128)]
     pub hidden: usize,
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 4)]
     pub layers: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     pub heads: usize,
-    #[arg(long, default_value_t = 768)]
+    #[arg(long, default_value_t = 384)]
     pub intermediate: usize,
-    /// Relative share of each level (1..=6) in the training data. The top
-    /// levels need only format, not skill, so they get less compute.
-    #[arg(long, value_delimiter = ',', default_value = "3,3,3,3,2,1")]
+    /// Relative share of each level (1..=6) in the training data. Level 1
+    /// is learnt quickly; the middle levels need the most steps.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,3,3,2")]
     pub level_weights: Vec<u32>,
+    /// Also save the weights every this many steps under `checkpoints/` (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: usize,
 }
 
 impl TrainArgs {
@@ -253,8 +256,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         )?;
         bar.set_message(format!("loss {:.4}", ema.unwrap_or(value)));
         bar.inc(1);
+        if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < args.steps {
+            let dir = args.out.join("checkpoints");
+            std::fs::create_dir_all(&dir)?;
+            model.save(&dir.join(format!("step-{}.safetensors", step + 1)))?;
+        }
     }
     bar.finish();
+    write_outputs(&args, &model, cfg, start)
+}
+
+fn write_outputs(
+    args: &TrainArgs,
+    model: &TrainModel,
+    cfg: ArithConfig,
+    start: Instant,
+) -> anyhow::Result<()> {
     model.save(&args.out.join("model.safetensors"))?;
     std::fs::write(
         args.out.join("config.json"),
@@ -263,8 +280,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     std::fs::write(
         args.out.join("train_args.json"),
         serde_json::to_string_pretty(&serde_json::json!({
-            "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-        "level_weights": args.level_weights,
+            "seed": args.seed, "steps": args.steps, "batch": args.batch,
+            "lr": args.lr, "warmup": args.warmup, "level_weights": args.level_weights,
             "config": cfg, "minutes": start.elapsed().as_secs_f64() / 60.0,
         }))?,
     )?;
