@@ -54,6 +54,10 @@ pub struct LabelRow {
     /// Prompt and prefix token ids; the PRM feature is the hidden state at the last one.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
+    /// The policy's logprob of each generated token of the prefix (the
+    /// PRM's confidence features, [`crate::prm::head::feature_vector`]).
+    #[serde(default)]
+    pub logprobs: Vec<f32>,
     /// Fraction of the N_MC continuations that reached the right answer.
     pub success: f64,
     pub correct: usize,
@@ -124,7 +128,8 @@ pub fn label_batch(
         let opts = SeqOptions {
             sampling: SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed: cfg.seed },
             stop: step_stop(cfg),
-            logprobs: Logprobs::None,
+            // The chosen tokens' logprobs are PRM features.
+            logprobs: Logprobs::Top(0),
             capture: HiddenCapture::AtStop,
         };
         let mut root = engine.start(prompt.clone(), opts)?;
@@ -135,7 +140,7 @@ pub fn label_batch(
         let mut state = Pending { problem: p.clone(), rows: Vec::new(), seen: HashSet::new(), live: 0 };
         // The empty prefix: continuations straight from the prompt.
         state.seen.insert(String::new());
-        state.rows.push(row(p, 0, Vec::new(), prompt.clone(), prompt.len()));
+        state.rows.push(row(p, 0, Vec::new(), &root));
         let roll_seeds: Vec<u64> = (0..cfg.n_mc as u64).map(|m| child_seed(base ^ 0x5EED, m)).collect();
         for mut r in engine.fork(&mut root, &roll_seeds)? {
             r.resume(rollout_stop(cfg, 0));
@@ -182,8 +187,7 @@ pub fn label_batch(
                         all.push(step);
                         if st.seen.insert(format!("final:{}", seq.text())) {
                             let ok = task::is_correct(seq.text(), st.problem.answer);
-                            let mut r =
-                                row(&st.problem, all.len(), all, seq.tokens().to_vec(), seq.prompt_len());
+                            let mut r = row(&st.problem, all.len(), all, seq);
                             r.correct = usize::from(ok);
                             r.final_answer = true;
                             st.rows.push(r);
@@ -198,13 +202,7 @@ pub fn label_batch(
                     if st.seen.insert(key) {
                         let k = steps.len();
                         let idx = st.rows.len();
-                        st.rows.push(row(
-                            &st.problem,
-                            k,
-                            steps.clone(),
-                            seq.tokens().to_vec(),
-                            seq.prompt_len(),
-                        ));
+                        st.rows.push(row(&st.problem, k, steps.clone(), seq));
                         let seeds: Vec<u64> = (0..cfg.n_mc as u64)
                             .map(|m| child_seed(qhash(&st.problem.id) ^ (idx as u64) << 20, m))
                             .collect();
@@ -233,15 +231,16 @@ pub fn label_batch(
     Ok(rows)
 }
 
-fn row(p: &Problem, k: usize, prefix: Vec<String>, tokens: Vec<u32>, prompt_len: usize) -> LabelRow {
+fn row(p: &Problem, k: usize, prefix: Vec<String>, seq: &Sequence) -> LabelRow {
     LabelRow {
         question_id: p.id.clone(),
         split: split_of(&p.id),
         level: p.level,
         k,
         prefix,
-        tokens,
-        prompt_len,
+        tokens: seq.tokens().to_vec(),
+        prompt_len: seq.prompt_len(),
+        logprobs: seq.logprobs().iter().map(|l| l.logprob).collect(),
         success: 0.0,
         correct: 0,
         n_mc: 0,

@@ -12,8 +12,9 @@ use crate::prm::head::{Head, HeadShape};
 
 use super::labels::LabelRow;
 
-/// PRM features of labelled rows: the final hidden state at each row's last
-/// token, computed in batches.
+/// PRM features of labelled rows ([`crate::prm::head::feature_vector`]): the
+/// final hidden state at each row's last token, computed in batches, and the
+/// confidence features of its logprobs.
 pub fn features(model: &Llama, rows: &[LabelRow]) -> anyhow::Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(32) {
@@ -24,7 +25,8 @@ pub fn features(model: &Llama, rows: &[LabelRow]) -> anyhow::Result<Vec<Vec<f32>
             .map(|(r, c)| BatchEntry { tokens: &r.tokens, cache: c })
             .collect();
         let fwd = model.forward(&mut batch)?;
-        out.extend(fwd.hidden.to_vec2::<f32>()?);
+        let hidden = fwd.hidden.to_vec2::<f32>()?;
+        out.extend(hidden.iter().zip(chunk).map(|(h, r)| crate::prm::head::feature_vector(h, &r.logprobs)));
     }
     Ok(out)
 }
@@ -133,13 +135,24 @@ fn fit(
 /// (pinball loss, starting from the raw head), with their validation losses.
 pub fn train_heads(train: &Data, val: &Data, cfg: &FitConfig) -> candle_core::Result<(Head, Head, f64, f64)> {
     let hidden = train.x.dim(1)?;
+    // Train on standardised features, then fold the scaling into the heads.
+    let mean = train.x.mean(0)?;
+    let std = (train.x.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
+    let z = |d: &Data| -> candle_core::Result<Data> {
+        Ok(Data {
+            x: d.x.broadcast_sub(&mean)?.broadcast_div(&std)?,
+            soft: d.soft.clone(),
+            hard: d.hard.clone(),
+        })
+    };
+    let (train, val) = (z(train)?, z(val)?);
     let (raw, raw_vars) =
         Head::init(HeadShape { hidden, units: cfg.units, outputs: 1 }, cfg.seed, &Device::Cpu)?;
-    let raw_val = fit(&raw, &raw_vars, cfg, |h, d| bce_with_logits(&h.logits(&d.x)?, &d.hard), train, val)?;
+    let raw_val = fit(&raw, &raw_vars, cfg, |h, d| bce_with_logits(&h.logits(&d.x)?, &d.hard), &train, &val)?;
     let (quantile, q_vars) = raw.to_quantile_init()?;
     let q_val =
-        fit(&quantile, &q_vars, cfg, |h, d| pinball_loss(&h.probabilities(&d.x)?, &d.soft), train, val)?;
-    Ok((raw, quantile, raw_val, q_val))
+        fit(&quantile, &q_vars, cfg, |h, d| pinball_loss(&h.probabilities(&d.x)?, &d.soft), &train, &val)?;
+    Ok((raw.fold_standardization(&mean, &std)?, quantile.fold_standardization(&mean, &std)?, raw_val, q_val))
 }
 
 #[cfg(test)]
@@ -199,6 +212,7 @@ mod tests {
                 prefix: vec![],
                 tokens: vec![],
                 prompt_len: 0,
+                logprobs: vec![],
                 success: ((i * 37) % 101) as f64 / 100.0,
                 correct: (i * 37) % 101 / 13,
                 n_mc: 8,

@@ -222,7 +222,10 @@ fn root_scores(engine: &Engine, heads: &HeadPrm, problems: &[EvalProblem]) -> an
         let mut batch: Vec<BatchEntry<'_>> =
             prompts.iter().zip(caches.iter_mut()).map(|(p, c)| BatchEntry { tokens: p, cache: c }).collect();
         let hidden = model.forward(&mut batch)?.hidden.to_vec2::<f32>()?;
-        let refs: Vec<&[f32]> = hidden.iter().map(Vec::as_slice).collect();
+        // Nothing generated yet: the confidence features are those of no tokens.
+        let features: Vec<Vec<f32>> =
+            hidden.iter().map(|h| crate::prm::head::feature_vector(h, &[])).collect();
+        let refs: Vec<&[f32]> = features.iter().map(Vec::as_slice).collect();
         out.extend(heads.score(&refs)?);
     }
     Ok(out)

@@ -1,8 +1,14 @@
 //! The head PRM: a small network on the policy model's own final hidden
-//! state (after the last norm). Features: the hidden state at the last token
-//! of each reasoning step (the token that completes the step delimiter, or
-//! EOS); for the empty prefix, at the last prompt token. Scoring a
-//! trajectory therefore costs nothing beyond generating it.
+//! state (after the last norm) and its confidence in the tokens it wrote.
+//! Features ([`feature_vector`]): the hidden state at the last token of the
+//! prefix's last reasoning step (the token that completes the step
+//! delimiter, or EOS); for the empty prefix, at the last prompt token; then
+//! two numbers from the logprobs of the prefix's generated tokens: the
+//! lowest one and how many fell below ln ½. The hidden state says how hard
+//! the question is; the logprobs say where sampling took a turn the policy
+//! itself found unlikely, the usual way an arithmetic step goes wrong. Both
+//! come with generation, so scoring a trajectory costs nothing beyond
+//! generating it.
 //!
 //! Two heads share the file: `quantile.*` (3 sigmoid outputs, the β = 0.1,
 //! 0.5, 0.9 quantiles, trained with the pinball loss on Monte-Carlo labels)
@@ -80,6 +86,24 @@ impl Head {
         Ok((Self { shape: HeadShape { outputs: 3, ..self.shape }, fc1, out_w, out_b }, vars))
     }
 
+    /// The same function of raw features `x` as this head has of
+    /// standardised ones `(x − mean) / std`: training sees inputs of unit
+    /// scale (the hidden state's coordinates differ by orders of magnitude),
+    /// the saved head reads features as they come.
+    pub fn fold_standardization(&self, mean: &Tensor, std: &Tensor) -> candle_core::Result<Self> {
+        let fold = |w: &Tensor, b: &Tensor| -> candle_core::Result<(Tensor, Tensor)> {
+            let w2 = w.broadcast_div(&std.unsqueeze(0)?)?;
+            let shift = w2.matmul(&mean.unsqueeze(1)?)?.squeeze(1)?;
+            Ok((w2, (b - shift)?))
+        };
+        let mut out = self.clone();
+        match &self.fc1 {
+            Some((w, b)) => out.fc1 = Some(fold(w, b)?),
+            None => (out.out_w, out.out_b) = fold(&self.out_w, &self.out_b)?,
+        }
+        Ok(out)
+    }
+
     /// Logits `(n, outputs)` for features `(n, hidden)`.
     pub fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = match &self.fc1 {
@@ -128,8 +152,28 @@ pub struct HeadInfo {
     pub notes: String,
 }
 
-pub const FEATURE: &str = "final hidden state (after the last norm) at the last token of each step; \
-                           the last prompt token for the empty prefix";
+pub const FEATURE: &str = "final hidden state (after the last norm) at the last token of each step \
+                           (the last prompt token for the empty prefix), then the lowest logprob of the \
+                           prefix's generated tokens / 5 (clamped to -4, 0 when none) and \
+                           ln(1 + the number of them below ln 0.5)";
+
+/// Inputs a head reads beyond the hidden state.
+pub const CONFIDENCE_FEATURES: usize = 2;
+
+/// A head's input: the hidden state, then the confidence features of the
+/// prefix's generated tokens (`logprobs`: the policy's logprob of each).
+pub fn feature_vector(hidden: &[f32], logprobs: &[f32]) -> Vec<f32> {
+    // Scaled to about the hidden state's range; the clamp keeps one
+    // near-impossible token (logprob -30 under top-k=0 sampling) from
+    // dominating the ReLU layer.
+    let lowest = logprobs.iter().copied().fold(0f32, f32::min).max(-20.0) / 5.0;
+    let unlikely = logprobs.iter().filter(|&&l| l < -std::f32::consts::LN_2).count() as f32;
+    let mut f = Vec::with_capacity(hidden.len() + CONFIDENCE_FEATURES);
+    f.extend_from_slice(hidden);
+    f.push(lowest);
+    f.push(unlikely.ln_1p());
+    f
+}
 
 /// Which output answers as the PRM's quantiles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -151,7 +195,13 @@ pub struct HeadPrm {
 }
 
 impl HeadPrm {
+    /// The width of the hidden state it reads.
     pub fn hidden(&self) -> usize {
+        self.inputs().saturating_sub(CONFIDENCE_FEATURES)
+    }
+
+    /// The width of its input, [`feature_vector`]'s length.
+    pub fn inputs(&self) -> usize {
         self.quantile.shape.hidden
     }
 
@@ -160,7 +210,7 @@ impl HeadPrm {
         if features.is_empty() {
             return Ok(Vec::new());
         }
-        let h = self.hidden();
+        let h = self.inputs();
         if let Some(bad) = features.iter().find(|f| f.len() != h) {
             return Err(PrmError::Width { got: bad.len(), want: h });
         }
@@ -210,6 +260,9 @@ impl HeadPrm {
         if quantile.shape.outputs != 3 {
             return Err(err(format!("quantile head has {} outputs, not 3", quantile.shape.outputs)));
         }
+        if quantile.shape.hidden <= CONFIDENCE_FEATURES {
+            return Err(err(format!("quantile head reads {} inputs, too few", quantile.shape.hidden)));
+        }
         let raw = Head::from_tensors("raw", &t);
         Ok(Self { quantile, raw, output: HeadOutput::Calibrated })
     }
@@ -226,9 +279,12 @@ impl HeadPrm {
 
 impl super::Scorer for HeadPrm {
     fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
-        let features: Vec<&[f32]> =
-            items.iter().map(|i| i.hidden.ok_or(PrmError::NoHiddenState)).collect::<Result<_, _>>()?;
-        HeadPrm::score(self, &features)
+        let features: Vec<Vec<f32>> = items
+            .iter()
+            .map(|i| i.hidden.map(|h| feature_vector(h, i.logprobs)).ok_or(PrmError::NoHiddenState))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&[f32]> = features.iter().map(Vec::as_slice).collect();
+        HeadPrm::score(self, &refs)
     }
 }
 
@@ -271,6 +327,35 @@ mod tests {
         assert!(matches!(back.score(&[&[1.0, 2.0]]), Err(PrmError::Width { got: 2, want: 4 })));
         let info: HeadInfo =
             serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap()).unwrap();
-        assert_eq!(info.hidden, 4);
+        assert_eq!(info.hidden, 4 - CONFIDENCE_FEATURES);
+    }
+
+    #[test]
+    fn a_folded_head_reads_raw_features_as_the_trained_one_read_standardised_ones() {
+        let dev = Device::Cpu;
+        for units in [0, 5] {
+            let (h, _) = Head::init(HeadShape { hidden: 3, units, outputs: 2 }, 4, &dev).unwrap();
+            let x = Tensor::new(&[[1.0f32, -2.0, 30.0], [0.5, 4.0, -10.0]], &dev).unwrap();
+            let (mean, std) = (
+                Tensor::new(&[0.5f32, 1.0, 10.0], &dev).unwrap(),
+                Tensor::new(&[2.0f32, 0.5, 20.0], &dev).unwrap(),
+            );
+            let z = x.broadcast_sub(&mean).unwrap().broadcast_div(&std).unwrap();
+            let want = h.logits(&z).unwrap().to_vec2::<f32>().unwrap();
+            let got =
+                h.fold_standardization(&mean, &std).unwrap().logits(&x).unwrap().to_vec2::<f32>().unwrap();
+            for (a, b) in want.iter().flatten().zip(got.iter().flatten()) {
+                assert!((a - b).abs() < 1e-5, "{want:?} {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn confidence_features_are_the_lowest_logprob_and_the_count_of_unlikely_tokens() {
+        assert_eq!(feature_vector(&[1.0, 2.0], &[]), vec![1.0, 2.0, 0.0, 0.0]);
+        let f = feature_vector(&[0.5], &[-0.1, -2.5, -1.0, -0.2]);
+        assert_eq!(f[..2], [0.5, -0.5]);
+        assert!((f[2] - 3f32.ln()).abs() < 1e-6, "two tokens below ln 1/2: {f:?}");
+        assert_eq!(feature_vector(&[], &[-50.0])[0], -4.0, "clamped");
     }
 }

@@ -36,6 +36,13 @@ impl Quantiles {
         Self { q10: p, q50: p, q90: p }
     }
 
+    /// The mean these quantiles imply (Swanson's rule, 0.3 / 0.4 / 0.3):
+    /// the point estimate whose squared error the calibration report
+    /// measures.
+    pub fn mean(&self) -> f32 {
+        0.3 * self.q10 + 0.4 * self.q50 + 0.3 * self.q90
+    }
+
     /// The estimate at quantile level `beta` (0.1, 0.5 or 0.9; others
     /// interpolate linearly between them and clamp outside).
     pub fn at(&self, beta: f64) -> f32 {
@@ -60,12 +67,16 @@ pub struct PrmScore {
 }
 
 /// What a PRM may read about one prefix: the question and steps as text,
-/// and the policy's final hidden state at the prefix's last token.
+/// the policy's final hidden state at the prefix's last token and its
+/// logprobs of the tokens it generated.
 #[derive(Debug, Clone, Copy)]
 pub struct ScoreItem<'a> {
     pub question: &'a str,
     pub steps: &'a [String],
     pub hidden: Option<&'a [f32]>,
+    /// The policy's logprob of each generated token of the prefix (empty
+    /// for the question alone).
+    pub logprobs: &'a [f32],
 }
 
 /// The PRM interface: success-probability quantiles for a batch of prefixes.
@@ -101,5 +112,6 @@ mod tests {
         assert_eq!(q.at(0.05), 0.2);
         assert!((q.at(0.3) - 0.35).abs() < 1e-6);
         assert_eq!(q.at(0.95), 0.7);
+        assert!((q.mean() - (0.06 + 0.2 + 0.21)).abs() < 1e-6);
     }
 }

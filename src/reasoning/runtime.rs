@@ -104,12 +104,16 @@ impl TaskState {
                 .map(|t| self.slots.get(t).ok_or(ReasoningError::UnknownTrajectory(*t)))
                 .collect::<Result<Vec<&Slot>, _>>()
                 .and_then(|slots| {
+                    let logprobs: Vec<Vec<f32>> =
+                        slots.iter().map(|s| s.seq.logprobs().iter().map(|l| l.logprob).collect()).collect();
                     let items: Vec<ScoreItem<'_>> = slots
                         .iter()
-                        .map(|s| ScoreItem {
+                        .zip(&logprobs)
+                        .map(|(s, lp)| ScoreItem {
                             question: &self.question,
                             steps: &s.steps,
                             hidden: s.seq.hidden(),
+                            logprobs: lp,
                         })
                         .collect();
                     prm.score(&items).map_err(ReasoningError::from)
@@ -264,7 +268,8 @@ impl Runtime {
         let opts = SeqOptions {
             sampling: job.sampling,
             stop: StopCriteria { max_tokens: 1, stop: vec![STEP_DELIMITER.into()], eos: EosPolicy::Stop },
-            logprobs: Logprobs::None,
+            // The chosen tokens' logprobs are PRM features.
+            logprobs: Logprobs::Top(0),
             capture: HiddenCapture::AtStop,
         };
         let root = self.engine.start(job.prompt, opts)?;
