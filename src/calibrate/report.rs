@@ -23,6 +23,10 @@ pub struct Metrics {
     /// Fraction of labels at or above the 0.1 quantile (quantile methods only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub q10_coverage: Option<f64>,
+    /// The same on the labels' grid ([`metrics::coverage`]): a label of 0
+    /// counts as covered by a quantile within half a label step of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub q10_coverage_grid: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,7 +45,8 @@ pub struct Predictions<'a> {
     pub q10: Option<Vec<f64>>,
 }
 
-pub fn compute(pred: &[f64], q10: Option<&[f64]>, label: &[f64]) -> Metrics {
+/// `label_step`: the labels' resolution (1 / N_MC), see [`metrics::coverage`].
+pub fn compute(pred: &[f64], q10: Option<&[f64]>, label: &[f64], label_step: f64) -> Metrics {
     let positive: Vec<bool> = label.iter().map(|&y| y >= GOOD_THRESHOLD).collect();
     Metrics {
         n: label.len(),
@@ -49,11 +54,12 @@ pub fn compute(pred: &[f64], q10: Option<&[f64]>, label: &[f64]) -> Metrics {
         ece: metrics::ece(pred, label),
         auroc: metrics::auroc(pred, &positive),
         over_under: metrics::over_under(pred, label),
-        q10_coverage: q10.map(|q| metrics::coverage(q, label)),
+        q10_coverage: q10.map(|q| metrics::coverage(q, label, 0.0)),
+        q10_coverage_grid: q10.map(|q| metrics::coverage(q, label, label_step)),
     }
 }
 
-pub fn method_report(p: &Predictions<'_>, label: &[f64], levels: &[u8]) -> MethodReport {
+pub fn method_report(p: &Predictions<'_>, label: &[f64], levels: &[u8], label_step: f64) -> MethodReport {
     let mut per_level = BTreeMap::new();
     let mut distinct: Vec<u8> = levels.to_vec();
     distinct.sort_unstable();
@@ -62,10 +68,10 @@ pub fn method_report(p: &Predictions<'_>, label: &[f64], levels: &[u8]) -> Metho
         let idx: Vec<usize> = (0..levels.len()).filter(|&i| levels[i] == l).collect();
         let pick = |v: &[f64]| idx.iter().map(|&i| v[i]).collect::<Vec<_>>();
         let q = p.q10.as_deref().map(pick);
-        per_level.insert(l, compute(&pick(&p.point), q.as_deref(), &pick(label)));
+        per_level.insert(l, compute(&pick(&p.point), q.as_deref(), &pick(label), label_step));
     }
     MethodReport {
-        overall: compute(&p.point, p.q10.as_deref(), label),
+        overall: compute(&p.point, p.q10.as_deref(), label, label_step),
         per_level,
         reliability: metrics::reliability(&p.point, label),
     }
@@ -85,11 +91,11 @@ pub fn markdown(
     for (k, v) in context {
         s.push_str(&format!("- {k}: {v}\n"));
     }
-    s.push_str("\n## Held-out calibration\n\n| method | n | Brier | ECE | AUROC | over | under | over share | q10 coverage |\n|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("\n## Held-out calibration\n\n| method | n | Brier | ECE | AUROC | over | under | over share | q10 coverage | on the label grid |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for (name, m) in methods {
         let o = &m.overall;
         s.push_str(&format!(
-            "| {name} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {:.2} | {} |\n",
+            "| {name} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {:.2} | {} | {} |\n",
             o.n,
             o.brier,
             o.ece,
@@ -97,28 +103,30 @@ pub fn markdown(
             o.over_under.over,
             o.over_under.under,
             o.over_under.over_fraction,
-            fmt_opt(o.q10_coverage)
+            fmt_opt(o.q10_coverage),
+            fmt_opt(o.q10_coverage_grid)
         ));
     }
     for name in ["calibrated", "raw"] {
         let Some(m) = methods.get(name) else { continue };
-        s.push_str(&format!("\n### Per level: {name}\n\n| level | n | Brier | ECE | AUROC | over | under | q10 coverage |\n|---|---|---|---|---|---|---|---|\n"));
+        s.push_str(&format!("\n### Per level: {name}\n\n| level | n | Brier | ECE | AUROC | over | under | q10 coverage | on the label grid |\n|---|---|---|---|---|---|---|---|---|\n"));
         for (level, l) in &m.per_level {
             s.push_str(&format!(
-                "| {level} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {} |\n",
+                "| {level} | {} | {:.4} | {:.4} | {} | {:.4} | {:.4} | {} | {} |\n",
                 l.n,
                 l.brier,
                 l.ece,
                 fmt_opt(l.auroc),
                 l.over_under.over,
                 l.over_under.under,
-                fmt_opt(l.q10_coverage)
+                fmt_opt(l.q10_coverage),
+                fmt_opt(l.q10_coverage_grid)
             ));
         }
     }
     s.push_str(&format!(
         "\nAUROC counts a prefix as good when at least {GOOD_THRESHOLD} of its continuations succeed. \
-         The calibrated method's point prediction is its median (q50).\n\n![reliability](reliability.svg)\n"
+         The calibrated method's point prediction is the mean its three quantiles imply (Swanson's rule: 0.3 q10 + 0.4 q50 + 0.3 q90); with labels that are mostly 0 or 1 the median alone jumps between them.\n\n![reliability](reliability.svg)\n"
     ));
     s
 }
@@ -173,7 +181,7 @@ mod tests {
             q10: Some(vec![0.0; 6]),
         };
         let mut methods = BTreeMap::new();
-        methods.insert("calibrated".to_string(), method_report(&p, &label, &levels));
+        methods.insert("calibrated".to_string(), method_report(&p, &label, &levels, 0.125));
         let m = &methods["calibrated"];
         assert_eq!(m.overall.q10_coverage, Some(1.0));
         assert_eq!(m.per_level.len(), 2);

@@ -29,9 +29,9 @@ pub struct CalibrateArgs {
     /// Held-out questions the report is computed on.
     #[arg(long, value_enum, default_value_t = Split::Test)]
     eval_split: Split,
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 200)]
     per_level: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 50)]
     eval_per_level: usize,
     /// Trajectories per question (N_val).
     #[arg(long, default_value_t = 8)]
@@ -134,13 +134,13 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         let r =
             prm.raw.as_ref().expect("trained above").probabilities(&d.x)?.flatten_all()?.to_vec1::<f32>()?;
         let mut q10 = Vec::new();
-        let mut q50 = Vec::new();
+        let mut point = Vec::new();
         for v in q {
             let s = crate::prm::Quantiles::sorted([v[0], v[1], v[2]]);
             q10.push(s.q10 as f64);
-            q50.push(s.q50 as f64);
+            point.push(s.mean() as f64);
         }
-        Ok((q10, q50, r.into_iter().map(f64::from).collect()))
+        Ok((q10, point, r.into_iter().map(f64::from).collect()))
     };
     let (_, _, fit_raw) = scores(&fit_d)?;
     let fit_label: Vec<f64> = fit_rows.iter().map(|r| r.success).collect();
@@ -148,18 +148,20 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let iso = Isotonic::fit(&fit_raw, &fit_label);
     let hist = Histogram::fit(&fit_raw, &fit_label);
 
-    let (q10, q50, raw_p) = scores(&eval_d)?;
+    let (q10, mean, raw_p) = scores(&eval_d)?;
     let label: Vec<f64> = eval_rows.iter().map(|r| r.success).collect();
     let levels: Vec<u8> = eval_rows.iter().map(|r| r.level).collect();
     let preds = [
-        Predictions { name: "calibrated", point: q50, q10: Some(q10) },
+        Predictions { name: "calibrated", point: mean, q10: Some(q10) },
         Predictions { name: "raw", point: raw_p.clone(), q10: None },
         Predictions { name: "platt", point: raw_p.iter().map(|&s| platt.predict(s)).collect(), q10: None },
         Predictions { name: "isotonic", point: raw_p.iter().map(|&s| iso.predict(s)).collect(), q10: None },
         Predictions { name: "histogram", point: raw_p.iter().map(|&s| hist.predict(s)).collect(), q10: None },
     ];
-    let methods: BTreeMap<String, MethodReport> =
-        preds.iter().map(|p| (p.name.to_string(), report::method_report(p, &label, &levels))).collect();
+    let methods: BTreeMap<String, MethodReport> = preds
+        .iter()
+        .map(|p| (p.name.to_string(), report::method_report(p, &label, &levels, 1.0 / args.n_mc as f64)))
+        .collect();
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let context = vec![
         ("model".to_string(), path.display().to_string()),
@@ -203,15 +205,16 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
     std::fs::write(out.join("report.md"), report::markdown("PRM calibration report", &context, &methods))?;
     report::reliability_svg(&out.join("reliability.svg"), &methods)?;
-    println!("{:<11} {:>7} {:>7} {:>7} {:>9}", "method", "Brier", "ECE", "AUROC", "q10 cov");
+    println!("{:<11} {:>7} {:>7} {:>7} {:>9} {:>9}", "method", "Brier", "ECE", "AUROC", "q10 cov", "on grid");
     for (name, m) in &methods {
         let o = &m.overall;
         println!(
-            "{name:<11} {:>7.4} {:>7.4} {:>7} {:>9}",
+            "{name:<11} {:>7.4} {:>7.4} {:>7} {:>9} {:>9}",
             o.brier,
             o.ece,
             o.auroc.map_or("-".into(), |a| format!("{a:.3}")),
-            o.q10_coverage.map_or("-".into(), |c| format!("{c:.3}"))
+            o.q10_coverage.map_or("-".into(), |c| format!("{c:.3}")),
+            o.q10_coverage_grid.map_or("-".into(), |c| format!("{c:.3}"))
         );
     }
     println!("wrote {} and {} in {minutes:.1} minutes", out.display(), head_path.display());

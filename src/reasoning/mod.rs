@@ -23,6 +23,7 @@ pub type Traj = u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Strategy {
     Single,
     BestOfN,
@@ -41,6 +42,7 @@ impl Strategy {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
 pub enum Select {
     /// The best final-step PRM score (median quantile).
     PrmMax,
