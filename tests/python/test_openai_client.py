@@ -20,8 +20,10 @@ KEY = "sk-ponder-test"
 
 def start_server(binary, model_path):
     env = dict(os.environ, RAYON_NUM_THREADS="1")
+    arith = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "models", "ponder-arith")
     proc = subprocess.Popen(
-        [binary, "serve", "--port", "0", "--api-key", KEY, "--model", f"{MODEL}={model_path}"],
+        [binary, "serve", "--port", "0", "--api-key", KEY, "--model", f"{MODEL}={model_path}",
+         "--model", f"ponder-arith={arith}"],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     address = []
@@ -66,7 +68,7 @@ def run_checks(base):
     messages = [{"role": "user", "content": "Name two planets."}]
 
     models = client.models.list()
-    assert [m.id for m in models.data] == [MODEL], models
+    assert sorted(m.id for m in models.data) == sorted([MODEL, "ponder-arith"]), models
 
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     text = chat.choices[0].message.content
@@ -110,6 +112,27 @@ def run_checks(base):
         if c.choices
     )
     assert streamed == comp.choices[0].text, (streamed, comp.choices[0].text)
+
+    # Adaptive reasoning through extra_body; the `ponder` object comes back as an extra field.
+    reasoned = client.chat.completions.create(
+        model="ponder-arith", messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=64,
+        temperature=0.7, seed=1, extra_body={"reasoning": {"strategy": "best_of_n", "max_samples": 16}},
+    )
+    ponder = reasoned.model_extra["ponder"]
+    assert ponder["adaptive"] is True and 1 <= ponder["samples"] <= 16, ponder
+    assert reasoned.usage.completion_tokens == ponder["tokens_generated"], (reasoned.usage, ponder)
+    assert "The answer is 7." in reasoned.choices[0].message.content, reasoned.choices[0].message.content
+    parts, last = [], None
+    for chunk in client.chat.completions.create(
+        model="ponder-arith", messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=64,
+        temperature=0.7, seed=1, stream=True, extra_body={"reasoning": {"strategy": "best_of_n", "max_samples": 16}},
+    ):
+        last = chunk
+        for c in chunk.choices:
+            if c.delta.content:
+                parts.append(c.delta.content)
+    assert "".join(parts) == reasoned.choices[0].message.content
+    assert last.model_extra["ponder"] == ponder, (last.model_extra, ponder)
 
     # Errors map to the client's exception classes.
     try:
