@@ -254,6 +254,11 @@ fn view(score: PrmScore, prm: HeadOutput) -> PrmScore {
 /// One fixed best-of-N_max run with every candidate kept; the fixed curve
 /// and the adaptive points take its first N samples, which are exactly the
 /// samples (same seeds) a run drawing N would generate.
+/// The C of the sweep's adaptive runs: the low ones reach down to the
+/// token counts of small fixed budgets, so the raw and the calibrated PRM
+/// can be compared at equal tokens.
+const SWEEP_CONFIDENCES: [f64; 10] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999];
+
 pub fn sweep(
     engine: Arc<Engine>,
     prm_path: &Path,
@@ -299,7 +304,7 @@ pub fn sweep(
         n = if n == n_max { n_max + 1 } else { (n * 2).min(n_max) };
     }
     for prm in [HeadOutput::Raw, HeadOutput::Calibrated] {
-        for c in [0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999] {
+        for c in SWEEP_CONFIDENCES {
             let rows: Vec<_> = (0..problems.len())
                 .map(|q| {
                     let p0 = view(roots[q], prm).quantiles.at(args.budget_quantile) as f64;
