@@ -177,3 +177,76 @@ fn arith_train_writes_a_checkpoint_that_eval_and_export_use() {
     assert!(ok);
     assert_eq!(stdout.lines().count(), 12);
 }
+
+#[test]
+fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/ponder-arith");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("calibration");
+    let head = dir.path().join("prm_head.safetensors");
+    let args = [
+        "calibrate",
+        "--model",
+        model,
+        "--per-level",
+        "4",
+        "--eval-per-level",
+        "1",
+        "--n-val",
+        "2",
+        "--n-mc",
+        "2",
+        "--max-prefix",
+        "3",
+        "--units",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+        "--head",
+        head.to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = ponder(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("calibrated"), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for method in ["calibrated", "raw", "platt", "isotonic", "histogram"] {
+        for key in ["brier", "ece"] {
+            assert!(report["methods"][method][key].as_f64().is_some(), "{method}.{key}: {report}");
+        }
+    }
+    assert!(report["methods"]["calibrated"]["q10_coverage"].as_f64().is_some());
+    for f in ["report.md", "reliability.svg", "labels_calib.jsonl", "labels_test.jsonl"] {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    assert!(head.is_file() && head.with_extension("json").is_file());
+    // Every calibration question's empty prefix is labelled with its N_MC continuations.
+    let labels = std::fs::read_to_string(out.join("labels_calib.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = labels.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.iter().filter(|r| r["k"] == 0).count(), 24);
+    assert!(rows.iter().filter(|r| r["final_answer"] == false).all(|r| r["n_mc"] == 2));
+
+    // A second run reuses the labels instead of sampling them again.
+    let (ok, _, stderr) = ponder(&args);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read_to_string(out.join("labels_calib.jsonl")).unwrap(), labels);
+    // The trained head drives adaptive best-of-N in eval.
+    let (ok, stdout, stderr) = ponder(&[
+        "eval",
+        "--model",
+        model,
+        "--per-level",
+        "1",
+        "--strategy",
+        "best_of_n",
+        "--max-samples",
+        "4",
+        "--prm-path",
+        head.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let samples = v["mean_samples"].as_f64().unwrap();
+    assert!((1.0..=4.0).contains(&samples), "{v}");
+}
