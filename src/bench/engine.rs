@@ -178,7 +178,7 @@ pub fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     let report = EngineBenchReport {
         model: args.model.model.display().to_string(),
         weights: format!("{:?}", args.model.weights).to_lowercase(),
-        threads: std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "default".into()),
+        threads: candle_core::utils::get_num_threads().to_string(),
         prompt_tokens: prompt.len(),
         tokens: args.tokens,
         prefill_tok_s,

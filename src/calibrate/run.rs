@@ -74,30 +74,10 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let head_path = args.head.clone().unwrap_or_else(|| path.join("prm_head.safetensors"));
     std::fs::create_dir_all(&out)?;
     let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())?;
-    let cfg = LabelConfig {
-        n_val: args.n_val,
-        n_mc: args.n_mc,
-        max_prefix: args.max_prefix,
-        temperature: args.temperature,
-        seed: args.seed,
-        ..Default::default()
-    };
     let fit_problems = task::generate(args.split, args.per_level);
     let eval_problems = task::generate(args.eval_split, args.eval_per_level);
-    let fit_rows = labels::collect(
-        &engine,
-        &fit_problems,
-        &cfg,
-        &out.join(format!("labels_{}.jsonl", args.split.name())),
-        args.concurrent,
-    )?;
-    let eval_rows = labels::collect(
-        &engine,
-        &eval_problems,
-        &cfg,
-        &out.join(format!("labels_{}.jsonl", args.eval_split.name())),
-        args.concurrent,
-    )?;
+    let fit_rows = collect_labels(&args, &engine, &fit_problems, args.split, &out)?;
+    let eval_rows = collect_labels(&args, &engine, &eval_problems, args.eval_split, &out)?;
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;
 
     // Heads learn from every row; calibration is fitted and reported on
@@ -129,39 +109,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         ),
     )?;
 
-    let scores = |d: &Data| -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-        let q = prm.quantile.probabilities(&d.x)?.to_vec2::<f32>()?;
-        let r =
-            prm.raw.as_ref().expect("trained above").probabilities(&d.x)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut q10 = Vec::new();
-        let mut point = Vec::new();
-        for v in q {
-            let s = crate::prm::Quantiles::sorted([v[0], v[1], v[2]]);
-            q10.push(s.q10 as f64);
-            point.push(s.mean() as f64);
-        }
-        Ok((q10, point, r.into_iter().map(f64::from).collect()))
-    };
-    let (_, _, fit_raw) = scores(&fit_d)?;
-    let fit_label: Vec<f64> = fit_rows.iter().map(|r| r.success).collect();
-    let platt = Platt::fit(&fit_raw, &fit_label);
-    let iso = Isotonic::fit(&fit_raw, &fit_label);
-    let hist = Histogram::fit(&fit_raw, &fit_label);
-
-    let (q10, mean, raw_p) = scores(&eval_d)?;
-    let label: Vec<f64> = eval_rows.iter().map(|r| r.success).collect();
-    let levels: Vec<u8> = eval_rows.iter().map(|r| r.level).collect();
-    let preds = [
-        Predictions { name: "calibrated", point: mean, q10: Some(q10) },
-        Predictions { name: "raw", point: raw_p.clone(), q10: None },
-        Predictions { name: "platt", point: raw_p.iter().map(|&s| platt.predict(s)).collect(), q10: None },
-        Predictions { name: "isotonic", point: raw_p.iter().map(|&s| iso.predict(s)).collect(), q10: None },
-        Predictions { name: "histogram", point: raw_p.iter().map(|&s| hist.predict(s)).collect(), q10: None },
-    ];
-    let methods: BTreeMap<String, MethodReport> = preds
-        .iter()
-        .map(|p| (p.name.to_string(), report::method_report(p, &label, &levels, 1.0 / args.n_mc as f64)))
-        .collect();
+    let (methods, baselines) = evaluate(&prm, (&fit_d, &fit_rows), (&eval_d, &eval_rows), args.n_mc)?;
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let context = vec![
         ("model".to_string(), path.display().to_string()),
@@ -197,16 +145,79 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         "fit_questions": fit_problems.len(), "eval_questions": eval_problems.len(),
         "n_val": args.n_val, "n_mc": args.n_mc, "max_prefix": args.max_prefix, "temperature": args.temperature,
         "head": {"path": head_path.display().to_string(), "units": args.units, "raw_val_bce": raw_val, "quantile_val_pinball": q_val},
-        "baselines": {"platt": platt, "isotonic_blocks": iso.blocks.len(), "histogram": hist.values},
+        "baselines": baselines,
         "good_threshold": report::GOOD_THRESHOLD,
         "minutes": {"labels": label_minutes, "total": minutes},
         "methods": methods,
     });
-    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(&json)?)?;
-    std::fs::write(out.join("report.md"), report::markdown("PRM calibration report", &context, &methods))?;
-    report::reliability_svg(&out.join("reliability.svg"), &methods)?;
+    write_report(&out, &json, &context, &methods)?;
+    println!("wrote {} and {} in {minutes:.1} minutes", out.display(), head_path.display());
+    Ok(())
+}
+
+/// Fits the baselines on the raw scores of the fitting prefixes and scores
+/// every method on the held-out ones.
+fn evaluate(
+    prm: &HeadPrm,
+    (fit_d, fit_rows): (&Data, &[LabelRow]),
+    (eval_d, eval_rows): (&Data, &[LabelRow]),
+    n_mc: usize,
+) -> anyhow::Result<(BTreeMap<String, MethodReport>, serde_json::Value)> {
+    let scores = |d: &Data| -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+        let q = prm.quantile.probabilities(&d.x)?.to_vec2::<f32>()?;
+        let r = prm
+            .raw
+            .as_ref()
+            .expect("calibrate trains both heads")
+            .probabilities(&d.x)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut q10 = Vec::new();
+        let mut point = Vec::new();
+        for v in q {
+            let s = crate::prm::Quantiles::sorted([v[0], v[1], v[2]]);
+            q10.push(s.q10 as f64);
+            point.push(s.mean() as f64);
+        }
+        Ok((q10, point, r.into_iter().map(f64::from).collect()))
+    };
+    let (_, _, fit_raw) = scores(fit_d)?;
+    let fit_label: Vec<f64> = fit_rows.iter().map(|r| r.success).collect();
+    let platt = Platt::fit(&fit_raw, &fit_label);
+    let iso = Isotonic::fit(&fit_raw, &fit_label);
+    let hist = Histogram::fit(&fit_raw, &fit_label);
+
+    let (q10, mean, raw_p) = scores(eval_d)?;
+    let label: Vec<f64> = eval_rows.iter().map(|r| r.success).collect();
+    let levels: Vec<u8> = eval_rows.iter().map(|r| r.level).collect();
+    let preds = [
+        Predictions { name: "calibrated", point: mean, q10: Some(q10) },
+        Predictions { name: "raw", point: raw_p.clone(), q10: None },
+        Predictions { name: "platt", point: raw_p.iter().map(|&s| platt.predict(s)).collect(), q10: None },
+        Predictions { name: "isotonic", point: raw_p.iter().map(|&s| iso.predict(s)).collect(), q10: None },
+        Predictions { name: "histogram", point: raw_p.iter().map(|&s| hist.predict(s)).collect(), q10: None },
+    ];
+    let methods = preds
+        .iter()
+        .map(|p| (p.name.to_string(), report::method_report(p, &label, &levels, 1.0 / n_mc as f64)))
+        .collect();
+    let baselines =
+        serde_json::json!({"platt": platt, "isotonic_blocks": iso.blocks.len(), "histogram": hist.values});
+    Ok((methods, baselines))
+}
+
+/// `report.json`, `report.md`, `reliability.svg`, and a summary on stdout.
+fn write_report(
+    out: &std::path::Path,
+    json: &serde_json::Value,
+    context: &[(String, String)],
+    methods: &BTreeMap<String, MethodReport>,
+) -> anyhow::Result<()> {
+    std::fs::write(out.join("report.json"), serde_json::to_string_pretty(json)?)?;
+    std::fs::write(out.join("report.md"), report::markdown("PRM calibration report", context, methods))?;
+    report::reliability_svg(&out.join("reliability.svg"), methods)?;
     println!("{:<11} {:>7} {:>7} {:>7} {:>9} {:>9}", "method", "Brier", "ECE", "AUROC", "q10 cov", "on grid");
-    for (name, m) in &methods {
+    for (name, m) in methods {
         let o = &m.overall;
         println!(
             "{name:<11} {:>7.4} {:>7.4} {:>7} {:>9} {:>9}",
@@ -217,6 +228,31 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             o.q10_coverage_grid.map_or("-".into(), |c| format!("{c:.3}"))
         );
     }
-    println!("wrote {} and {} in {minutes:.1} minutes", out.display(), head_path.display());
     Ok(())
+}
+
+/// The Monte-Carlo labels of `problems`, resumed from (and appended to)
+/// `labels_<split>.jsonl` under `out`.
+fn collect_labels(
+    args: &CalibrateArgs,
+    engine: &Engine,
+    problems: &[task::Problem],
+    split: Split,
+    out: &std::path::Path,
+) -> anyhow::Result<Vec<LabelRow>> {
+    let cfg = LabelConfig {
+        n_val: args.n_val,
+        n_mc: args.n_mc,
+        max_prefix: args.max_prefix,
+        temperature: args.temperature,
+        seed: args.seed,
+        ..Default::default()
+    };
+    labels::collect(
+        engine,
+        problems,
+        &cfg,
+        &out.join(format!("labels_{}.jsonl", split.name())),
+        args.concurrent,
+    )
 }
