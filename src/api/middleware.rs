@@ -97,10 +97,10 @@ impl http_body::Body for Tracked {
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         // hyper stops polling a body that reports its end, so check both.
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            if let Some(mut f) = self.finish.take() {
-                f.completed = true;
-            }
+        if (matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream())
+            && let Some(mut f) = self.finish.take()
+        {
+            f.completed = true;
         }
         polled
     }

@@ -253,10 +253,10 @@ fn ops_start(_question: &str, answer: i64, ops: &[Op]) -> i64 {
 /// `The answer is N` line, else the last number anywhere.
 pub fn extract_answer(text: &str) -> Option<i64> {
     let marker = "The answer is";
-    if let Some(pos) = text.rfind(marker) {
-        if let Some(n) = first_number(&text[pos + marker.len()..]) {
-            return Some(n);
-        }
+    if let Some(pos) = text.rfind(marker)
+        && let Some(n) = first_number(&text[pos + marker.len()..])
+    {
+        return Some(n);
     }
     last_number(text)
 }

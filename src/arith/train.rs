@@ -199,7 +199,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.steps,
         args.warmup
     );
-    anyhow::ensure!(args.hidden % args.heads == 0, "--hidden must be a multiple of --heads");
+    anyhow::ensure!(args.hidden.is_multiple_of(args.heads), "--hidden must be a multiple of --heads");
     anyhow::ensure!(
         args.level_weights.len() == 6 && args.level_weights.iter().any(|&w| w > 0),
         "--level-weights needs six weights, not all zero; got {:?}",

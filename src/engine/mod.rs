@@ -187,10 +187,8 @@ impl Engine {
 
         let eos = seq.opts.stop.eos == EosPolicy::Stop && self.tokenizer.end_of_generation().contains(&token);
         let before = seq.text.text.len();
-        if !eos {
-            if let Some(piece) = seq.text.stream.push(&self.tokenizer, token)? {
-                seq.text.text.push_str(&piece);
-            }
+        if !eos && let Some(piece) = seq.text.stream.push(&self.tokenizer, token)? {
+            seq.text.text.push_str(&piece);
         }
         let stop_hit = stop::find_stop(&seq.text.text, before.max(seq.text.run_start), &seq.opts.stop.stop)
             .filter(|m| m.start >= seq.text.run_start);

@@ -60,13 +60,13 @@ impl ModelConfig {
 
     pub(crate) fn validate(&self) -> Result<(), ModelError> {
         let bad = |what: String| Err(ModelError::Config(what));
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0 || self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "head counts: {} query heads must be a non-zero multiple of {} kv heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if self.hidden == 0 || self.vocab == 0 || self.n_layers == 0 {
@@ -125,12 +125,12 @@ impl HfConfig {
     }
 
     pub(crate) fn to_config(&self) -> Result<ModelConfig, ModelError> {
-        if let Some(scaling) = &self.rope_scaling {
-            if !scaling.is_null() {
-                return Err(ModelError::Unsupported(format!(
-                    "rope_scaling {scaling} (only unscaled RoPE is implemented)"
-                )));
-            }
+        if let Some(scaling) = &self.rope_scaling
+            && !scaling.is_null()
+        {
+            return Err(ModelError::Unsupported(format!(
+                "rope_scaling {scaling} (only unscaled RoPE is implemented)"
+            )));
         }
         let arch = self.arch()?;
         let cfg = ModelConfig {

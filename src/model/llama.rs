@@ -107,12 +107,12 @@ impl Llama {
         let hidden = meta.usize("embedding_length")?;
         let n_heads = meta.usize("attention.head_count")?;
         let head_dim = meta.opt_usize("attention.key_length").unwrap_or(hidden / n_heads.max(1));
-        if let Some(rope_dim) = meta.opt_usize("rope.dimension_count") {
-            if rope_dim != head_dim {
-                return Err(ModelError::Unsupported(format!(
-                    "partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim})"
-                )));
-            }
+        if let Some(rope_dim) = meta.opt_usize("rope.dimension_count")
+            && rope_dim != head_dim
+        {
+            return Err(ModelError::Unsupported(format!(
+                "partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim})"
+            )));
         }
         let has_output = ct.tensor_infos.contains_key("output.weight");
         let vocab = match meta.opt_usize("vocab_size") {

@@ -331,12 +331,10 @@ impl Runtime {
             let t = &mut self.tasks[i];
             // A request starts once its prompt is prefilled.
             let started = t.state.borrow().slots.get(&0).is_none_or(|r| r.seq.is_fed());
-            if started {
-                if let Poll::Ready(result) = t.future.as_mut().poll(&mut cx) {
-                    let task = self.tasks.swap_remove(i);
-                    self.done.push((task.id, result));
-                    continue;
-                }
+            if started && let Poll::Ready(result) = t.future.as_mut().poll(&mut cx) {
+                let task = self.tasks.swap_remove(i);
+                self.done.push((task.id, result));
+                continue;
             }
             i += 1;
         }

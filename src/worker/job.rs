@@ -125,12 +125,11 @@ impl Outbox {
             Some(GenEvent::Delta { choice: last, text, tokens }),
             GenEvent::Delta { choice, text: t2, tokens: k2 },
         ) = (self.events.back_mut(), &event)
+            && last == choice
         {
-            if last == choice {
-                text.push_str(t2);
-                tokens.extend(k2.iter().cloned());
-                return;
-            }
+            text.push_str(t2);
+            tokens.extend(k2.iter().cloned());
+            return;
         }
         self.events.push_back(event);
     }

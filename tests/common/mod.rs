@@ -98,10 +98,10 @@ impl TestServer {
 
     fn wait_healthy(&self) {
         for _ in 0..600 {
-            if let Ok(r) = blocking_get(&format!("{}/health", self.base)) {
-                if r.0 == 200 {
-                    return;
-                }
+            if let Ok(r) = blocking_get(&format!("{}/health", self.base))
+                && r.0 == 200
+            {
+                return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
