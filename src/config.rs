@@ -168,13 +168,80 @@ pub struct ModelEntry {
     /// The command that fetches the model, named when its file is missing.
     #[serde(default)]
     pub fetch: Option<String>,
-    /// A PRM head (`prm_head.safetensors` from `ponder calibrate`) on this
-    /// model's hidden states; without one, adaptive reasoning is refused.
+    /// The model's PRM: a head on its hidden states (a path), or a separate
+    /// PRM model (a table); without one, adaptive reasoning is refused.
     #[serde(default)]
-    pub prm: Option<PathBuf>,
+    pub prm: Option<PrmConfig>,
     /// Defaults of the request's `reasoning` object for this model.
     #[serde(default)]
     pub reasoning: ReasoningDefaults,
+}
+
+/// A model's PRM, as the configuration names it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum PrmConfig {
+    /// `prm = "…/prm_head.safetensors"`: a head written by `ponder
+    /// calibrate` that reads this model's own hidden states.
+    Head(PathBuf),
+    /// `prm = { model = "dir", head = "converted", lora = "dir" }`: a
+    /// separate PRM in the Qwen2.5-Math-PRM format.
+    Model(ModelPrmConfig),
+}
+
+/// A separate PRM model and how its steps are scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelPrmConfig {
+    /// The checkpoint directory (`config.json`, safetensors, `tokenizer.json`).
+    pub model: PathBuf,
+    /// `"two_class"` (its own P(good)), `"converted"` (three quantile
+    /// outputs that start as P(good)) or `{ trained = "head.safetensors" }`.
+    #[serde(default)]
+    pub head: crate::prm::model_prm::HeadChoice,
+    /// A PEFT LoRA adapter directory merged into the backbone at load.
+    #[serde(default)]
+    pub lora: Option<PathBuf>,
+}
+
+impl PrmConfig {
+    /// Every file this PRM reads, for the start-up check.
+    fn paths(&self) -> Vec<&Path> {
+        match self {
+            Self::Head(p) => vec![p],
+            Self::Model(m) => {
+                let mut v: Vec<&Path> = vec![&m.model];
+                v.extend(m.lora.as_deref());
+                if let crate::prm::model_prm::HeadChoice::Trained(p) = &m.head {
+                    v.push(p);
+                }
+                v
+            }
+        }
+    }
+}
+
+// By hand rather than `untagged`, so that a mistyped table keeps serde's
+// message (which field, what was expected) instead of "did not match any
+// variant".
+impl<'de> Deserialize<'de> for PrmConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = PrmConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a PRM head path, or a table { model = \"dir\", head, lora }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PrmConfig, E> {
+                Ok(PrmConfig::Head(v.into()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PrmConfig, A::Error> {
+                ModelPrmConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(PrmConfig::Model)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 /// Per-model defaults of the `reasoning` request object.
@@ -257,7 +324,7 @@ impl Default for Config {
                     fetch: Some(
                         "git checkout models/ponder-arith (it is committed), or `ponder arith train`".into(),
                     ),
-                    prm: Some(ARITH_PRM_PATH.into()),
+                    prm: Some(PrmConfig::Head(ARITH_PRM_PATH.into())),
                     reasoning: ReasoningDefaults { max_step_tokens: 64, ..ReasoningDefaults::default() },
                 },
             ],
@@ -342,7 +409,7 @@ impl Config {
                     prefill_chunk: default_prefill_chunk(),
                     fetch: None,
                     // A head written by `ponder calibrate` beside the model is picked up.
-                    prm: Some(path.join("prm_head.safetensors")).filter(|p| p.is_file()),
+                    prm: Some(path.join("prm_head.safetensors")).filter(|p| p.is_file()).map(PrmConfig::Head),
                     reasoning: ReasoningDefaults::default(),
                 })
                 .collect();
@@ -373,7 +440,8 @@ impl Config {
             {
                 return bad(format!("model {:?}: reasoning sizes must be at least 1", m.id));
             }
-            if !(r.confidence > 0.0 && r.confidence < 1.0) || !(0.0..=1.0).contains(&r.budget_quantile) {
+            let confidence_ok = r.confidence > 0.0 && r.confidence < 1.0;
+            if !confidence_ok || !(0.0..=1.0).contains(&r.budget_quantile) {
                 return bad(format!(
                     "model {:?}: reasoning.confidence must be in (0, 1), budget_quantile in [0, 1]",
                     m.id
@@ -408,11 +476,15 @@ impl Config {
     /// the command that fetches them.
     pub fn check_model_files(&self) -> Result<(), ConfigError> {
         for m in &self.models {
-            if let Some(prm) = m.prm.as_ref().filter(|p| !p.exists()) {
+            if let Some(prm) = m.prm.iter().flat_map(PrmConfig::paths).find(|p| !p.exists()) {
+                let hint = match m.prm {
+                    Some(PrmConfig::Head(_)) => "; `ponder calibrate` writes a PRM head",
+                    _ => " (named by the model's `prm` table)",
+                };
                 return Err(ConfigError::MissingModel {
                     id: m.id.clone(),
                     path: prm.display().to_string(),
-                    hint: "; `ponder calibrate` writes a PRM head".into(),
+                    hint: hint.into(),
                 });
             }
             if !m.path.exists() {
@@ -523,6 +595,36 @@ mod tests {
         std::fs::write(&file, "[server]\nprot = 1\n").unwrap();
         let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn a_prm_is_a_head_path_or_a_table_naming_a_separate_prm_model() {
+        use crate::prm::model_prm::HeadChoice;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        let toml = "[[models]]\nid = \"a\"\npath = \"x\"\nprm = \"h.safetensors\"\n\
+                    [[models]]\nid = \"b\"\npath = \"y\"\n[models.prm]\nmodel = \"prm\"\n\
+                    head = { trained = \"q.safetensors\" }\nlora = \"adapter\"\n\
+                    [[models]]\nid = \"c\"\npath = \"z\"\nprm = { model = \"prm\" }\n";
+        std::fs::write(&file, toml).unwrap();
+        let cfg = Config::load(Some(&file), [], &Overrides::default()).unwrap();
+        assert_eq!(cfg.models[0].prm, Some(PrmConfig::Head("h.safetensors".into())));
+        let want = ModelPrmConfig {
+            model: "prm".into(),
+            head: HeadChoice::Trained("q.safetensors".into()),
+            lora: Some("adapter".into()),
+        };
+        assert_eq!(cfg.models[1].prm, Some(PrmConfig::Model(want)));
+        let converted = ModelPrmConfig { model: "prm".into(), head: HeadChoice::Converted, lora: None };
+        assert_eq!(cfg.models[2].prm, Some(PrmConfig::Model(converted)));
+        // The effective configuration reads back as the same settings.
+        std::fs::write(&file, cfg.to_redacted_toml()).unwrap();
+        assert_eq!(Config::load(Some(&file), [], &Overrides::default()).unwrap(), cfg);
+        // A mistyped key of the table is named.
+        std::fs::write(&file, "[[models]]\nid = \"b\"\npath = \"y\"\n[models.prm]\nmodle = \"prm\"\n")
+            .unwrap();
+        let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("modle"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! The Qwen2.5-Math-PRM-format model PRM on tiny random checkpoints with
 //! the real tensor names: step scores against candle's qwen2 backbone plus
 //! the score head, the 2-class to 3-quantile conversion, a trained quantile
-//! head, and a merged LoRA adapter.
+//! head, a merged LoRA adapter, and the server scoring a policy's
+//! trajectories with a model PRM named in its configuration.
+
+mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -202,4 +205,76 @@ fn a_trained_quantile_head_and_a_lora_adapter_load_from_safetensors() {
         assert!((p.raw.unwrap() - q.raw.unwrap()).abs() < 1e-6);
         assert!((p.raw.unwrap() - r.raw.unwrap()).abs() > 1e-7, "the adapter changes the scores");
     }
+}
+
+#[test]
+fn a_batch_of_prefixes_of_different_lengths_scores_as_each_alone() {
+    use ponder::prm::{ScoreItem, Scorer};
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let prm =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::Converted, lora: None }).unwrap();
+    let all = steps();
+    let prefixes: Vec<(&str, &[String])> = vec![
+        ("What is (3 + 4) * 2?", &all[..]),
+        ("What is 1 + 1?", &[]),
+        ("What is (3 + 4) * 2?", &all[..1]),
+    ];
+    let items: Vec<ScoreItem<'_>> = prefixes
+        .iter()
+        .map(|(q, s)| ScoreItem { question: q, steps: s, hidden: None, logprobs: &[] })
+        .collect();
+    let batched = prm.score(&items).unwrap();
+    assert_eq!(batched.len(), 3);
+    for ((q, s), b) in prefixes.iter().zip(&batched) {
+        let alone = *prm.step_scores(q, s).unwrap().last().unwrap();
+        assert!((alone.raw.unwrap() - b.raw.unwrap()).abs() < 1e-5, "{alone:?} vs {b:?}");
+        assert!((alone.quantiles.q10 - b.quantiles.q10).abs() < 1e-5);
+    }
+    assert!(prm.score(&[]).unwrap().is_empty());
+}
+
+/// The steps a reasoning answer was scored as: its text split at blank lines.
+fn answer_steps(text: &str) -> Vec<String> {
+    text.split("\n\n").map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
+}
+
+#[tokio::test]
+async fn a_model_prm_named_in_the_config_scores_the_policys_trajectories_over_http() {
+    use ponder::config::{Config, ModelPrmConfig, PrmConfig};
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let mut config = Config::default();
+    config.models.retain(|m| m.id == "ponder-arith");
+    config.models[0].prm = Some(PrmConfig::Model(ModelPrmConfig {
+        model: dir.path().into(),
+        head: HeadChoice::Converted,
+        lora: None,
+    }));
+    let server = common::TestServer::start(config);
+    let question = "What is 3 + 4?";
+    let body = serde_json::json!({"model": "ponder-arith", "messages": [{"role": "user", "content": question}],
+        "max_tokens": 96, "temperature": 0.7, "seed": 5, "reasoning": {"strategy": "best_of_n", "max_samples": 6}});
+    let r = reqwest::Client::new().post(server.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let p = &v["ponder"];
+    assert_eq!(p["adaptive"], true, "adaptive by default: the model has a PRM");
+    let samples = p["samples"].as_u64().unwrap();
+    assert!((1..=6).contains(&samples), "{p}");
+    assert_eq!(p["prm_evaluations"].as_u64().unwrap(), 1 + samples, "the question, then each sample's end");
+
+    // The figures are the configured PRM's own: the question alone, and the
+    // selected answer's steps.
+    let prm =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::Converted, lora: None }).unwrap();
+    let close = |json: &serde_json::Value, want: f32| (json.as_f64().unwrap() - want as f64).abs() < 1e-5;
+    let start = prm.step_scores(question, &[]).unwrap()[0];
+    for q in ["q10", "q50", "q90"] {
+        assert!(close(&p["success_probability_start"][q], start.raw.unwrap()), "{q}: {p} vs {start:?}");
+    }
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    let end = *prm.step_scores(question, &answer_steps(text)).unwrap().last().unwrap();
+    assert!(close(&p["success_probability_selected"]["q50"], end.quantiles.q50), "{p} vs {end:?}");
+    server.stop();
 }

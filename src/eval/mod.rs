@@ -5,6 +5,7 @@
 
 mod samples;
 mod search;
+mod sweep;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,10 +13,11 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::arith::task::{self, Split};
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Overrides, PrmConfig};
 use crate::engine::{Engine, EngineOptions};
 use crate::model::WeightFormat;
-use crate::prm::head::{HeadOutput, HeadPrm};
+use crate::prm::Scorer;
+use crate::prm::head::HeadOutput;
 use crate::reasoning::{Select, Strategy};
 
 #[derive(Debug, Args)]
@@ -141,11 +143,11 @@ pub fn resolve(model: &str, config: Option<&Path>) -> anyhow::Result<(PathBuf, W
     resolve_entry(model, config).map(|(p, w, _)| (p, w))
 }
 
-/// Path, weight format and PRM head of a model id (or a path taken as is).
+/// Path, weight format and PRM of a model id (or a path taken as is).
 fn resolve_entry(
     model: &str,
     config: Option<&Path>,
-) -> anyhow::Result<(PathBuf, WeightFormat, Option<PathBuf>)> {
+) -> anyhow::Result<(PathBuf, WeightFormat, Option<PrmConfig>)> {
     let cfg = Config::load(config, std::iter::empty(), &Overrides::default())?;
     Ok(match cfg.models.iter().find(|m| m.id == model) {
         Some(m) => (m.path.clone(), m.weights, m.prm.clone()),
@@ -153,8 +155,13 @@ fn resolve_entry(
     })
 }
 
-pub(crate) fn load_prm(path: &Path, output: HeadOutput) -> anyhow::Result<HeadPrm> {
-    Ok(HeadPrm::load(path).map_err(|e| anyhow::anyhow!("{e}"))?.with_output(output)?)
+/// The PRM answering as `output`, for the policy `engine` runs.
+pub(crate) fn load_prm(
+    prm: &PrmConfig,
+    engine: &Engine,
+    output: HeadOutput,
+) -> anyhow::Result<Arc<dyn Scorer>> {
+    crate::prm::load(prm, engine.model().config().hidden, output).map_err(|e| anyhow::anyhow!("PRM: {e}"))
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
@@ -167,13 +174,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if args.strategy == Strategy::Single && !args.sweep {
         return samples::run(&engine, &problems, &args);
     }
-    let prm_path =
-        args.prm_path.clone().or(configured_prm).unwrap_or_else(|| path.join("prm_head.safetensors"));
+    let prm = args
+        .prm_path
+        .clone()
+        .map(PrmConfig::Head)
+        .or(configured_prm)
+        .unwrap_or_else(|| PrmConfig::Head(path.join("prm_head.safetensors")));
     let engine = Arc::new(engine);
     if args.sweep {
-        search::sweep(engine, &prm_path, &problems, &args)
+        sweep::sweep(engine, &prm, &problems, &args)
     } else {
-        search::run(engine, &prm_path, &problems, &args)
+        search::run(engine, &prm, &problems, &args)
     }
 }
 

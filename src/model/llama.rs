@@ -375,17 +375,33 @@ impl Llama {
     /// position of one sequence fed from scratch: what a reward head on the
     /// backbone reads.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
-        if tokens.is_empty() {
+        self.hidden_states_batch(&[tokens])
+    }
+
+    /// [`Self::hidden_states`] of several sequences in one forward pass: the
+    /// rows of each sequence in turn, `(total tokens, hidden)`. Sequences of
+    /// different lengths share the weight matmuls; each attends only to itself.
+    pub fn hidden_states_batch(&self, seqs: &[&[u32]]) -> Result<Tensor, ModelError> {
+        let mut ids = Vec::new();
+        for tokens in seqs {
+            if tokens.is_empty() {
+                return Err(ModelError::EmptyBatch);
+            }
+            if tokens.len() > self.max_position() {
+                return Err(ModelError::ContextOverflow { needed: tokens.len(), max: self.max_position() });
+            }
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+                return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab });
+            }
+            ids.extend_from_slice(tokens);
+        }
+        if ids.is_empty() {
             return Err(ModelError::EmptyBatch);
         }
-        if tokens.len() > self.max_position() {
-            return Err(ModelError::ContextOverflow { needed: tokens.len(), max: self.max_position() });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-            return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab });
-        }
-        let mut cache = self.new_cache();
-        let x = self.rows(tokens, &mut [BatchEntry { tokens, cache: &mut cache }])?;
+        let mut caches: Vec<KvCache> = seqs.iter().map(|_| self.new_cache()).collect();
+        let mut batch: Vec<BatchEntry<'_>> =
+            seqs.iter().zip(caches.iter_mut()).map(|(tokens, cache)| BatchEntry { tokens, cache }).collect();
+        let x = self.rows(&ids, &mut batch)?;
         Ok(candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?)
     }
 

@@ -11,7 +11,13 @@
 pub mod head;
 pub mod model_prm;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use crate::config::PrmConfig;
+use head::{HeadOutput, HeadPrm};
+use model_prm::{HeadChoice, ModelPrm, ModelPrmOptions};
 
 /// The quantile levels of every PRM output, ascending.
 pub const BETAS: [f64; 3] = [0.1, 0.5, 0.9];
@@ -84,6 +90,32 @@ pub trait Scorer: Send + Sync {
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError>;
 }
 
+/// Loads the PRM a model's configuration names, answering with its
+/// calibrated quantiles or its raw score. A head must read hidden states of
+/// the policy's width (`policy_hidden`).
+pub fn load(
+    config: &PrmConfig,
+    policy_hidden: usize,
+    output: HeadOutput,
+) -> Result<Arc<dyn Scorer>, PrmError> {
+    match config {
+        PrmConfig::Head(path) => {
+            let head = HeadPrm::load(path)?.with_output(output)?;
+            if head.hidden() != policy_hidden {
+                return Err(PrmError::PolicyWidth { head: head.hidden(), policy: policy_hidden });
+            }
+            Ok(Arc::new(head))
+        }
+        PrmConfig::Model(m) => {
+            let head = match output {
+                HeadOutput::Raw => HeadChoice::TwoClass,
+                HeadOutput::Calibrated => m.head.clone(),
+            };
+            Ok(Arc::new(ModelPrm::load(&m.model, &ModelPrmOptions { head, lora: m.lora.clone() })?))
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PrmError {
     #[error("this PRM reads the policy's hidden state, which the caller did not give")]
@@ -92,6 +124,10 @@ pub enum PrmError {
     File { path: String, message: String },
     #[error("PRM feature of width {got} does not fit a head for width {want}")]
     Width { got: usize, want: usize },
+    #[error("the PRM's chat template left out the <extra_0> step markers")]
+    NoStepToken,
+    #[error("the PRM head reads hidden states of width {head}, the policy's are {policy}")]
+    PolicyWidth { head: usize, policy: usize },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -24,12 +24,14 @@ pub const STEP_TOKEN: &str = "<extra_0>";
 pub const SYSTEM_PROMPT: &str = "Please reason step by step, and put your final answer within \\boxed{}.";
 
 /// Which head scores steps.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum HeadChoice {
     /// The checkpoint's own 2-class head: a point estimate.
     TwoClass,
     /// The 2-class head converted to three quantile outputs (all equal to
     /// P(good) until trained).
+    #[default]
     Converted,
     /// A trained quantile head from a safetensors file (`score.2.*` with 3
     /// rows, and optionally `score.0.*`).
@@ -181,8 +183,15 @@ impl ModelPrm {
         let ids = self.encode(question, steps)?;
         let positions: Vec<u32> =
             ids.iter().enumerate().filter(|(_, t)| **t == self.step_token).map(|(i, _)| i as u32).collect();
+        if positions.is_empty() {
+            return Err(PrmError::NoStepToken);
+        }
         let hidden = self.backbone.hidden_states(&ids)?;
-        let at = hidden.index_select(&Tensor::new(positions.as_slice(), hidden.device())?, 0)?;
+        self.head(&hidden.index_select(&Tensor::new(positions.as_slice(), hidden.device())?, 0)?)
+    }
+
+    /// The score head over final hidden states `(rows, hidden)` at step tokens.
+    fn head(&self, at: &Tensor) -> Result<Vec<PrmScore>, PrmError> {
         let z = at.matmul(&self.fc1.0.t()?)?.broadcast_add(&self.fc1.1)?.relu()?;
         let logits = z.matmul(&self.classes.0.t()?)?.broadcast_add(&self.classes.1)?;
         let good = candle_nn::ops::softmax(&logits, D::Minus1)?.i((.., 1))?.to_vec1::<f32>()?;
@@ -207,13 +216,24 @@ impl ModelPrm {
 }
 
 impl super::Scorer for ModelPrm {
-    /// Each prefix's last score: its last step's (the question's when empty).
+    /// Each prefix's last score: its last step's (the question's when
+    /// empty). All prefixes go through the backbone in one forward pass.
     fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
-        items
-            .iter()
-            .map(|i| {
-                Ok(*self.step_scores(i.question, i.steps)?.last().expect("one score per step, at least one"))
-            })
-            .collect()
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let encoded: Vec<Vec<u32>> =
+            items.iter().map(|i| self.encode(i.question, i.steps)).collect::<Result<_, _>>()?;
+        // Each prefix ends with its last step's <extra_0>: the row to score.
+        let mut rows = Vec::with_capacity(encoded.len());
+        let mut offset = 0;
+        for ids in &encoded {
+            let last = ids.iter().rposition(|&t| t == self.step_token).ok_or(PrmError::NoStepToken)?;
+            rows.push((offset + last) as u32);
+            offset += ids.len();
+        }
+        let seqs: Vec<&[u32]> = encoded.iter().map(Vec::as_slice).collect();
+        let hidden = self.backbone.hidden_states_batch(&seqs)?;
+        self.head(&hidden.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?)
     }
 }

@@ -52,7 +52,7 @@ pub struct ModelPool {
 
 /// No worker could take the job (its channel closed: shutting down).
 #[derive(Debug)]
-pub struct DispatchError(pub Job);
+pub struct DispatchError(pub Box<Job>);
 
 impl ModelPool {
     /// Starts one worker thread per device; each loads its own engine.
@@ -112,7 +112,9 @@ impl ModelPool {
     pub fn dispatch(&self, job: Job) -> Result<(), DispatchError> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
         self.senders[i].try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => DispatchError(j),
+            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => {
+                DispatchError(Box::new(j))
+            }
         })
     }
 }
@@ -140,24 +142,15 @@ fn worker_main(
             return;
         }
     };
+    let hidden = engine.model().config().hidden;
     let prm: Option<Arc<dyn crate::prm::Scorer>> = match &entry.prm {
         None => None,
-        Some(path) => match crate::prm::head::HeadPrm::load(path) {
-            Ok(head) if head.hidden() == engine.model().config().hidden => Some(Arc::new(head)),
-            Ok(head) => {
-                let msg = format!(
-                    "model {:?}: PRM head {} reads hidden states of width {}, the model's are {}",
-                    entry.id,
-                    path.display(),
-                    head.hidden(),
-                    engine.model().config().hidden
-                );
-                *shared.failure.lock().expect("no panics while holding the lock") = Some(msg);
-                return;
-            }
+        Some(config) => match crate::prm::load(config, hidden, crate::prm::head::HeadOutput::Calibrated) {
+            Ok(prm) => Some(prm),
             Err(e) => {
-                *shared.failure.lock().expect("no panics while holding the lock") =
-                    Some(format!("model {:?}: PRM head: {e}", entry.id));
+                let msg = format!("model {:?}: PRM: {e}", entry.id);
+                tracing::error!("{msg}");
+                *shared.failure.lock().expect("no panics while holding the lock") = Some(msg);
                 return;
             }
         },
