@@ -249,4 +249,36 @@ fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels(
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let samples = v["mean_samples"].as_f64().unwrap();
     assert!((1.0..=4.0).contains(&samples), "{v}");
+
+    // The sweep replays one fixed best-of-4 run as the fixed curve and as
+    // every estimator's IAS runs, and compares them at equal tokens.
+    let (ok, stdout, stderr) = ponder(&[
+        "eval",
+        "--model",
+        model,
+        "--per-level",
+        "1",
+        "--sweep",
+        "--max-samples",
+        "4",
+        "--prm-path",
+        head.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let points = v["points"].as_array().unwrap();
+    let fixed: Vec<_> = points.iter().filter(|p| p["estimator"].is_null()).collect();
+    assert_eq!(fixed.iter().map(|p| p["max_samples"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 4]);
+    assert_eq!(fixed[2]["tokens_vs_fixed_max"], 1.0);
+    for estimator in ["raw", "calibrated", "oracle"] {
+        let mine = points.iter().filter(|p| p["estimator"] == estimator);
+        // Caps 2 and 4, thirteen values of C each; never more than the cap.
+        assert_eq!(mine.clone().count(), 26, "{estimator}");
+        assert!(
+            mine.into_iter()
+                .all(|p| p["mean_samples"].as_f64().unwrap() <= p["max_samples"].as_f64().unwrap())
+        );
+    }
+    assert_eq!(v["equal_tokens"].as_array().unwrap().len(), 3);
 }
