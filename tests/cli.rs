@@ -282,3 +282,79 @@ fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels(
     }
     assert_eq!(v["equal_tokens"].as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn a_separate_prm_is_calibrated_from_its_two_class_head_and_then_drives_evaluation() {
+    use ponder::prm::model_prm::{HeadChoice, ModelPrm, ModelPrmOptions};
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/ponder-arith");
+    let dir = tempfile::tempdir().unwrap();
+    let prm_dir = dir.path().join("prm");
+    std::fs::create_dir(&prm_dir).unwrap();
+    common::write_prm(&prm_dir);
+    let out = dir.path().join("calibration");
+    let head = dir.path().join("prm_quantile_head.safetensors");
+    let (ok, stdout, stderr) = ponder(&[
+        "calibrate",
+        "--model",
+        model,
+        "--prm-model",
+        prm_dir.to_str().unwrap(),
+        "--per-level",
+        "4",
+        "--eval-per-level",
+        "1",
+        "--n-val",
+        "2",
+        "--n-mc",
+        "2",
+        "--max-prefix",
+        "3",
+        "--out",
+        out.to_str().unwrap(),
+        "--head",
+        head.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("serve it with: prm = { model = "), "{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["head"]["kind"], "model_prm");
+    let (before, after) = (
+        report["head"]["converted_val_pinball"].as_f64().unwrap(),
+        report["head"]["quantile_val_pinball"].as_f64().unwrap(),
+    );
+    assert!(after <= before, "training never ends worse than the converted head: {before} -> {after}");
+    for method in ["calibrated", "raw", "platt", "isotonic", "histogram"] {
+        assert!(report["methods"][method]["brier"].as_f64().is_some(), "{method}: {report}");
+    }
+    // The head file is one the PRM loads.
+    let opts = ModelPrmOptions { head: HeadChoice::Trained(head.clone()), lora: None };
+    ModelPrm::load(&prm_dir, &opts).unwrap();
+
+    // A configuration naming the PRM and its trained head drives adaptive best-of-N.
+    let config = dir.path().join("ponder.toml");
+    let toml = format!(
+        "[[models]]\nid = \"arith\"\npath = {model:?}\nprm = {{ model = {:?}, head = {{ trained = {:?} }} }}\n",
+        prm_dir.to_str().unwrap(),
+        head.to_str().unwrap()
+    );
+    std::fs::write(&config, toml).unwrap();
+    let (ok, stdout, stderr) = ponder(&[
+        "eval",
+        "--config",
+        config.to_str().unwrap(),
+        "--model",
+        "arith",
+        "--per-level",
+        "1",
+        "--strategy",
+        "best_of_n",
+        "--max-samples",
+        "3",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!((1.0..=3.0).contains(&v["mean_samples"].as_f64().unwrap()), "{v}");
+    assert!(v["mean_prm_evaluations"].as_f64().unwrap() > v["mean_samples"].as_f64().unwrap(), "{v}");
+}

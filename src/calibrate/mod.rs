@@ -4,6 +4,7 @@
 pub mod baselines;
 pub mod labels;
 pub mod metrics;
+mod model_prm;
 pub mod report;
 pub mod run;
 pub mod train;

@@ -3,7 +3,7 @@
 //! the report — one command, resumable at the label stage.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
@@ -13,8 +13,11 @@ use super::labels::{self, LabelConfig, LabelRow};
 use super::report::{self, MethodReport, Predictions};
 use super::train::{self, Data, FitConfig};
 use crate::arith::task::{self, Split};
+use crate::config::{ModelPrmConfig, PrmConfig};
 use crate::engine::{Engine, EngineOptions};
+use crate::model::Llama;
 use crate::prm::head::HeadPrm;
+use crate::prm::model_prm::HeadChoice;
 
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
@@ -54,9 +57,14 @@ pub struct CalibrateArgs {
     /// Directory for labels and the report (default: MODEL_DIR/calibration).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Where the trained heads go (default: MODEL_DIR/prm_head.safetensors).
+    /// Where the trained heads go (default: MODEL_DIR/prm_head.safetensors
+    /// for a head PRM, OUT/prm_quantile_head.safetensors for a model PRM).
     #[arg(long)]
     head: Option<PathBuf>,
+    /// Calibrate this separate PRM (a Qwen2.5-Math-PRM-format directory)
+    /// instead of the model's configured PRM or a head on its hidden states.
+    #[arg(long)]
+    prm_model: Option<PathBuf>,
 }
 
 fn by_question(rows: &[LabelRow]) -> (Vec<LabelRow>, Vec<LabelRow>) {
@@ -66,12 +74,26 @@ fn by_question(rows: &[LabelRow]) -> (Vec<LabelRow>, Vec<LabelRow>) {
     })
 }
 
+/// What the labelled prefixes are scored with.
+enum Target {
+    /// A head on the policy's hidden states, trained here from scratch.
+    Head,
+    /// A separate PRM whose 2-class head becomes a trained quantile head.
+    Model(ModelPrmConfig),
+}
+
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let (path, weights) = crate::eval::resolve(&args.model, args.config.as_deref())?;
+    let (path, weights, configured) = crate::eval::resolve_entry(&args.model, args.config.as_deref())?;
+    let target = match (&args.prm_model, configured) {
+        (Some(dir), _) => {
+            Target::Model(ModelPrmConfig { model: dir.clone(), head: HeadChoice::Converted, lora: None })
+        }
+        (None, Some(PrmConfig::Model(m))) => Target::Model(m),
+        (None, _) => Target::Head,
+    };
     anyhow::ensure!(path.is_dir(), "{}: calibration writes beside an HF model directory", path.display());
     let out = args.out.clone().unwrap_or_else(|| path.join("calibration"));
-    let head_path = args.head.clone().unwrap_or_else(|| path.join("prm_head.safetensors"));
     std::fs::create_dir_all(&out)?;
     let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())?;
     let fit_problems = task::generate(args.split, args.per_level);
@@ -89,27 +111,28 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         !train_rows.is_empty() && !val_rows.is_empty(),
         "too few questions to split for validation"
     );
-    let model = engine.model();
-    let data =
-        |rows: &[LabelRow]| -> anyhow::Result<Data> { Ok(Data::new(&train::features(model, rows)?, rows)?) };
-    let (train_d, val_d, fit_d, eval_d) =
-        (data(&train_rows)?, data(&val_rows)?, data(&fit_rows)?, data(&eval_rows)?);
-    let fit_cfg = FitConfig { units: args.units, seed: args.seed, ..Default::default() };
-    let (raw, quantile, raw_val, q_val) = train::train_heads(&train_d, &val_d, &fit_cfg)?;
-    let prm = HeadPrm { quantile, raw: Some(raw), output: crate::prm::head::HeadOutput::Calibrated };
-    prm.save(
-        &head_path,
-        &format!(
-            "trained by `ponder calibrate` on {} {} questions ({} prefixes), N_val {}, N_MC {}",
-            fit_problems.len(),
-            args.split.name(),
-            fit_rows.len(),
-            args.n_val,
-            args.n_mc
-        ),
-    )?;
-
-    let (methods, baselines) = evaluate(&prm, (&fit_d, &fit_rows), (&eval_d, &eval_rows), args.n_mc)?;
+    let notes = format!(
+        "trained by `ponder calibrate` on {} {} questions ({} prefixes), N_val {}, N_MC {}",
+        fit_problems.len(),
+        args.split.name(),
+        fit_rows.len(),
+        args.n_val,
+        args.n_mc
+    );
+    let rows = Rows { train: &train_rows, val: &val_rows, fit: &fit_rows, eval: &eval_rows };
+    let fitted = match &target {
+        Target::Head => {
+            let head_path = args.head.clone().unwrap_or_else(|| path.join("prm_head.safetensors"));
+            fit_head(engine.model(), &rows, &args, &head_path, &notes)?
+        }
+        Target::Model(m) => {
+            let head_path = args.head.clone().unwrap_or_else(|| out.join("prm_quantile_head.safetensors"));
+            let questions =
+                fit_problems.iter().chain(&eval_problems).map(|p| (p.id.clone(), p.question.clone()));
+            super::model_prm::fit(m, &questions.collect(), &rows, &args.fit_config(), &head_path)?
+        }
+    };
+    let (methods, baselines) = evaluate(&fitted.fit, &fit_rows, &fitted.eval, &eval_rows, args.n_mc);
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     let context = vec![
         ("model".to_string(), path.display().to_string()),
@@ -129,13 +152,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
                 args.temperature
             ),
         ),
-        (
-            "heads".to_string(),
-            format!(
-                "{} ReLU units; raw head validation BCE {raw_val:.4}, quantile head validation pinball {q_val:.4}",
-                args.units
-            ),
-        ),
+        ("heads".to_string(), fitted.summary.clone()),
         ("minutes".to_string(), format!("{label_minutes:.1} labelling, {minutes:.1} in all")),
     ];
     let json = serde_json::json!({
@@ -144,54 +161,127 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         "fit_prefixes": fit_rows.len(), "eval_prefixes": eval_rows.len(),
         "fit_questions": fit_problems.len(), "eval_questions": eval_problems.len(),
         "n_val": args.n_val, "n_mc": args.n_mc, "max_prefix": args.max_prefix, "temperature": args.temperature,
-        "head": {"path": head_path.display().to_string(), "units": args.units, "raw_val_bce": raw_val, "quantile_val_pinball": q_val},
+        "head": fitted.head,
         "baselines": baselines,
         "good_threshold": report::GOOD_THRESHOLD,
         "minutes": {"labels": label_minutes, "total": minutes},
         "methods": methods,
     });
     write_report(&out, &json, &context, &methods)?;
-    println!("wrote {} and {} in {minutes:.1} minutes", out.display(), head_path.display());
+    println!("wrote {} and {} in {minutes:.1} minutes", out.display(), fitted.head_path.display());
+    if let Target::Model(m) = &target {
+        println!(
+            "serve it with: prm = {{ model = {:?}, head = {{ trained = {:?} }} }}",
+            m.model.display().to_string(),
+            fitted.head_path.display().to_string()
+        );
+    }
     Ok(())
+}
+
+impl CalibrateArgs {
+    fn fit_config(&self) -> FitConfig {
+        FitConfig { units: self.units, seed: self.seed, ..Default::default() }
+    }
+}
+
+/// The labelled prefixes: the fitting questions split into training and
+/// validation (every row), and the calibration rows of the fitting and the
+/// held-out questions (no final answers).
+pub(super) struct Rows<'a> {
+    pub train: &'a [LabelRow],
+    pub val: &'a [LabelRow],
+    pub fit: &'a [LabelRow],
+    pub eval: &'a [LabelRow],
+}
+
+/// A PRM's predictions on a set of prefixes.
+pub(super) struct Scored {
+    pub q10: Vec<f64>,
+    /// The mean the quantiles imply: the calibrated point estimate.
+    pub mean: Vec<f64>,
+    /// The uncalibrated P(good).
+    pub raw: Vec<f64>,
+}
+
+impl Scored {
+    /// From quantile rows `(n, 3)` and raw probabilities.
+    pub fn new(quantiles: Vec<Vec<f32>>, raw: Vec<f32>) -> Self {
+        let sorted: Vec<crate::prm::Quantiles> =
+            quantiles.iter().map(|v| crate::prm::Quantiles::sorted([v[0], v[1], v[2]])).collect();
+        Self {
+            q10: sorted.iter().map(|q| q.q10 as f64).collect(),
+            mean: sorted.iter().map(|q| q.mean() as f64).collect(),
+            raw: raw.into_iter().map(f64::from).collect(),
+        }
+    }
+}
+
+/// What fitting wrote and how it scores the fitting and held-out rows.
+pub(super) struct Fitted {
+    pub head_path: PathBuf,
+    /// `report.json`'s `head` object.
+    pub head: serde_json::Value,
+    /// One line for `report.md`.
+    pub summary: String,
+    pub fit: Scored,
+    pub eval: Scored,
+}
+
+/// The raw head (hard labels) and the quantile head started from it, on the
+/// policy's own hidden states and logprobs.
+fn fit_head(
+    model: &Llama,
+    rows: &Rows<'_>,
+    args: &CalibrateArgs,
+    head_path: &Path,
+    notes: &str,
+) -> anyhow::Result<Fitted> {
+    let data =
+        |rows: &[LabelRow]| -> anyhow::Result<Data> { Ok(Data::new(&train::features(model, rows)?, rows)?) };
+    let (train_d, val_d, fit_d, eval_d) =
+        (data(rows.train)?, data(rows.val)?, data(rows.fit)?, data(rows.eval)?);
+    let (raw, quantile, raw_val, q_val) = train::train_heads(&train_d, &val_d, &args.fit_config())?;
+    let scores = |d: &Data| -> anyhow::Result<Scored> {
+        let q = quantile.probabilities(&d.x)?.to_vec2::<f32>()?;
+        let r = raw.probabilities(&d.x)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(Scored::new(q, r))
+    };
+    let (fit, eval) = (scores(&fit_d)?, scores(&eval_d)?);
+    let prm = HeadPrm { quantile, raw: Some(raw), output: crate::prm::head::HeadOutput::Calibrated };
+    prm.save(head_path, notes)?;
+    Ok(Fitted {
+        head_path: head_path.to_path_buf(),
+        head: serde_json::json!({"kind": "head", "path": head_path.display().to_string(), "units": args.units,
+            "raw_val_bce": raw_val, "quantile_val_pinball": q_val}),
+        summary: format!(
+            "a head on the policy's hidden states, {} ReLU units; raw head validation BCE {raw_val:.4}, quantile head validation pinball {q_val:.4}",
+            args.units
+        ),
+        fit,
+        eval,
+    })
 }
 
 /// Fits the baselines on the raw scores of the fitting prefixes and scores
 /// every method on the held-out ones.
 fn evaluate(
-    prm: &HeadPrm,
-    (fit_d, fit_rows): (&Data, &[LabelRow]),
-    (eval_d, eval_rows): (&Data, &[LabelRow]),
+    fit: &Scored,
+    fit_rows: &[LabelRow],
+    eval: &Scored,
+    eval_rows: &[LabelRow],
     n_mc: usize,
-) -> anyhow::Result<(BTreeMap<String, MethodReport>, serde_json::Value)> {
-    let scores = |d: &Data| -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
-        let q = prm.quantile.probabilities(&d.x)?.to_vec2::<f32>()?;
-        let r = prm
-            .raw
-            .as_ref()
-            .expect("calibrate trains both heads")
-            .probabilities(&d.x)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let mut q10 = Vec::new();
-        let mut point = Vec::new();
-        for v in q {
-            let s = crate::prm::Quantiles::sorted([v[0], v[1], v[2]]);
-            q10.push(s.q10 as f64);
-            point.push(s.mean() as f64);
-        }
-        Ok((q10, point, r.into_iter().map(f64::from).collect()))
-    };
-    let (_, _, fit_raw) = scores(fit_d)?;
+) -> (BTreeMap<String, MethodReport>, serde_json::Value) {
     let fit_label: Vec<f64> = fit_rows.iter().map(|r| r.success).collect();
-    let platt = Platt::fit(&fit_raw, &fit_label);
-    let iso = Isotonic::fit(&fit_raw, &fit_label);
-    let hist = Histogram::fit(&fit_raw, &fit_label);
+    let platt = Platt::fit(&fit.raw, &fit_label);
+    let iso = Isotonic::fit(&fit.raw, &fit_label);
+    let hist = Histogram::fit(&fit.raw, &fit_label);
 
-    let (q10, mean, raw_p) = scores(eval_d)?;
     let label: Vec<f64> = eval_rows.iter().map(|r| r.success).collect();
     let levels: Vec<u8> = eval_rows.iter().map(|r| r.level).collect();
+    let raw_p = &eval.raw;
     let preds = [
-        Predictions { name: "calibrated", point: mean, q10: Some(q10) },
+        Predictions { name: "calibrated", point: eval.mean.clone(), q10: Some(eval.q10.clone()) },
         Predictions { name: "raw", point: raw_p.clone(), q10: None },
         Predictions { name: "platt", point: raw_p.iter().map(|&s| platt.predict(s)).collect(), q10: None },
         Predictions { name: "isotonic", point: raw_p.iter().map(|&s| iso.predict(s)).collect(), q10: None },
@@ -203,7 +293,7 @@ fn evaluate(
         .collect();
     let baselines =
         serde_json::json!({"platt": platt, "isotonic_blocks": iso.blocks.len(), "histogram": hist.values});
-    Ok((methods, baselines))
+    (methods, baselines)
 }
 
 /// `report.json`, `report.md`, `reliability.svg`, and a summary on stdout.

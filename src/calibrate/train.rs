@@ -155,6 +155,39 @@ pub fn train_heads(train: &Data, val: &Data, cfg: &FitConfig) -> candle_core::Re
     Ok((raw.fold_standardization(&mean, &std)?, quantile.fold_standardization(&mean, &std)?, raw_val, q_val))
 }
 
+/// The quantile output layer of a model PRM, trained with the pinball loss
+/// on the PRM's own features and started, as DESIGN §1 says, from its
+/// 2-class head: every output begins as the logit of P(good) (`good_w`
+/// `(1, units)`, `good_b` `(1)`). Returns the trained head (in the
+/// features' own scale) and its validation pinball loss before and after.
+pub fn train_from_good_logit(
+    good_w: &Tensor,
+    good_b: &Tensor,
+    train: &Data,
+    val: &Data,
+    cfg: &FitConfig,
+) -> candle_core::Result<(Head, f64, f64)> {
+    // Train on standardised features x' = (x − mean) / std; the same
+    // function of x' has weight w ⊙ std and bias b + w · mean.
+    let mean = train.x.mean(0)?;
+    let std = (train.x.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
+    let w = good_w.broadcast_mul(&std.unsqueeze(0)?)?;
+    let b = (good_b + good_w.matmul(&mean.unsqueeze(1)?)?.squeeze(1)?)?;
+    let (quantile, vars) = Head::linear(w, b)?.to_quantile_init()?;
+    let z = |d: &Data| -> candle_core::Result<Data> {
+        Ok(Data {
+            x: d.x.broadcast_sub(&mean)?.broadcast_div(&std)?,
+            soft: d.soft.clone(),
+            hard: d.hard.clone(),
+        })
+    };
+    let (train, val) = (z(train)?, z(val)?);
+    let loss = |h: &Head, d: &Data| pinball_loss(&h.probabilities(&d.x)?, &d.soft);
+    let before = loss(&quantile, &val)?.to_scalar::<f32>()? as f64;
+    let after = fit(&quantile, &vars, cfg, loss, &train, &val)?;
+    Ok((quantile.fold_standardization(&mean, &std)?, before, after.min(before)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,12 +231,33 @@ mod tests {
     }
 
     #[test]
-    fn quantile_heads_learn_the_spread_of_noisy_labels() {
-        // Labels uniform on [0, 1] regardless of the feature: the fitted
-        // quantiles approach 0.1, 0.5 and 0.9.
-        let n = 400;
-        let x: Vec<Vec<f32>> = (0..n).map(|i| vec![1.0, (i % 7) as f32 / 7.0]).collect();
-        let rows: Vec<LabelRow> = (0..n)
+    fn a_model_prm_head_starts_as_its_p_good_and_its_training_lowers_the_pinball_loss() {
+        let dev = Device::Cpu;
+        let rows = noisy_rows(200);
+        let x: Vec<Vec<f32>> = (0..200).map(|i| vec![(i % 5) as f32, 3.0 + (i % 3) as f32]).collect();
+        let d = Data::new(&x, &rows).unwrap();
+        let (w, b) = (Tensor::new(&[[0.4f32, -0.2]], &dev).unwrap(), Tensor::new(&[0.1f32], &dev).unwrap());
+        let good = candle_nn::ops::sigmoid(&d.x.matmul(&w.t().unwrap()).unwrap().broadcast_add(&b).unwrap())
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        // No training: the standardisation round trip keeps the identity.
+        let frozen = FitConfig { max_epochs: 0, ..Default::default() };
+        let (q, before, after) = train_from_good_logit(&w, &b, &d, &d, &frozen).unwrap();
+        assert_eq!(before, after);
+        let p = q.probabilities(&d.x).unwrap().to_vec2::<f32>().unwrap();
+        for (row, g) in p.iter().zip(&good) {
+            assert!(row.iter().all(|v| (v - g).abs() < 1e-5), "{row:?} vs {g}");
+        }
+        let cfg = FitConfig { lr: 5e-2, max_epochs: 300, ..Default::default() };
+        let (_, before, after) = train_from_good_logit(&w, &b, &d, &d, &cfg).unwrap();
+        assert!(after < before - 1e-3, "{before} -> {after}");
+    }
+
+    fn noisy_rows(n: usize) -> Vec<LabelRow> {
+        (0..n)
             .map(|i| LabelRow {
                 question_id: format!("q{i}"),
                 split: crate::arith::task::Split::Calib,
@@ -218,7 +272,16 @@ mod tests {
                 n_mc: 8,
                 final_answer: false,
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn quantile_heads_learn_the_spread_of_noisy_labels() {
+        // Labels uniform on [0, 1] regardless of the feature: the fitted
+        // quantiles approach 0.1, 0.5 and 0.9.
+        let n = 400;
+        let x: Vec<Vec<f32>> = (0..n).map(|i| vec![1.0, (i % 7) as f32 / 7.0]).collect();
+        let rows = noisy_rows(n);
         let d = Data::new(&x, &rows).unwrap();
         let cfg = FitConfig { units: 0, lr: 5e-2, max_epochs: 1500, patience: 1500, ..Default::default() };
         let (_, q, _, _) = train_heads(&d, &d, &cfg).unwrap();

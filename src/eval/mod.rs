@@ -144,7 +144,7 @@ pub fn resolve(model: &str, config: Option<&Path>) -> anyhow::Result<(PathBuf, W
 }
 
 /// Path, weight format and PRM of a model id (or a path taken as is).
-fn resolve_entry(
+pub(crate) fn resolve_entry(
     model: &str,
     config: Option<&Path>,
 ) -> anyhow::Result<(PathBuf, WeightFormat, Option<PrmConfig>)> {

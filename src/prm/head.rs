@@ -72,6 +72,17 @@ impl Head {
         Ok((Self { shape, fc1, out_w, out_b }, vars))
     }
 
+    /// A fixed linear head `sigmoid(x wᵀ + b)` with weight `(outputs, hidden)`.
+    pub fn linear(out_w: Tensor, out_b: Tensor) -> candle_core::Result<Self> {
+        let (outputs, hidden) = out_w.dims2()?;
+        Ok(Self { shape: HeadShape { hidden, units: 0, outputs }, fc1: None, out_w, out_b })
+    }
+
+    /// The output layer's weight `(outputs, width)` and bias.
+    pub fn output_layer(&self) -> (&Tensor, &Tensor) {
+        (&self.out_w, &self.out_b)
+    }
+
     /// A quantile head whose three outputs all equal this one-output head
     /// (DESIGN §1: training starts from the uncalibrated PRM).
     pub fn to_quantile_init(&self) -> candle_core::Result<(Self, Vec<Var>)> {

@@ -192,7 +192,15 @@ impl ModelPrm {
 
     /// The score head over final hidden states `(rows, hidden)` at step tokens.
     fn head(&self, at: &Tensor) -> Result<Vec<PrmScore>, PrmError> {
-        let z = at.matmul(&self.fc1.0.t()?)?.broadcast_add(&self.fc1.1)?.relu()?;
+        self.head_of_features(&self.relu_layer(at)?)
+    }
+
+    /// `score.0` and its ReLU: the features the output layer reads.
+    fn relu_layer(&self, at: &Tensor) -> Result<Tensor, PrmError> {
+        Ok(at.matmul(&self.fc1.0.t()?)?.broadcast_add(&self.fc1.1)?.relu()?)
+    }
+
+    fn head_of_features(&self, z: &Tensor) -> Result<Vec<PrmScore>, PrmError> {
         let logits = z.matmul(&self.classes.0.t()?)?.broadcast_add(&self.classes.1)?;
         let good = candle_nn::ops::softmax(&logits, D::Minus1)?.i((.., 1))?.to_vec1::<f32>()?;
         let quantiles = match &self.quantiles {
@@ -213,14 +221,13 @@ impl ModelPrm {
             })
             .collect())
     }
-}
 
-impl super::Scorer for ModelPrm {
-    /// Each prefix's last score: its last step's (the question's when
-    /// empty). All prefixes go through the backbone in one forward pass.
-    fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
+    /// The features the output layer reads, `(items, units)`: `score.0`'s
+    /// ReLU activations at each prefix's last step token, all prefixes in
+    /// one forward pass. Calibration trains a quantile output layer on them.
+    pub fn features(&self, items: &[super::ScoreItem<'_>]) -> Result<Tensor, PrmError> {
         if items.is_empty() {
-            return Ok(Vec::new());
+            return Err(PrmError::Model(crate::model::ModelError::EmptyBatch));
         }
         let encoded: Vec<Vec<u32>> =
             items.iter().map(|i| self.encode(i.question, i.steps)).collect::<Result<_, _>>()?;
@@ -234,6 +241,31 @@ impl super::Scorer for ModelPrm {
         }
         let seqs: Vec<&[u32]> = encoded.iter().map(Vec::as_slice).collect();
         let hidden = self.backbone.hidden_states_batch(&seqs)?;
-        self.head(&hidden.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?)
+        self.relu_layer(&hidden.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?)
+    }
+
+    /// The 2-class output layer as one logit of P(good): weight `(1, units)`
+    /// = w_good − w_bad and bias `(1)` = b_good − b_bad (softmax index 1 of
+    /// two logits is the sigmoid of their difference).
+    pub fn good_logit(&self) -> Result<(Tensor, Tensor), PrmError> {
+        let (w, b) = &self.classes;
+        Ok(((w.i(1)? - w.i(0)?)?.unsqueeze(0)?, (b.i(1)? - b.i(0)?)?.unsqueeze(0)?))
+    }
+
+    /// The `score.0` layer, saved beside a trained output layer so that the
+    /// file is a whole head.
+    pub fn first_layer(&self) -> (&Tensor, &Tensor) {
+        (&self.fc1.0, &self.fc1.1)
+    }
+}
+
+impl super::Scorer for ModelPrm {
+    /// Each prefix's last score: its last step's (the question's when
+    /// empty). All prefixes go through the backbone in one forward pass.
+    fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.head_of_features(&self.features(items)?)
     }
 }

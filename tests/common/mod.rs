@@ -163,3 +163,82 @@ pub fn sse_data(body: &str) -> Vec<String> {
 pub fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
 }
+
+// ---------------------------------------------------------------- a tiny model PRM
+
+/// Hidden width and layers of the tiny PRM.
+pub const H: usize = 32;
+const LAYERS: usize = 2;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use ponder::prm::model_prm::STEP_TOKEN;
+use tokenizers::AddedToken;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::models::bpe::BPE;
+
+/// A character-level tokenizer with ChatML specials and `<extra_0>` (id 2).
+pub fn write_tokenizer(dir: &Path) -> usize {
+    let specials = ["<|im_start|>", "<|im_end|>", STEP_TOKEN];
+    let chars: Vec<String> =
+        ['\n', ' '].into_iter().chain((b'!'..=b'~').map(char::from)).map(String::from).collect();
+    let vocab: ahash::AHashMap<String, u32> =
+        specials.iter().map(|s| s.to_string()).chain(chars).enumerate().map(|(i, s)| (s, i as u32)).collect();
+    let n = vocab.len();
+    let mut tok = tokenizers::Tokenizer::new(BPE::builder().vocab_and_merges(vocab, vec![]).build().unwrap());
+    tok.with_decoder(Some(Fuse::new()));
+    tok.add_special_tokens(specials.iter().map(|s| AddedToken::from(*s, true)).collect::<Vec<_>>()).unwrap();
+    tok.save(dir.join("tokenizer.json"), false).unwrap();
+    let template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}";
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"chat_template": template, "eos_token": "<|im_end|>"}).to_string(),
+    )
+    .unwrap();
+    n
+}
+
+/// A tiny random Qwen2ForProcessRewardModel checkpoint with the real tensor names.
+pub fn write_prm(dir: &Path) {
+    let vocab = write_tokenizer(dir);
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let mut rand = |name: &str, shape: &[usize], scale: f64, offset: f64| {
+        t.insert(
+            name.into(),
+            ((Tensor::randn(0f32, 1.0, shape, &dev).unwrap() * scale).unwrap() + offset).unwrap(),
+        );
+    };
+    let s = 1.0 / (H as f64).sqrt();
+    rand("model.embed_tokens.weight", &[vocab, H], 0.5, 0.0);
+    rand("model.norm.weight", &[H], 0.1, 1.0);
+    for i in 0..LAYERS {
+        let p = format!("model.layers.{i}");
+        rand(&format!("{p}.input_layernorm.weight"), &[H], 0.1, 1.0);
+        rand(&format!("{p}.post_attention_layernorm.weight"), &[H], 0.1, 1.0);
+        for (n, rows) in [("q_proj", H), ("k_proj", H / 2), ("v_proj", H / 2)] {
+            rand(&format!("{p}.self_attn.{n}.weight"), &[rows, H], s, 0.0);
+            rand(&format!("{p}.self_attn.{n}.bias"), &[rows], 0.1, 0.0);
+        }
+        rand(&format!("{p}.self_attn.o_proj.weight"), &[H, H], s, 0.0);
+        rand(&format!("{p}.mlp.gate_proj.weight"), &[2 * H, H], s, 0.0);
+        rand(&format!("{p}.mlp.up_proj.weight"), &[2 * H, H], s, 0.0);
+        rand(&format!("{p}.mlp.down_proj.weight"), &[H, 2 * H], s, 0.0);
+    }
+    rand("score.0.weight", &[H, H], s, 0.0);
+    rand("score.0.bias", &[H], 0.1, 0.0);
+    rand("score.2.weight", &[2, H], 1.0, 0.0);
+    rand("score.2.bias", &[2], 0.1, 0.0);
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let cfg = serde_json::json!({
+        "architectures": ["Qwen2ForProcessRewardModel"], "model_type": "qwen2",
+        "hidden_size": H, "intermediate_size": 2 * H, "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 512,
+        "sliding_window": 512, "max_window_layers": LAYERS, "use_sliding_window": false,
+        "tie_word_embeddings": false, "hidden_act": "silu",
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
