@@ -27,9 +27,11 @@
 //!   trajectories by one step", "score these prefixes"); its
 //!   [`reasoning::runtime::Runtime`] batches the trajectories of every request.
 //! - [`prm`]: process reward models: the quantile head on the policy's own
-//!   hidden states (default) and the Qwen2.5-Math-PRM format.
+//!   hidden states (default) and separate PRMs in the Qwen2.5-Math-PRM
+//!   format, loaded as a model's `prm` setting names them.
 //! - [`arith`], [`calibrate`], [`eval`]: the trained demo model and its task,
-//!   the PRM calibration pipeline, and the evaluation command.
+//!   the PRM calibration pipeline (heads and model PRMs), and the evaluation
+//!   command with its sweep of fixed, adaptive and oracle budgets.
 //! - [`engine`]: sequences with sampling and stop conditions; `step` samples
 //!   one token for every running sequence and feeds all of them (and any
 //!   prompt chunks) through one batched forward pass.

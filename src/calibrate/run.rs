@@ -134,6 +134,11 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     };
     let (methods, baselines) = evaluate(&fitted.fit, &fit_rows, &fitted.eval, &eval_rows, args.n_mc);
     let minutes = started.elapsed().as_secs_f64() / 60.0;
+    // Labels are fractions of N_MC: the share at exactly 0 and 1 bounds
+    // what the q10 coverage of any sigmoid head can be.
+    let share =
+        |v: f64| eval_rows.iter().filter(|r| r.success == v).count() as f64 / eval_rows.len().max(1) as f64;
+    let (zero, one) = (share(0.0), share(1.0));
     let context = vec![
         ("model".to_string(), path.display().to_string()),
         (
@@ -152,6 +157,15 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
                 args.temperature
             ),
         ),
+        (
+            "held-out labels".to_string(),
+            format!(
+                "{:.1}% exactly 0 and {:.1}% exactly 1; a sigmoid quantile is never 0, so its strict q10 coverage is at most {:.3}",
+                zero * 100.0,
+                one * 100.0,
+                1.0 - zero
+            ),
+        ),
         ("heads".to_string(), fitted.summary.clone()),
         ("minutes".to_string(), format!("{label_minutes:.1} labelling, {minutes:.1} in all")),
     ];
@@ -160,6 +174,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         "fit_split": args.split, "eval_split": args.eval_split,
         "fit_prefixes": fit_rows.len(), "eval_prefixes": eval_rows.len(),
         "fit_questions": fit_problems.len(), "eval_questions": eval_problems.len(),
+        "eval_label_share": {"zero": zero, "one": one},
         "n_val": args.n_val, "n_mc": args.n_mc, "max_prefix": args.max_prefix, "temperature": args.temperature,
         "head": fitted.head,
         "baselines": baselines,
