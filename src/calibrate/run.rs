@@ -133,55 +133,15 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         }
     };
     let (methods, baselines) = evaluate(&fitted.fit, &fit_rows, &fitted.eval, &eval_rows, args.n_mc);
-    let minutes = started.elapsed().as_secs_f64() / 60.0;
-    // Labels are fractions of N_MC: the share at exactly 0 and 1 bounds
-    // what the q10 coverage of any sigmoid head can be.
-    let share =
-        |v: f64| eval_rows.iter().filter(|r| r.success == v).count() as f64 / eval_rows.len().max(1) as f64;
-    let (zero, one) = (share(0.0), share(1.0));
-    let context = vec![
-        ("model".to_string(), path.display().to_string()),
-        (
-            "labels".to_string(),
-            format!(
-                "{} prefixes of {} {} questions to fit, {} prefixes of {} {} questions held out; N_val {}, N_MC {}, max prefix {}, temperature {}",
-                fit_rows.len(),
-                fit_problems.len(),
-                args.split.name(),
-                eval_rows.len(),
-                eval_problems.len(),
-                args.eval_split.name(),
-                args.n_val,
-                args.n_mc,
-                args.max_prefix,
-                args.temperature
-            ),
-        ),
-        (
-            "held-out labels".to_string(),
-            format!(
-                "{:.1}% exactly 0 and {:.1}% exactly 1; a sigmoid quantile is never 0, so its strict q10 coverage is at most {:.3}",
-                zero * 100.0,
-                one * 100.0,
-                1.0 - zero
-            ),
-        ),
-        ("heads".to_string(), fitted.summary.clone()),
-        ("minutes".to_string(), format!("{label_minutes:.1} labelling, {minutes:.1} in all")),
-    ];
-    let json = serde_json::json!({
-        "model": path.display().to_string(),
-        "fit_split": args.split, "eval_split": args.eval_split,
-        "fit_prefixes": fit_rows.len(), "eval_prefixes": eval_rows.len(),
-        "fit_questions": fit_problems.len(), "eval_questions": eval_problems.len(),
-        "eval_label_share": {"zero": zero, "one": one},
-        "n_val": args.n_val, "n_mc": args.n_mc, "max_prefix": args.max_prefix, "temperature": args.temperature,
-        "head": fitted.head,
-        "baselines": baselines,
-        "good_threshold": report::GOOD_THRESHOLD,
-        "minutes": {"labels": label_minutes, "total": minutes},
-        "methods": methods,
-    });
+    let facts = Facts {
+        args: &args,
+        path: &path,
+        questions: (fit_problems.len(), eval_problems.len()),
+        rows: &rows,
+        minutes: (label_minutes, started.elapsed().as_secs_f64() / 60.0),
+    };
+    let (context, json) = facts.describe(&fitted, &methods, baselines);
+    let minutes = facts.minutes.1;
     write_report(&out, &json, &context, &methods)?;
     println!("wrote {} and {} in {minutes:.1} minutes", out.display(), fitted.head_path.display());
     if let Target::Model(m) = &target {
@@ -192,6 +152,79 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What a run did, for the report.
+struct Facts<'a> {
+    args: &'a CalibrateArgs,
+    path: &'a Path,
+    /// Fitting and held-out questions.
+    questions: (usize, usize),
+    rows: &'a Rows<'a>,
+    /// Labelling, and the whole run.
+    minutes: (f64, f64),
+}
+
+impl Facts<'_> {
+    /// `report.md`'s context lines and `report.json`.
+    fn describe(
+        &self,
+        fitted: &Fitted,
+        methods: &BTreeMap<String, MethodReport>,
+        baselines: serde_json::Value,
+    ) -> (Vec<(String, String)>, serde_json::Value) {
+        let (args, (fit_rows, eval_rows)) = (self.args, (self.rows.fit, self.rows.eval));
+        // Labels are fractions of N_MC: the share at exactly 0 and 1 bounds
+        // what the q10 coverage of any sigmoid head can be.
+        let share = |v: f64| {
+            eval_rows.iter().filter(|r| r.success == v).count() as f64 / eval_rows.len().max(1) as f64
+        };
+        let (zero, one) = (share(0.0), share(1.0));
+        let context = vec![
+            ("model".to_string(), self.path.display().to_string()),
+            (
+                "labels".to_string(),
+                format!(
+                    "{} prefixes of {} {} questions to fit, {} prefixes of {} {} questions held out; N_val {}, N_MC {}, max prefix {}, temperature {}",
+                    fit_rows.len(),
+                    self.questions.0,
+                    args.split.name(),
+                    eval_rows.len(),
+                    self.questions.1,
+                    args.eval_split.name(),
+                    args.n_val,
+                    args.n_mc,
+                    args.max_prefix,
+                    args.temperature
+                ),
+            ),
+            (
+                "held-out labels".to_string(),
+                format!(
+                    "{:.1}% exactly 0 and {:.1}% exactly 1; a sigmoid quantile is never 0, so its strict q10 coverage is at most {:.3}",
+                    zero * 100.0,
+                    one * 100.0,
+                    1.0 - zero
+                ),
+            ),
+            ("heads".to_string(), fitted.summary.clone()),
+            ("minutes".to_string(), format!("{:.1} labelling, {:.1} in all", self.minutes.0, self.minutes.1)),
+        ];
+        let json = serde_json::json!({
+            "model": self.path.display().to_string(),
+            "fit_split": args.split, "eval_split": args.eval_split,
+            "fit_prefixes": fit_rows.len(), "eval_prefixes": eval_rows.len(),
+            "fit_questions": self.questions.0, "eval_questions": self.questions.1,
+            "eval_label_share": {"zero": zero, "one": one},
+            "n_val": args.n_val, "n_mc": args.n_mc, "max_prefix": args.max_prefix, "temperature": args.temperature,
+            "head": fitted.head,
+            "baselines": baselines,
+            "good_threshold": report::GOOD_THRESHOLD,
+            "minutes": {"labels": self.minutes.0, "total": self.minutes.1},
+            "methods": methods,
+        });
+        (context, json)
+    }
 }
 
 impl CalibrateArgs {
