@@ -95,6 +95,33 @@ impl Data {
     }
 }
 
+/// Training and validation data scaled by the training features' mean and
+/// standard deviation (the hidden state's coordinates differ by orders of
+/// magnitude); heads trained on them are folded back with
+/// [`Head::fold_standardization`].
+struct Standardized {
+    mean: Tensor,
+    std: Tensor,
+    train: Data,
+    val: Data,
+}
+
+impl Standardized {
+    fn new(train: &Data, val: &Data) -> candle_core::Result<Self> {
+        let mean = train.x.mean(0)?;
+        let std = (train.x.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
+        let scale = |d: &Data| -> candle_core::Result<Data> {
+            Ok(Data {
+                x: d.x.broadcast_sub(&mean)?.broadcast_div(&std)?,
+                soft: d.soft.clone(),
+                hard: d.hard.clone(),
+            })
+        };
+        let (train, val) = (scale(train)?, scale(val)?);
+        Ok(Self { mean, std, train, val })
+    }
+}
+
 /// Full-batch AdamW on `loss` until the validation loss stops improving;
 /// returns the best validation loss and restores the best weights.
 fn fit(
@@ -136,16 +163,7 @@ fn fit(
 pub fn train_heads(train: &Data, val: &Data, cfg: &FitConfig) -> candle_core::Result<(Head, Head, f64, f64)> {
     let hidden = train.x.dim(1)?;
     // Train on standardised features, then fold the scaling into the heads.
-    let mean = train.x.mean(0)?;
-    let std = (train.x.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
-    let z = |d: &Data| -> candle_core::Result<Data> {
-        Ok(Data {
-            x: d.x.broadcast_sub(&mean)?.broadcast_div(&std)?,
-            soft: d.soft.clone(),
-            hard: d.hard.clone(),
-        })
-    };
-    let (train, val) = (z(train)?, z(val)?);
+    let Standardized { mean, std, train, val } = Standardized::new(train, val)?;
     let (raw, raw_vars) =
         Head::init(HeadShape { hidden, units: cfg.units, outputs: 1 }, cfg.seed, &Device::Cpu)?;
     let raw_val = fit(&raw, &raw_vars, cfg, |h, d| bce_with_logits(&h.logits(&d.x)?, &d.hard), &train, &val)?;
@@ -169,19 +187,10 @@ pub fn train_from_good_logit(
 ) -> candle_core::Result<(Head, f64, f64)> {
     // Train on standardised features x' = (x − mean) / std; the same
     // function of x' has weight w ⊙ std and bias b + w · mean.
-    let mean = train.x.mean(0)?;
-    let std = (train.x.broadcast_sub(&mean)?.sqr()?.mean(0)? + 1e-6)?.sqrt()?;
+    let Standardized { mean, std, train, val } = Standardized::new(train, val)?;
     let w = good_w.broadcast_mul(&std.unsqueeze(0)?)?;
     let b = (good_b + good_w.matmul(&mean.unsqueeze(1)?)?.squeeze(1)?)?;
     let (quantile, vars) = Head::linear(w, b)?.to_quantile_init()?;
-    let z = |d: &Data| -> candle_core::Result<Data> {
-        Ok(Data {
-            x: d.x.broadcast_sub(&mean)?.broadcast_div(&std)?,
-            soft: d.soft.clone(),
-            hard: d.hard.clone(),
-        })
-    };
-    let (train, val) = (z(train)?, z(val)?);
     let loss = |h: &Head, d: &Data| pinball_loss(&h.probabilities(&d.x)?, &d.soft);
     let before = loss(&quantile, &val)?.to_scalar::<f32>()? as f64;
     let after = fit(&quantile, &vars, cfg, loss, &train, &val)?;
