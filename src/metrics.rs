@@ -318,4 +318,101 @@ mod tests {
         }
         assert!(text.contains("ponder_rejected_requests_total{model=\"x\",reason=\"queue_full\"} 1"));
     }
+
+    /// Every `ponder_*` metric a PromQL expression reads, with the labels it
+    /// groups or filters by.
+    fn references(expr: &str) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        let mut rest = expr;
+        while let Some(i) = rest.find("ponder_") {
+            let name: String =
+                rest[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+            rest = &rest[i + name.len()..];
+            let mut labels = Vec::new();
+            if let Some(selector) = rest.strip_prefix('{') {
+                let body = &selector[..selector.find('}').expect("selectors close")];
+                labels.extend(
+                    body.split(',')
+                        .filter_map(|m| m.split(['=', '!', '~']).next())
+                        .map(|l| l.trim().to_string()),
+                );
+            }
+            out.push((name, labels));
+        }
+        // `by (a, b)` applies to the metrics of its aggregation; checking it
+        // against each metric of the expression is stricter, and holds here.
+        let mut by_labels = Vec::new();
+        let mut rest = expr;
+        while let Some(i) = rest.find("by (") {
+            let body = &rest[i + 4..];
+            let end = body.find(')').expect("by clauses close");
+            by_labels.extend(body[..end].split(',').map(|l| l.trim().to_string()).filter(|l| l != "le"));
+            rest = &body[end..];
+        }
+        for (_, labels) in &mut out {
+            labels.extend(by_labels.iter().cloned());
+        }
+        out
+    }
+
+    #[test]
+    fn every_series_the_shipped_dashboard_queries_is_exported_with_the_labels_it_uses() {
+        let m = Metrics::new();
+        m.http_request("/v1/chat/completions", 200, 0.01);
+        m.rejected("x", Rejection::QueueFull);
+        m.model_loaded();
+        let mm = m.for_model("x");
+        for h in [&mm.queue_duration, &mm.ttft, &mm.itl, &mm.batch_size] {
+            h.observe(1.0);
+        }
+        for c in [&mm.prompt_tokens, &mm.generated_tokens, &mm.cancelled] {
+            c.inc();
+        }
+        for g in [&mm.queue_depth, &mm.running, &mm.kv_bytes] {
+            g.set(1);
+        }
+        let q = crate::prm::Quantiles::point(0.5);
+        let a = crate::reasoning::Accounting {
+            samples: 2,
+            fixed_samples: 4,
+            tokens_generated: 10,
+            fixed_tokens_estimate: 20,
+            tokens_saved: 10,
+            prm_evaluations: 3,
+            start: Some(q),
+            selected: Some(q),
+            steps: 2,
+        };
+        mm.reasoning.record("best_of_n", &a, 0.1);
+        let text = m.render();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards/ponder.json");
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let exprs: Vec<&str> = dashboard["panels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+            .map(|t| t["expr"].as_str().unwrap())
+            .collect();
+        assert!(exprs.len() >= 15, "{} queries", exprs.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for expr in &exprs {
+            for (name, labels) in references(expr) {
+                let series: Vec<&str> =
+                    text.lines().filter(|l| !l.starts_with('#') && l.starts_with(name.as_str())).collect();
+                assert!(!series.is_empty(), "{name} (in {expr}) is not exported");
+                for label in labels {
+                    assert!(
+                        series.iter().any(|l| l.contains(&format!("{label}=\""))),
+                        "{name} has no label {label}: {expr}"
+                    );
+                }
+                seen.insert(name);
+            }
+        }
+        // Tokens saved per query is the dashboard's first panel.
+        assert!(exprs[0].contains(REASONING_TOKENS_SAVED_TOTAL) && exprs[0].contains(REASONING_SAMPLES));
+        assert!(seen.len() >= 14, "{seen:?}");
+    }
 }
