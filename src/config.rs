@@ -633,5 +633,14 @@ mod tests {
         cfg.models[0].path = "/nowhere/model.gguf".into();
         let err = cfg.check_model_files().unwrap_err().to_string();
         assert!(err.contains("/nowhere/model.gguf") && err.contains("make models"), "{err}");
+        // So is a missing file of a model PRM's table.
+        let mut cfg = Config::default();
+        cfg.models[1].prm = Some(PrmConfig::Model(ModelPrmConfig {
+            model: "models/ponder-arith".into(),
+            head: crate::prm::model_prm::HeadChoice::Trained("/nowhere/head.safetensors".into()),
+            lora: None,
+        }));
+        let err = cfg.check_model_files().unwrap_err().to_string();
+        assert!(err.contains("/nowhere/head.safetensors") && err.contains("`prm` table"), "{err}");
     }
 }
