@@ -178,13 +178,15 @@ fn arith_train_writes_a_checkpoint_that_eval_and_export_use() {
     assert_eq!(stdout.lines().count(), 12);
 }
 
-#[test]
-fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels() {
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/ponder-arith");
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("calibration");
-    let head = dir.path().join("prm_head.safetensors");
-    let args = [
+/// `ponder calibrate` on a few questions with two trajectories and two
+/// continuations each, writing under `out` and `head`.
+fn miniature_calibration(
+    model: &str,
+    out: &std::path::Path,
+    head: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
         "calibrate",
         "--model",
         model,
@@ -198,13 +200,23 @@ fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels(
         "2",
         "--max-prefix",
         "3",
-        "--units",
-        "8",
-        "--out",
-        out.to_str().unwrap(),
-        "--head",
-        head.to_str().unwrap(),
-    ];
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["--out".into(), out.display().to_string(), "--head".into(), head.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+#[test]
+fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/ponder-arith");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("calibration");
+    let head = dir.path().join("prm_head.safetensors");
+    let args = miniature_calibration(model, &out, &head, &["--units", "8"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, stdout, stderr) = ponder(&args);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("calibrated"), "{stdout}");
@@ -293,27 +305,8 @@ fn a_separate_prm_is_calibrated_from_its_two_class_head_and_then_drives_evaluati
     common::write_prm(&prm_dir);
     let out = dir.path().join("calibration");
     let head = dir.path().join("prm_quantile_head.safetensors");
-    let (ok, stdout, stderr) = ponder(&[
-        "calibrate",
-        "--model",
-        model,
-        "--prm-model",
-        prm_dir.to_str().unwrap(),
-        "--per-level",
-        "4",
-        "--eval-per-level",
-        "1",
-        "--n-val",
-        "2",
-        "--n-mc",
-        "2",
-        "--max-prefix",
-        "3",
-        "--out",
-        out.to_str().unwrap(),
-        "--head",
-        head.to_str().unwrap(),
-    ]);
+    let args = miniature_calibration(model, &out, &head, &["--prm-model", prm_dir.to_str().unwrap()]);
+    let (ok, stdout, stderr) = ponder(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{stderr}");
     assert!(stdout.contains("serve it with: prm = { model = "), "{stdout}");
     let report: serde_json::Value =
