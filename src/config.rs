@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::WeightFormat;
+pub use crate::prm::config::{ModelPrmConfig, PrmConfig};
+pub use crate::reasoning::knobs::ReasoningDefaults;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -177,112 +179,6 @@ pub struct ModelEntry {
     pub reasoning: ReasoningDefaults,
 }
 
-/// A model's PRM, as the configuration names it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(untagged)]
-pub enum PrmConfig {
-    /// `prm = "…/prm_head.safetensors"`: a head written by `ponder
-    /// calibrate` that reads this model's own hidden states.
-    Head(PathBuf),
-    /// `prm = { model = "dir", head = "converted", lora = "dir" }`: a
-    /// separate PRM in the Qwen2.5-Math-PRM format.
-    Model(ModelPrmConfig),
-}
-
-/// A separate PRM model and how its steps are scored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelPrmConfig {
-    /// The checkpoint directory (`config.json`, safetensors, `tokenizer.json`).
-    pub model: PathBuf,
-    /// `"two_class"` (its own P(good)), `"converted"` (three quantile
-    /// outputs that start as P(good)) or `{ trained = "head.safetensors" }`.
-    #[serde(default)]
-    pub head: crate::prm::model_prm::HeadChoice,
-    /// A PEFT LoRA adapter directory merged into the backbone at load.
-    #[serde(default)]
-    pub lora: Option<PathBuf>,
-}
-
-impl PrmConfig {
-    /// Every file this PRM reads, for the start-up check.
-    fn paths(&self) -> Vec<&Path> {
-        match self {
-            Self::Head(p) => vec![p],
-            Self::Model(m) => {
-                let mut v: Vec<&Path> = vec![&m.model];
-                v.extend(m.lora.as_deref());
-                if let crate::prm::model_prm::HeadChoice::Trained(p) = &m.head {
-                    v.push(p);
-                }
-                v
-            }
-        }
-    }
-}
-
-// By hand rather than `untagged`, so that a mistyped table keeps serde's
-// message (which field, what was expected) instead of "did not match any
-// variant".
-impl<'de> Deserialize<'de> for PrmConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visit;
-        impl<'de> serde::de::Visitor<'de> for Visit {
-            type Value = PrmConfig;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a PRM head path, or a table { model = \"dir\", head, lora }")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PrmConfig, E> {
-                Ok(PrmConfig::Head(v.into()))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PrmConfig, A::Error> {
-                ModelPrmConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(PrmConfig::Model)
-            }
-        }
-        d.deserialize_any(Visit)
-    }
-}
-
-/// Per-model defaults of the `reasoning` request object.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ReasoningDefaults {
-    pub strategy: crate::reasoning::Strategy,
-    /// N_max.
-    pub max_samples: usize,
-    /// C.
-    pub confidence: f64,
-    pub budget_quantile: f64,
-    /// M_max.
-    pub beam_width: usize,
-    /// K_max.
-    pub beams: usize,
-    pub prune_every: usize,
-    pub select: crate::reasoning::Select,
-    /// Tokens per reasoning step.
-    pub max_step_tokens: usize,
-    /// Steps per trajectory.
-    pub max_steps: usize,
-}
-
-impl Default for ReasoningDefaults {
-    fn default() -> Self {
-        Self {
-            strategy: crate::reasoning::Strategy::BestOfN,
-            max_samples: 64,
-            confidence: 0.99,
-            budget_quantile: 0.1,
-            beam_width: 8,
-            beams: 8,
-            prune_every: 1,
-            select: crate::reasoning::Select::PrmMax,
-            max_step_tokens: 128,
-            max_steps: 20,
-        }
-    }
-}
-
 fn default_devices() -> Vec<DeviceKind> {
     vec![DeviceKind::Cpu]
 }
@@ -325,7 +221,11 @@ impl Default for Config {
                         "git checkout models/ponder-arith (it is committed), or `ponder arith train`".into(),
                     ),
                     prm: Some(PrmConfig::Head(ARITH_PRM_PATH.into())),
-                    reasoning: ReasoningDefaults { max_step_tokens: 64, ..ReasoningDefaults::default() },
+                    reasoning: ReasoningDefaults {
+                        max_step_tokens: 64,
+                        answer: crate::reasoning::select::AnswerFormat::LastNumber,
+                        ..ReasoningDefaults::default()
+                    },
                 },
             ],
         }
@@ -430,23 +330,10 @@ impl Config {
             if m.id.is_empty() || m.devices.is_empty() || m.prefill_chunk == 0 {
                 return bad(format!("model {:?}: id, devices and prefill_chunk must be non-empty", m.id));
             }
-            let r = &m.reasoning;
-            if r.max_samples == 0
-                || r.beam_width == 0
-                || r.beams == 0
-                || r.prune_every == 0
-                || r.max_steps == 0
-                || r.max_step_tokens == 0
-            {
-                return bad(format!("model {:?}: reasoning sizes must be at least 1", m.id));
-            }
-            let confidence_ok = r.confidence > 0.0 && r.confidence < 1.0;
-            if !confidence_ok || !(0.0..=1.0).contains(&r.budget_quantile) {
-                return bad(format!(
-                    "model {:?}: reasoning.confidence must be in (0, 1), budget_quantile in [0, 1]",
-                    m.id
-                ));
-            }
+            // The same ranges a request's values meet: a default no request could use stops start-up.
+            crate::reasoning::knobs::check_defaults(&m.reasoning, self.queue.max_running).map_err(|e| {
+                ConfigError::Invalid(format!("model {:?}: [models.reasoning] {}", m.id, e.message))
+            })?;
         }
         let l = &self.limits;
         let nonzero = [
@@ -642,5 +529,28 @@ mod tests {
         }));
         let err = cfg.check_model_files().unwrap_err().to_string();
         assert!(err.contains("/nowhere/head.safetensors") && err.contains("`prm` table"), "{err}");
+    }
+
+    #[test]
+    fn a_model_default_that_every_request_would_fail_on_stops_start_up_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        for (setting, key) in [
+            ("max_samples = 100", "reasoning.max_samples must be between 1 and 64, got 100"),
+            ("budget_quantile = 0.05", "reasoning.budget_quantile must be between 0.1 and 0.9"),
+            ("confidence = 1.0", "reasoning.confidence"),
+            ("beams = 16", "reasoning.beams x reasoning.beam_width = 128"),
+            ("max_steps = 0", "reasoning.max_steps must be at least 1"),
+        ] {
+            let toml = format!("[[models]]\nid = \"a\"\npath = \"x\"\n[models.reasoning]\n{setting}\n");
+            std::fs::write(&file, toml).unwrap();
+            let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err().to_string();
+            assert!(err.contains(key) && err.contains("model \"a\""), "{setting}: {err}");
+        }
+        // The running limit bounds N_max: lowering it below the default fails too.
+        let err = Config::load(None, env(&[("PONDER_QUEUE_MAX_RUNNING", "16")]), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reasoning.max_samples must be between 1 and 16, got 64"), "{err}");
     }
 }

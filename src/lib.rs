@@ -64,6 +64,7 @@
 
 pub mod api;
 pub mod arith;
+pub mod backend;
 pub mod bench;
 pub mod calibrate;
 pub mod cli;

@@ -19,6 +19,7 @@ pub const BATCH_SIZE: &str = "ponder_batch_size_sequences";
 pub const CANCELLED_REQUESTS_TOTAL: &str = "ponder_cancelled_requests_total";
 pub const REJECTED_REQUESTS_TOTAL: &str = "ponder_rejected_requests_total";
 pub const KV_CACHE_BYTES: &str = "ponder_kv_cache_bytes";
+pub const WORKER_RESTARTS_TOTAL: &str = "ponder_worker_restarts_total";
 pub const MODELS_LOADED: &str = "ponder_models_loaded";
 pub const REASONING_TOKENS_GENERATED_TOTAL: &str = "ponder_reasoning_tokens_generated_total";
 pub const REASONING_TOKENS_SAVED_TOTAL: &str = "ponder_reasoning_tokens_saved_total";
@@ -67,6 +68,7 @@ pub struct Metrics {
     cancelled: IntCounterVec,
     rejected: IntCounterVec,
     kv_bytes: IntGaugeVec,
+    worker_restarts: IntCounterVec,
     models_loaded: IntGauge,
     reasoning_generated: IntCounterVec,
     reasoning_saved: IntCounterVec,
@@ -165,6 +167,12 @@ impl Metrics {
                 &["model", "reason"],
             ),
             kv_bytes: gauge(&r, KV_CACHE_BYTES, "Bytes held by live KV caches", &["model"]),
+            worker_restarts: counter(
+                &r,
+                WORKER_RESTARTS_TOTAL,
+                "Workers restarted after a panic or a model error",
+                &["model"],
+            ),
             models_loaded,
             reasoning_generated: counter(
                 &r,
@@ -245,6 +253,7 @@ impl Metrics {
             batch_size: self.batch_size.with_label_values(&l),
             cancelled: self.cancelled.with_label_values(&l),
             kv_bytes: self.kv_bytes.with_label_values(&l),
+            worker_restarts: self.worker_restarts.with_label_values(&l),
             reasoning: ReasoningMetrics { model: model.to_string(), metrics: self.clone() },
         }
     }
@@ -289,6 +298,7 @@ pub struct ModelMetrics {
     pub batch_size: Histogram,
     pub cancelled: IntCounter,
     pub kv_bytes: IntGauge,
+    pub worker_restarts: IntCounter,
     pub reasoning: ReasoningMetrics,
 }
 
@@ -365,7 +375,7 @@ mod tests {
         for h in [&mm.queue_duration, &mm.ttft, &mm.itl, &mm.batch_size] {
             h.observe(1.0);
         }
-        for c in [&mm.prompt_tokens, &mm.generated_tokens, &mm.cancelled] {
+        for c in [&mm.prompt_tokens, &mm.generated_tokens, &mm.cancelled, &mm.worker_restarts] {
             c.inc();
         }
         for g in [&mm.queue_depth, &mm.running, &mm.kv_bytes] {

@@ -9,9 +9,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
+use crate::backend::{Backend, BackendStatus};
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::worker::{ModelPool, PoolStatus};
+use crate::worker::{ModelPool, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -29,9 +30,25 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with(listener, config, WorkerOptions::default(), shutdown).await
+}
+
+/// [`run`] with worker options (tests inject faults through them).
+pub async fn run_with(
+    listener: TcpListener,
+    config: Config,
+    options: WorkerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     let metrics = Metrics::new();
-    let pools: BTreeMap<String, Arc<ModelPool>> =
-        config.models.iter().map(|m| (m.id.clone(), ModelPool::spawn(m, &config.queue, &metrics))).collect();
+    let pools: BTreeMap<String, Arc<dyn Backend>> = config
+        .models
+        .iter()
+        .map(|m| {
+            let pool: Arc<dyn Backend> = ModelPool::spawn(m, &config.queue, &metrics, options.clone());
+            (m.id.clone(), pool)
+        })
+        .collect();
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
     let state = AppState::new(Arc::new(config), metrics, pools);
     let app = api::router(state.clone());
@@ -69,11 +86,11 @@ pub async fn run(
 async fn watch_loads(state: AppState) -> String {
     loop {
         for pool in state.models.values() {
-            if let PoolStatus::Failed(msg) = pool.status() {
+            if let BackendStatus::Failed(msg) = pool.status() {
                 return msg;
             }
         }
-        if state.models.values().all(|p| p.status() == PoolStatus::Ready) {
+        if state.models.values().all(|p| p.status() == BackendStatus::Ready) {
             return std::future::pending().await;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -2,14 +2,55 @@
 //! (token ids, resolved defaults, checked limits) or a [`ValidationError`]
 //! that names the field, the limit and the value given.
 
-use crate::config::{Limits, ReasoningDefaults};
-use crate::engine::{Engine, SamplingParams};
+use crate::config::Limits;
+use crate::engine::SamplingParams;
+use crate::reasoning::knobs::{self, KnobValues, ReasoningDefaults};
 use crate::reasoning::{Budget, Candidates, ReasoningParams, Strategy};
-use crate::tokenizer::{AddSpecial, ChatMessage, TokenizerError};
+use crate::tokenizer::{AddSpecial, ChatMessage, Tokenizer, TokenizerError};
 use crate::wire::{
     ChatCompletionRequest, CompletionRequest, ContentWire, PromptWire, ReasoningWire, StopWire, StreamOptions,
 };
-use crate::worker::GenerationRequest;
+
+/// What validation reads of the served model.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelView<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub context_length: usize,
+}
+
+/// A generation the backend runs: `n` choices for each prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationRequest {
+    /// Token ids of each prompt (a completions request may send several).
+    pub prompts: Vec<Vec<u32>>,
+    pub n: usize,
+    /// Choice `j` of a prompt samples with `child_seed(sampling.seed, j)`.
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub max_tokens: usize,
+    /// Logprob alternatives per token; `None` records no logprobs.
+    pub logprobs: Option<usize>,
+    /// The question as text (what a text-reading PRM scores).
+    pub question: String,
+    /// Search with a PRM instead of plain sampling.
+    pub reasoning: Option<ReasoningParams>,
+}
+
+impl GenerationRequest {
+    /// Sequences the request needs to start: one per choice, or the one
+    /// prompt a reasoning request scores before it knows its budget.
+    pub fn initial_sequences(&self) -> usize {
+        match &self.reasoning {
+            Some(_) => 1,
+            None => self.prompts.len() * self.n,
+        }
+    }
+
+    /// Choices the response holds.
+    pub fn choices(&self) -> usize {
+        self.prompts.len() * self.n
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -126,37 +167,19 @@ fn reasoning_params(
     if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
         return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
     }
-    let cap = rl.max_sequences as i64;
-    let max_samples =
-        in_range_i("reasoning.max_samples", w.max_samples.unwrap_or(d.max_samples as i64), 1, cap)?;
-    let beam_width = in_range_i("reasoning.beam_width", w.beam_width.unwrap_or(d.beam_width as i64), 1, cap)?;
-    let beams = in_range_i("reasoning.beams", w.beams.unwrap_or(d.beams as i64), 1, cap)?;
-    let prune_every =
-        in_range_i("reasoning.prune_every", w.prune_every.unwrap_or(d.prune_every as i64), 1, 100)?;
-    if beams * beam_width > rl.max_sequences {
-        return Err(ValidationError::new(
-            "reasoning.beams",
-            format!(
-                "reasoning.beams x reasoning.beam_width = {} paths exceeds the {} sequences a worker runs at once",
-                beams * beam_width,
-                rl.max_sequences
-            ),
-        ));
-    }
-    let confidence = w.confidence.unwrap_or(d.confidence);
-    if !(confidence > 0.0 && confidence < 1.0) {
-        return Err(ValidationError::new(
-            "reasoning.confidence",
-            format!("reasoning.confidence must be greater than 0 and less than 1, got {confidence}"),
-        ));
-    }
-    let budget_quantile = w.budget_quantile.unwrap_or(d.budget_quantile);
-    if !(0.1..=0.9).contains(&budget_quantile) {
-        return Err(ValidationError::new(
-            "reasoning.budget_quantile",
-            format!("reasoning.budget_quantile must be between 0.1 and 0.9, got {budget_quantile}"),
-        ));
-    }
+    let checked = knobs::check(
+        KnobValues {
+            max_samples: w.max_samples.unwrap_or(d.max_samples as i64),
+            beam_width: w.beam_width.unwrap_or(d.beam_width as i64),
+            beams: w.beams.unwrap_or(d.beams as i64),
+            prune_every: w.prune_every.unwrap_or(d.prune_every as i64),
+            confidence: w.confidence.unwrap_or(d.confidence),
+            budget_quantile: w.budget_quantile.unwrap_or(d.budget_quantile),
+        },
+        rl.max_sequences,
+    )
+    .map_err(|e| ValidationError::new(&e.key, e.message))?;
+    let max_samples = checked.max_samples;
     if n > max_samples {
         return Err(ValidationError::new(
             "n",
@@ -167,12 +190,13 @@ fn reasoning_params(
         strategy,
         budget: if adaptive { Budget::Adaptive } else { Budget::Fixed },
         max_samples,
-        confidence,
-        budget_quantile,
-        beam_width,
-        beams,
-        prune_every,
+        confidence: checked.confidence,
+        budget_quantile: checked.budget_quantile,
+        beam_width: checked.beam_width,
+        beams: checked.beams,
+        prune_every: checked.prune_every,
         select,
+        answer: d.answer,
         candidates: if w.return_candidates.unwrap_or(false) { Candidates::Return } else { Candidates::Omit },
         n,
         max_tokens,
@@ -239,7 +263,7 @@ fn build(
     prompt_text: String,
     question: String,
     c: Common<'_>,
-    engine: &Engine,
+    view: ModelView<'_>,
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
     let limits = rl.limits;
@@ -269,7 +293,7 @@ fn build(
             ),
         ));
     }
-    let context = engine.model().max_position();
+    let context = view.context_length;
     let room = context.saturating_sub(longest);
     let max_tokens = match c.max_tokens {
         Some(m) => in_range_i(c.max_tokens_param, m, 1, limits.max_tokens as i64)?,
@@ -338,7 +362,7 @@ fn template_error(e: TokenizerError) -> ValidationError {
 
 pub fn chat(
     req: ChatCompletionRequest,
-    engine: &Engine,
+    model: ModelView<'_>,
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
     if req.messages.is_empty() {
@@ -387,7 +411,7 @@ pub fn chat(
             Some(in_range_i("top_logprobs", top.unwrap_or(0), 0, rl.limits.max_top_logprobs as i64)?)
         }
     };
-    let tok = engine.tokenizer();
+    let tok = model.tokenizer;
     let text = tok.apply_chat_template(&messages).map_err(template_error)?;
     let ids = tok.encode(&text, AddSpecial::No).map_err(template_error)?;
     let (max_tokens, max_tokens_param) = match (req.max_completion_tokens, req.max_tokens) {
@@ -410,12 +434,12 @@ pub fn chat(
     };
     let question =
         messages.iter().rev().find(|m| m.role == "user").map_or_else(String::new, |m| m.content.clone());
-    build(Endpoint::Chat, req.model.clone(), vec![ids], "messages", text, question, c, engine, rl)
+    build(Endpoint::Chat, req.model.clone(), vec![ids], "messages", text, question, c, model, rl)
 }
 
 pub fn completion(
     req: CompletionRequest,
-    engine: &Engine,
+    model: ModelView<'_>,
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
     let texts = match &req.prompt {
@@ -429,7 +453,7 @@ pub fn completion(
         None => None,
         Some(k) => Some(in_range_i("logprobs", k, 0, rl.limits.max_top_logprobs as i64)?),
     };
-    let tok = engine.tokenizer();
+    let tok = model.tokenizer;
     let prompts = texts
         .iter()
         .map(|t| tok.encode(t, AddSpecial::Yes))
@@ -458,7 +482,7 @@ pub fn completion(
         question.clone(),
         question,
         c,
-        engine,
+        model,
         rl,
     )
 }

@@ -5,6 +5,44 @@
 
 use serde::{Deserialize, Serialize};
 
+/// An optional integer as JSON Schema defines one: `416` and `416.0` alike
+/// (some clients serialise every number as a float); `2.5` is a type error.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Option<i64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            i64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            // Exactly representable integers only; 2^63 itself is out of range.
+            if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.223_372_036_854_776e18 {
+                Ok(Some(v as i64))
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    d.deserialize_option(Visit)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum StopWire {
@@ -50,18 +88,18 @@ macro_rules! request_with_sampling {
         #[derive(Debug, Clone, Deserialize)]
         pub struct $name {
             $($(#[$fmeta])* pub $field: $ty,)*
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral")]
             pub max_tokens: Option<i64>,
             #[serde(default)]
             pub temperature: Option<f64>,
             #[serde(default)]
             pub top_p: Option<f64>,
             /// Not OpenAI's, but vLLM's and TGI's; 0 or -1 disables it.
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral")]
             pub top_k: Option<i64>,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral")]
             pub n: Option<i64>,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "integral")]
             pub seed: Option<i64>,
             #[serde(default)]
             pub stop: Option<StopWire>,
@@ -85,17 +123,17 @@ pub struct ReasoningWire {
     pub strategy: Option<crate::reasoning::Strategy>,
     #[serde(default)]
     pub adaptive: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral")]
     pub max_samples: Option<i64>,
     #[serde(default)]
     pub confidence: Option<f64>,
     #[serde(default)]
     pub budget_quantile: Option<f64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral")]
     pub beam_width: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral")]
     pub beams: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "integral")]
     pub prune_every: Option<i64>,
     #[serde(default)]
     pub select: Option<crate::reasoning::Select>,
@@ -107,11 +145,11 @@ request_with_sampling! {
     pub struct ChatCompletionRequest {
         pub model: String,
         pub messages: Vec<MessageWire>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "integral")]
         pub max_completion_tokens: Option<i64>,
         #[serde(default)]
         pub logprobs: Option<bool>,
-        #[serde(default)]
+        #[serde(default, deserialize_with = "integral")]
         pub top_logprobs: Option<i64>,
     }
 }
@@ -128,7 +166,7 @@ request_with_sampling! {
         pub model: String,
         pub prompt: PromptWire,
         /// Alternatives per token (0..=limit); absent means no logprobs.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "integral")]
         pub logprobs: Option<i64>,
     }
 }
@@ -192,6 +230,27 @@ pub struct PonderInfo {
     pub steps: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidates: Option<Vec<CandidateOut>>,
+}
+
+/// Where a streamed reasoning request stands, sent after each reasoning step.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PonderProgress {
+    /// Always `"searching"` (the final chunk's object has `strategy` instead).
+    pub status: &'static str,
+    pub samples: usize,
+    pub live: usize,
+    pub budget: usize,
+    pub best_success_probability: Option<crate::prm::Quantiles>,
+    pub tokens_generated: usize,
+    pub steps: usize,
+}
+
+/// The `ponder` field of a response or chunk: the final figures, or progress.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum PonderField {
+    Done(PonderInfo),
+    Progress(PonderProgress),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -266,7 +325,7 @@ pub struct ChatCompletionChunk {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ponder: Option<PonderInfo>,
+    pub ponder: Option<PonderField>,
 }
 
 /// The legacy completions logprobs layout.
@@ -296,7 +355,7 @@ pub struct Completion {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Option<Usage>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub ponder: Option<PonderInfo>,
+    pub ponder: Option<PonderField>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -325,4 +384,26 @@ pub struct ErrorDetail {
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(extra: &str) -> Result<ChatCompletionRequest, serde_json::Error> {
+        serde_json::from_str(&format!(r#"{{"model": "m", "messages": [] {extra}}}"#))
+    }
+
+    #[test]
+    fn integral_json_numbers_are_integers_and_fractions_are_not() {
+        let r = chat(r#", "max_tokens": 416.0, "n": 2.0, "reasoning": {"max_samples": 8.0}"#).unwrap();
+        assert_eq!((r.max_tokens, r.n), (Some(416), Some(2)));
+        assert_eq!(r.reasoning.unwrap().max_samples, Some(8));
+        assert_eq!(chat(r#", "n": null"#).unwrap().n, None);
+        assert_eq!(chat(r#", "seed": -3"#).unwrap().seed, Some(-3));
+        let err = chat(r#", "n": 2.5"#).unwrap_err().to_string();
+        assert!(err.contains("2.5") && err.contains("integer"), "{err}");
+        assert!(chat(r#", "max_tokens": 1e300"#).is_err());
+        assert!(chat(r#", "n": "2""#).is_err());
+    }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use ponder::engine::{Engine, EngineOptions, SamplingParams};
+use ponder::eval::step_offline;
 use ponder::model::WeightFormat;
 use ponder::prm::head::HeadPrm;
 use ponder::reasoning::runtime::{ReasoningJob, Runtime};
@@ -32,6 +33,7 @@ fn params(strategy: Strategy, budget: Budget) -> ReasoningParams {
         beams: 4,
         prune_every: 1,
         select: Select::PrmMax,
+        answer: ponder::reasoning::select::AnswerFormat::LastNumber,
         candidates: Candidates::Return,
         n: 1,
         max_tokens: 200,
@@ -51,11 +53,11 @@ fn job(engine: &Engine, question: &str, p: ReasoningParams) -> ReasoningJob {
     }
 }
 
-fn run(rt: &mut Runtime, n: usize) -> Vec<(u64, Outcome)> {
+fn run(rt: &mut Runtime, engine: &Engine, n: usize) -> Vec<(u64, Outcome)> {
     let mut done = Vec::new();
     let mut batches = Vec::new();
     while done.len() < n {
-        batches.push(rt.step(Vec::new()).unwrap().batch);
+        batches.push(step_offline(rt, engine).unwrap());
         done.extend(rt.take_finished().into_iter().map(|(id, r)| (id, r.unwrap())));
     }
     done.sort_by_key(|d| d.0);
@@ -78,7 +80,7 @@ fn adaptive_best_of_n_spends_fewer_samples_on_an_easy_question_than_on_a_hard_on
     let ((easy_q, easy_a), (hard_q, _)) = (question(1), question(6));
     rt.spawn(job(&engine, &easy_q, p)).unwrap();
     rt.spawn(job(&engine, &hard_q, p)).unwrap();
-    let out = run(&mut rt, 2);
+    let out = run(&mut rt, &engine, 2);
     let (easy, hard) = (&out[0].1, &out[1].1);
     assert!(
         easy.accounting.samples < hard.accounting.samples,
@@ -106,13 +108,13 @@ fn requests_share_engine_steps_and_beam_search_prunes_to_an_answer() {
     // First step prefills three prompts together; later steps decode 3 x 32 trajectories together.
     let mut widest = 0;
     while rt.take_finished().is_empty() {
-        widest = widest.max(rt.step(Vec::new()).unwrap().batch);
+        widest = widest.max(step_offline(&mut rt, &engine).unwrap());
     }
     assert!(widest > 32, "trajectories of several requests share a step ({widest})");
 
     let mut rt = Runtime::new(engine.clone(), rt_prm());
     rt.spawn(job(&engine, "What is (23 + 45) * 2?", params(Strategy::Beam, Budget::Fixed))).unwrap();
-    let out = run(&mut rt, 1);
+    let out = run(&mut rt, &engine, 1);
     let o = &out[0].1;
     assert_eq!(o.answers[0].answer, "136", "{:?}", o.answers);
     assert!(o.accounting.samples > 32, "beam expands kept paths: {:?}", o.accounting);
@@ -129,7 +131,7 @@ fn cancelling_a_request_frees_every_trajectory_at_once() {
     let mut rt = Runtime::new(engine.clone(), Some(prm));
     let id = rt.spawn(job(&engine, &question(6).0, params(Strategy::BestOfN, Budget::Fixed))).unwrap();
     for _ in 0..4 {
-        rt.step(Vec::new()).unwrap();
+        step_offline(&mut rt, &engine).unwrap();
     }
     assert!(memory.live_bytes() > 0);
     assert!(rt.trajectories(id) > 1);

@@ -5,6 +5,7 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::backend::ScheduleError;
 use crate::validation::ValidationError;
 use crate::wire::{ErrorBody, ErrorDetail};
 
@@ -22,6 +23,8 @@ pub enum ApiError {
     Loading(String),
     #[error("the server is shutting down")]
     Draining,
+    #[error("model {0:?} is restarting")]
+    Restarting(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -60,6 +63,15 @@ impl ApiError {
                 Some("model_loading"),
                 format!("The model `{m}` is still loading; GET /health answers 200 once it is ready."),
             ),
+            ApiError::Restarting(m) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("model_restarting"),
+                format!(
+                    "The model `{m}` is restarting after a failure; retry shortly (GET /health says when)."
+                ),
+            ),
             ApiError::Draining => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -84,6 +96,17 @@ impl ApiError {
     }
 }
 
+impl From<ScheduleError> for ApiError {
+    fn from(e: ScheduleError) -> Self {
+        match e {
+            ScheduleError::QueueFull { retry_after_secs } => ApiError::QueueFull { retry_after_secs },
+            ScheduleError::Loading(m) => ApiError::Loading(m),
+            ScheduleError::Restarting(m) => ApiError::Restarting(m),
+            ScheduleError::Closed => ApiError::Draining,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if let ApiError::Internal(detail) = &self {
@@ -91,8 +114,14 @@ impl IntoResponse for ApiError {
         }
         let (status, ..) = self.parts();
         let mut resp = (status, Json(self.body())).into_response();
-        if let ApiError::QueueFull { retry_after_secs } = self {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        match self {
+            ApiError::QueueFull { retry_after_secs } => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+            }
+            ApiError::Restarting(_) => {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+            }
+            _ => {}
         }
         resp
     }

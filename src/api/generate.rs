@@ -6,26 +6,21 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use tokio::sync::mpsc;
 
 use super::AppState;
+use super::convert::{chat_logprobs, completion_logprobs, ponder_info, usage};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use super::middleware::{SummaryCell, update};
 use super::stream::{self, StreamCtx};
+use crate::backend::{EventStream, GenEvent, JobStats, ReasoningReport, Scheduled, TokenOut};
 use crate::engine::FinishReason;
 use crate::metrics::Rejection;
-use crate::reasoning::{Budget, Candidates};
 use crate::validation::{self, Endpoint, Streaming, ValidRequest};
 use crate::wire::{
-    CandidateOut, ChatChoice, ChatCompletion, ChatCompletionRequest, ChatLogprobs, ChatMessageOut,
-    ChatTokenLogprob, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, PonderInfo,
-    TopLogprob, Usage,
+    ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, Completion, CompletionChoice,
+    CompletionRequest, PonderField, PonderInfo,
 };
-use crate::worker::{GenEvent, Job, JobStats, ReasoningReport, TokenOut};
-
-/// Events buffered between a worker and one response.
-const EVENT_CHANNEL: usize = 64;
 
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -38,10 +33,9 @@ pub async fn chat(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     update(&summary, |s| s.model = Some(req.model.clone()));
-    let pool = state.ready_pool(&req.model)?;
-    let engine = pool.engine().expect("a ready pool has an engine").clone();
+    let info = state.model_info(&req.model)?;
     let model = req.model.clone();
-    let valid = validation::chat(req, &engine, state.request_limits(&model))?;
+    let valid = validation::chat(req, info.view(), state.request_limits(&model))?;
     run(state, valid, received, summary).await
 }
 
@@ -52,10 +46,9 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
     update(&summary, |s| s.model = Some(req.model.clone()));
-    let pool = state.ready_pool(&req.model)?;
-    let engine = pool.engine().expect("a ready pool has an engine").clone();
+    let info = state.model_info(&req.model)?;
     let model = req.model.clone();
-    let valid = validation::completion(req, &engine, state.request_limits(&model))?;
+    let valid = validation::completion(req, info.view(), state.request_limits(&model))?;
     run(state, valid, received, summary).await
 }
 
@@ -65,38 +58,26 @@ async fn run(
     received: Instant,
     summary: SummaryCell,
 ) -> Result<Response, ApiError> {
-    let pool = state.ready_pool(&valid.model)?;
+    let backend = state.backend(&valid.model)?;
     if state.is_draining() {
         state.metrics.rejected(&valid.model, Rejection::Draining);
         return Err(ApiError::Draining);
     }
-    let permit = pool.admit(valid.generation.sequences()).map_err(|_| {
-        state.metrics.rejected(&valid.model, Rejection::QueueFull);
-        ApiError::QueueFull { retry_after_secs: state.config.queue.retry_after_secs }
-    })?;
     let prefix = match valid.endpoint {
         Endpoint::Chat => "chatcmpl",
         Endpoint::Completion => "cmpl",
     };
     let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-    let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
-    let job = Job {
-        id: id.clone(),
-        request: valid.generation.clone(),
-        reply: tx,
-        permit,
-        received,
-        admitted: Instant::now(),
-    };
-    pool.dispatch(job).map_err(|_| ApiError::Draining)?;
+    let events =
+        backend.schedule(Scheduled { id: id.clone(), generation: valid.generation.clone(), received })?;
     update(&summary, |s| {
         s.prompt = Some(valid.prompt_text.clone());
         s.streamed = matches!(valid.streaming, Streaming::On(_));
     });
     let ctx = StreamCtx { id, created: unix_now(), valid, summary };
     match ctx.valid.streaming {
-        Streaming::On(usage) => Ok(stream::sse(ctx, usage, rx)),
-        Streaming::Off => collect(ctx, rx).await,
+        Streaming::On(usage) => Ok(stream::sse(ctx, usage, events)),
+        Streaming::Off => collect(ctx, events).await,
     }
 }
 
@@ -107,46 +88,6 @@ pub(crate) struct Collected {
     pub finish: Vec<Option<FinishReason>>,
     pub stats: JobStats,
     pub reasoning: Option<Box<ReasoningReport>>,
-}
-
-/// The `ponder` object of a reasoning request's response.
-pub(crate) fn ponder_info(r: &ReasoningReport) -> PonderInfo {
-    let a = &r.accounting;
-    PonderInfo {
-        strategy: r.params.strategy,
-        adaptive: r.params.budget == Budget::Adaptive,
-        select: r.params.select,
-        samples: a.samples,
-        fixed_samples: a.fixed_samples,
-        tokens_generated: a.tokens_generated,
-        fixed_tokens_estimate: a.fixed_tokens_estimate,
-        tokens_saved: a.tokens_saved,
-        prm_evaluations: a.prm_evaluations,
-        success_probability_start: a.start,
-        success_probability_selected: a.selected,
-        steps: a.steps,
-        candidates: (r.params.candidates == Candidates::Return).then(|| {
-            r.candidates
-                .iter()
-                .map(|c| CandidateOut {
-                    text: c.text.clone(),
-                    answer: c.answer.clone(),
-                    score: c.score.map(|s| s.quantiles),
-                    tokens: c.tokens,
-                    steps: c.steps,
-                })
-                .collect()
-        }),
-    }
-}
-
-/// Usage, with the generated tokens outside the returned answers as reasoning tokens.
-pub(crate) fn usage(stats: &JobStats, reasoning: Option<&ReasoningReport>) -> Usage {
-    let u = Usage::new(stats.prompt_tokens, stats.completion_tokens);
-    match reasoning {
-        Some(r) => u.with_reasoning(stats.completion_tokens.saturating_sub(r.answer_tokens)),
-        None => u,
-    }
 }
 
 /// `x-ponder-*` headers with the same figures as the `ponder` object.
@@ -172,14 +113,15 @@ fn ponder_headers(p: &PonderInfo) -> Vec<(&'static str, String)> {
     h
 }
 
-async fn collect(ctx: StreamCtx, mut rx: mpsc::Receiver<GenEvent>) -> Result<Response, ApiError> {
+async fn collect(ctx: StreamCtx, mut events: EventStream) -> Result<Response, ApiError> {
     let choices = ctx.valid.generation.choices();
     let mut texts = vec![String::new(); choices];
     let mut tokens = vec![Vec::new(); choices];
     let mut finish = vec![None; choices];
     let mut reasoning = None;
     let stats = loop {
-        match rx.recv().await {
+        match events.next().await {
+            Some(GenEvent::Progress(_)) => {}
             Some(GenEvent::Reasoning(r)) => reasoning = Some(r),
             Some(GenEvent::Delta { choice, text, tokens: t }) => {
                 texts[choice].push_str(&text);
@@ -213,38 +155,6 @@ async fn collect(ctx: StreamCtx, mut rx: mpsc::Receiver<GenEvent>) -> Result<Res
         }
     }
     Ok(resp)
-}
-
-pub(crate) fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
-    ChatLogprobs {
-        content: tokens
-            .iter()
-            .map(|t| ChatTokenLogprob {
-                token: t.text.clone(),
-                logprob: t.logprob,
-                bytes: t.text.as_bytes().to_vec(),
-                top_logprobs: t
-                    .top
-                    .iter()
-                    .map(|(s, l)| TopLogprob { token: s.clone(), logprob: *l, bytes: s.as_bytes().to_vec() })
-                    .collect(),
-            })
-            .collect(),
-    }
-}
-
-/// The completions logprobs layout; `offset` is where the first token's
-/// text starts in the choice's text.
-pub(crate) fn completion_logprobs(tokens: &[TokenOut], mut offset: usize) -> CompletionLogprobs {
-    let mut out = CompletionLogprobs::default();
-    for t in tokens {
-        out.tokens.push(t.text.clone());
-        out.token_logprobs.push(t.logprob);
-        out.top_logprobs.push(t.top.iter().map(|(s, l)| (s.clone(), serde_json::json!(l))).collect());
-        out.text_offset.push(offset);
-        offset += t.text.len();
-    }
-    out
 }
 
 fn chat_body(ctx: &StreamCtx, c: Collected) -> ChatCompletion {
@@ -293,6 +203,6 @@ fn completion_body(ctx: &StreamCtx, c: Collected) -> Completion {
             })
             .collect(),
         usage: Some(Some(usage(&c.stats, c.reasoning.as_deref()))),
-        ponder: c.reasoning.as_deref().map(ponder_info),
+        ponder: c.reasoning.as_deref().map(|r| PonderField::Done(ponder_info(r))),
     }
 }

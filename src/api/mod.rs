@@ -2,6 +2,7 @@
 //! JSON, SSE streaming, health, metrics and the OpenAPI document. Knows
 //! nothing of models beyond the worker pools it hands jobs to.
 
+mod convert;
 mod error;
 mod extract;
 mod generate;
@@ -20,11 +21,12 @@ use axum::{Json, Router};
 
 pub use error::ApiError;
 
+use crate::backend::{Backend, BackendStatus, ModelInfo};
 use crate::config::{Config, MetricsAuth};
 use crate::metrics::{Metrics, Rejection};
+use crate::reasoning::knobs::ReasoningDefaults;
 use crate::validation::RequestLimits;
 use crate::wire::{ModelCard, ModelList};
-use crate::worker::{ModelPool, PoolStatus};
 
 /// Every route the server answers, as (method, path). The router is built
 /// from this table, and a test checks that `openapi.yaml` documents exactly
@@ -45,19 +47,22 @@ pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 pub struct AppState {
     pub config: Arc<Config>,
     pub metrics: Metrics,
-    pub models: Arc<BTreeMap<String, Arc<ModelPool>>>,
+    pub models: Arc<BTreeMap<String, Arc<dyn Backend>>>,
     draining: Arc<AtomicBool>,
     started: u64,
+    /// Reasoning defaults for a model the configuration does not list.
+    fallback_reasoning: ReasoningDefaults,
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, metrics: Metrics, models: BTreeMap<String, Arc<ModelPool>>) -> Self {
+    pub fn new(config: Arc<Config>, metrics: Metrics, models: BTreeMap<String, Arc<dyn Backend>>) -> Self {
         Self {
             config,
             metrics,
             models: Arc::new(models),
             draining: Arc::new(AtomicBool::new(false)),
             started: generate::unix_now(),
+            fallback_reasoning: ReasoningDefaults::default(),
         }
     }
 
@@ -72,24 +77,31 @@ impl AppState {
 
     fn request_limits<'a>(&'a self, model: &'a str) -> RequestLimits<'a> {
         let entry = self.config.models.iter().find(|m| m.id == model);
-        static DEFAULTS: std::sync::OnceLock<crate::config::ReasoningDefaults> = std::sync::OnceLock::new();
         RequestLimits {
             limits: &self.config.limits,
             max_sequences: self.config.queue.max_running,
-            reasoning: entry.map_or_else(|| DEFAULTS.get_or_init(Default::default), |e| &e.reasoning),
+            reasoning: entry.map_or(&self.fallback_reasoning, |e| &e.reasoning),
             has_prm: entry.is_some_and(|e| e.prm.is_some()),
             model,
         }
     }
 
-    /// The pool serving `model`, once loaded.
-    fn ready_pool(&self, model: &str) -> Result<Arc<ModelPool>, ApiError> {
-        let pool = self.models.get(model).ok_or_else(|| ApiError::ModelNotFound(model.to_string()))?;
-        if pool.engine().is_none() {
-            self.metrics.rejected(model, Rejection::Loading);
-            return Err(ApiError::Loading(model.to_string()));
+    /// The backend serving `model`.
+    fn backend(&self, model: &str) -> Result<Arc<dyn Backend>, ApiError> {
+        self.models.get(model).cloned().ok_or_else(|| ApiError::ModelNotFound(model.to_string()))
+    }
+
+    /// What validation needs of `model`, once it can serve.
+    fn model_info(&self, model: &str) -> Result<ModelInfo, ApiError> {
+        let backend = self.backend(model)?;
+        match (backend.status(), backend.model_info()) {
+            (BackendStatus::Restarting, _) => Err(ApiError::Restarting(model.to_string())),
+            (_, Some(info)) => Ok(info),
+            (_, None) => {
+                self.metrics.rejected(model, Rejection::Loading);
+                Err(ApiError::Loading(model.to_string()))
+            }
         }
-        Ok(pool.clone())
     }
 }
 
@@ -119,18 +131,21 @@ async fn health(State(state): State<AppState>) -> Response {
         .iter()
         .map(|(id, p)| {
             let s = match p.status() {
-                PoolStatus::Loading => "loading".to_string(),
-                PoolStatus::Ready => "ready".to_string(),
-                PoolStatus::Failed(e) => format!("failed: {e}"),
+                BackendStatus::Loading => "loading".to_string(),
+                BackendStatus::Ready => "ready".to_string(),
+                BackendStatus::Restarting => "restarting".to_string(),
+                BackendStatus::Failed(e) => format!("failed: {e}"),
             };
             (id.as_str(), s)
         })
         .collect();
-    let all_ready = state.models.values().all(|p| p.status() == PoolStatus::Ready);
-    let (code, status) = match (state.is_draining(), all_ready) {
-        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        (false, true) => (StatusCode::OK, "ok"),
-        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    let all_ready = state.models.values().all(|p| p.status() == BackendStatus::Ready);
+    let restarting = state.models.values().any(|p| p.status() == BackendStatus::Restarting);
+    let (code, status) = match (state.is_draining(), all_ready, restarting) {
+        (true, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, true, _) => (StatusCode::OK, "ok"),
+        (false, false, true) => (StatusCode::SERVICE_UNAVAILABLE, "restarting"),
+        (false, false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
     };
     (code, Json(serde_json::json!({ "status": status, "models": models }))).into_response()
 }

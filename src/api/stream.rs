@@ -3,21 +3,26 @@
 //! error after the stream has started arrives as an error event.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::stream::{self, Stream, StreamExt};
-use tokio::sync::mpsc;
 
+use super::convert::{chat_logprobs, completion_logprobs, ponder_info, usage};
 use super::error::ApiError;
-use super::generate::{chat_logprobs, completion_logprobs, ponder_info, usage};
 use super::middleware::{SummaryCell, update};
+use crate::backend::{EventStream, GenEvent, Progress, ReasoningReport, TokenOut};
 use crate::engine::FinishReason;
 use crate::validation::{Endpoint, UsageChunk, ValidRequest};
 use crate::wire::{
-    ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice, PonderInfo, Usage,
+    ChatChunkChoice, ChatCompletionChunk, ChatDelta, Completion, CompletionChoice, PonderField,
+    PonderProgress, Usage,
 };
-use crate::worker::{GenEvent, ReasoningReport, TokenOut};
+
+/// SSE comments at least this often while nothing else is sent, so that
+/// clients and proxies keep a long search's connection open.
+pub(crate) const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 /// What every chunk of one response repeats.
 pub(crate) struct StreamCtx {
@@ -30,7 +35,7 @@ pub(crate) struct StreamCtx {
 struct State {
     ctx: StreamCtx,
     usage: UsageChunk,
-    rx: mpsc::Receiver<GenEvent>,
+    events: EventStream,
     /// Bytes of text sent per choice (completions' `text_offset`).
     sent: Vec<usize>,
     phase: Phase,
@@ -64,9 +69,12 @@ impl State {
         &self,
         choices: Vec<ChatChunkChoice>,
         usage: Option<Usage>,
-        ponder: Option<PonderInfo>,
+        ponder: Option<PonderField>,
     ) -> Event {
-        let usage = if ponder.is_some() { Some(usage) } else { self.usage_field(usage) };
+        let usage = match ponder {
+            Some(PonderField::Done(_)) => Some(usage),
+            _ => self.usage_field(usage),
+        };
         data(&ChatCompletionChunk {
             id: self.ctx.id.clone(),
             object: "chat.completion.chunk",
@@ -86,9 +94,12 @@ impl State {
         &self,
         choices: Vec<CompletionChoice>,
         usage: Option<Usage>,
-        ponder: Option<PonderInfo>,
+        ponder: Option<PonderField>,
     ) -> Event {
-        let usage = if ponder.is_some() { Some(usage) } else { self.usage_field(usage) };
+        let usage = match ponder {
+            Some(PonderField::Done(_)) => Some(usage),
+            _ => self.usage_field(usage),
+        };
         data(&Completion {
             id: self.ctx.id.clone(),
             object: "text_completion",
@@ -134,6 +145,23 @@ impl State {
         }
     }
 
+    /// An OpenAI-shaped chunk with no choices and the search's progress.
+    fn progress_chunk(&self, p: Progress) -> Event {
+        let ponder = Some(PonderField::Progress(PonderProgress {
+            status: "searching",
+            samples: p.samples,
+            live: p.live,
+            budget: p.budget,
+            best_success_probability: p.best,
+            tokens_generated: p.tokens,
+            steps: p.steps,
+        }));
+        match self.ctx.valid.endpoint {
+            Endpoint::Chat => self.chat_final(Vec::new(), None, ponder),
+            Endpoint::Completion => self.completion_final(Vec::new(), None, ponder),
+        }
+    }
+
     async fn next_events(&mut self) -> Vec<Event> {
         match self.phase {
             Phase::Start => {
@@ -151,7 +179,8 @@ impl State {
                 }
                 Vec::new()
             }
-            Phase::Body => match self.rx.recv().await {
+            Phase::Body => match self.events.next().await {
+                Some(GenEvent::Progress(p)) => vec![self.progress_chunk(p)],
                 Some(GenEvent::Reasoning(r)) => {
                     self.reasoning = Some(r);
                     Vec::new()
@@ -171,7 +200,7 @@ impl State {
                         s.ttft_secs = stats.ttft_secs;
                     });
                     let usage = usage(&stats, self.reasoning.as_deref());
-                    let ponder = self.reasoning.as_deref().map(ponder_info);
+                    let ponder = self.reasoning.as_deref().map(|r| PonderField::Done(ponder_info(r)));
                     let mut out = Vec::new();
                     // A reasoning request always ends with its figures and usage.
                     if self.usage == UsageChunk::Send || ponder.is_some() {
@@ -206,8 +235,8 @@ fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
     .flat_map(|evs| stream::iter(evs.into_iter().map(Ok)))
 }
 
-pub(crate) fn sse(ctx: StreamCtx, usage: UsageChunk, rx: mpsc::Receiver<GenEvent>) -> Response {
+pub(crate) fn sse(ctx: StreamCtx, usage: UsageChunk, events: EventStream) -> Response {
     let choices = ctx.valid.generation.choices();
-    let state = State { ctx, usage, rx, sent: vec![0; choices], phase: Phase::Start, reasoning: None };
-    Sse::new(events(state)).into_response()
+    let state = State { ctx, usage, events, sent: vec![0; choices], phase: Phase::Start, reasoning: None };
+    Sse::new(self::events(state)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }

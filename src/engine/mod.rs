@@ -7,6 +7,7 @@ pub mod sequence;
 pub mod stop;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, IndexOp};
@@ -64,14 +65,14 @@ impl Default for EngineOptions {
 #[derive(Debug)]
 pub struct Engine {
     model: Llama,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     opts: EngineOptions,
     next_id: AtomicU64,
 }
 
 impl Engine {
     pub fn new(model: Llama, tokenizer: Tokenizer, opts: EngineOptions) -> Self {
-        Self { model, tokenizer, opts, next_id: AtomicU64::new(1) }
+        Self { model, tokenizer: Arc::new(tokenizer), opts, next_id: AtomicU64::new(1) }
     }
 
     /// Loads weights and tokenizer from a GGUF file or an HF directory.
@@ -96,6 +97,11 @@ impl Engine {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The tokenizer, shared (validation holds it without the weights).
+    pub fn shared_tokenizer(&self) -> Arc<Tokenizer> {
+        self.tokenizer.clone()
     }
 
     /// A sequence for `prompt`; the prompt is fed by the next `step`s.

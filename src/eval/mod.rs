@@ -5,6 +5,7 @@
 
 mod samples;
 mod search;
+pub use search::step_offline;
 mod sweep;
 
 use std::path::{Path, PathBuf};

@@ -8,10 +8,10 @@ use serde::Serialize;
 
 use super::{EvalArgs, EvalProblem, load_prm, source_name};
 use crate::config::PrmConfig;
-use crate::engine::{Engine, SamplingParams};
+use crate::engine::{Engine, EngineError, SamplingParams};
 use crate::prm::Scorer;
 use crate::prm::head::HeadOutput;
-use crate::reasoning::runtime::{ReasoningJob, Runtime};
+use crate::reasoning::runtime::{Grants, ReasoningJob, Runtime};
 use crate::reasoning::{Budget, Candidates, Outcome, ReasoningParams, Select, Strategy};
 use crate::tokenizer::{AddSpecial, ChatMessage};
 
@@ -31,6 +31,7 @@ pub(super) fn params(
         beams: args.beams,
         prune_every: args.prune_every,
         select: args.select,
+        answer: crate::reasoning::select::AnswerFormat::LastNumber,
         candidates,
         n: 1,
         max_tokens: args.max_tokens,
@@ -48,6 +49,25 @@ pub(super) fn prompt(engine: &Engine, question: &str) -> anyhow::Result<Vec<u32>
 fn seed(args: &EvalArgs, id: &str) -> u64 {
     args.seed
         ^ id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// One engine step over every trajectory the runtime wants stepped, with
+/// no running limit: the offline drivers' loop (`ponder eval`, tests). The
+/// server's scheduler builds its own steps, with plain requests beside.
+/// Returns the sequences stepped.
+pub fn step_offline(rt: &mut Runtime, engine: &Engine) -> Result<usize, EngineError> {
+    rt.poll();
+    let mut batch = rt.begin_step(&Grants::Unlimited);
+    let stepped = batch.len();
+    let updates = if stepped == 0 {
+        Vec::new()
+    } else {
+        let mut refs = batch.sequences();
+        engine.step(&mut refs)?
+    };
+    batch.finish(&updates);
+    rt.poll();
+    Ok(stepped)
 }
 
 /// Every problem through `p`, `concurrent` requests at a time sharing the
@@ -82,7 +102,7 @@ pub(super) fn run_all(
             owner.insert(rt.spawn(job)?, next);
             next += 1;
         }
-        rt.step(Vec::new())?;
+        step_offline(&mut rt, engine)?;
         for (task, result) in rt.take_finished() {
             out[owner[&task]] = Some(result?);
             bar.inc(1);

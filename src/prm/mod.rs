@@ -8,6 +8,7 @@
 //!   beyond generating).
 //! - [`model_prm::ModelPrm`]: a separate model in the Qwen2.5-Math-PRM format.
 
+pub mod config;
 pub mod head;
 pub mod model_prm;
 
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::PrmConfig;
+pub use config::{ModelPrmConfig, PrmConfig};
 use head::{HeadOutput, HeadPrm};
 use model_prm::{HeadChoice, ModelPrm, ModelPrmOptions};
 

@@ -1,11 +1,12 @@
 //! Per-request reasoning: single sampling, best-of-N and beam search, fixed
 //! or instance-adaptive (DESIGN §1), written as plain async code against two
 //! calls — "extend these trajectories by one step" and "score these
-//! prefixes" ([`Backend`]) — so the strategies read like the method and are
+//! prefixes" ([`Trajectories`]) — so the strategies read like the method and are
 //! tested with a fake engine and scorer. The [`runtime`] runs them on the
 //! engine, batching the steps of every request together.
 
 pub mod ias;
+pub mod knobs;
 pub mod runtime;
 pub mod select;
 pub mod strategies;
@@ -98,6 +99,8 @@ pub struct ReasoningParams {
     pub beams: usize,
     pub prune_every: usize,
     pub select: Select,
+    /// How answers are read for voting and for telling candidates apart.
+    pub answer: select::AnswerFormat,
     pub candidates: Candidates,
     /// Distinct answers to return.
     pub n: usize,
@@ -132,7 +135,7 @@ pub enum ReasoningError {
 }
 
 /// The two calls strategies make, plus bookkeeping on trajectory handles.
-pub trait Backend {
+pub trait Trajectories {
     /// The prompt alone (the empty prefix).
     fn root(&self) -> Traj;
     /// `k` children sharing `t`'s prefix.
@@ -146,6 +149,9 @@ pub trait Backend {
     fn extend(&self, ts: &[Traj]) -> impl Future<Output = Result<(), ReasoningError>>;
     /// PRM scores of the trajectories' current prefixes.
     fn score(&self, ts: &[Traj]) -> impl Future<Output = Result<Vec<PrmScore>, ReasoningError>>;
+    /// Tells whoever watches the request (a streaming client) the budget the
+    /// strategy has settled on and the best estimate so far.
+    fn progress(&self, _budget: usize, _best: Option<Quantiles>) {}
 }
 
 /// One finished (or abandoned) path.

@@ -3,12 +3,72 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Candidate, Select};
 
-/// The key answers are grouped by: the final number for arithmetic
-/// (`The answer is N`, else the last number), else the trimmed text.
+/// How answers are read out of a trajectory's text for voting and for
+/// telling candidates apart; a per-model setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum AnswerFormat {
+    /// `The answer is N`, else the last number in the text; else the
+    /// trimmed text (arithmetic and GSM8K-style models such as ponder-arith).
+    LastNumber,
+    /// The content of the last `\boxed{...}` (MATH-style models such as
+    /// Qwen2.5-Math); else the trimmed text.
+    Boxed,
+    /// The whole answer, trimmed, whitespace runs collapsed (free-form chat
+    /// models; the default for a model nobody configured).
+    #[default]
+    Text,
+}
+
+impl AnswerFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            AnswerFormat::LastNumber => "last_number",
+            AnswerFormat::Boxed => "boxed",
+            AnswerFormat::Text => "text",
+        }
+    }
+
+    /// The key answers are grouped by.
+    pub fn key(self, text: &str) -> String {
+        let whole = || text.split_whitespace().collect::<Vec<_>>().join(" ");
+        match self {
+            AnswerFormat::LastNumber => {
+                crate::arith::task::extract_answer(text).map_or_else(whole, |n| n.to_string())
+            }
+            AnswerFormat::Boxed => last_boxed(text).map_or_else(whole, |b| b.split_whitespace().collect()),
+            AnswerFormat::Text => whole(),
+        }
+    }
+}
+
+/// The content of the last `\boxed{...}`, braces balanced.
+fn last_boxed(text: &str) -> Option<String> {
+    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
+    let mut depth = 1usize;
+    for (i, ch) in text[start..].char_indices() {
+        match ch {
+            '{' => depth += 1,
+            '}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(text[start..start + i].to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The key of ponder-arith's answers (`The answer is N`, else the last number).
 pub fn answer_key(text: &str) -> String {
-    crate::arith::task::extract_answer(text).map_or_else(|| text.trim().to_string(), |n| n.to_string())
+    AnswerFormat::LastNumber.key(text)
 }
 
 fn q50(c: &Candidate) -> f64 {
@@ -71,5 +131,14 @@ mod tests {
     fn answers_are_keyed_by_the_final_number() {
         assert_eq!(answer_key("2 + 2 = 4\n\nThe answer is 4."), "4");
         assert_eq!(answer_key("  no number here "), "no number here");
+    }
+
+    #[test]
+    fn each_answer_format_reads_its_own_kind_of_answer() {
+        let math = "We get $x = 3$.\n\nSo the result is $\\boxed{\\frac{1}{2}}$ and not 7.";
+        assert_eq!(AnswerFormat::Boxed.key(math), "\\frac{1}{2}");
+        assert_eq!(AnswerFormat::LastNumber.key(math), "7");
+        assert_eq!(AnswerFormat::Text.key("  Paris,\n  France "), "Paris, France");
+        assert_eq!(AnswerFormat::Boxed.key("no box  here"), "no box here", "falls back to the text");
     }
 }

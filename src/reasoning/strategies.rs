@@ -1,13 +1,13 @@
-//! The strategies of DESIGN §1 as plain code against [`Backend`].
+//! The strategies of DESIGN §1 as plain code against [`Trajectories`].
 
-use super::select::{answer_key, choose};
+use super::select::choose;
 use super::{
-    Accounting, Backend, Budget, Candidate, Candidates, Outcome, ReasoningError, ReasoningParams, Select,
-    Strategy, Traj, ias,
+    Accounting, Budget, Candidate, Candidates, Outcome, ReasoningError, ReasoningParams, Select, Strategy,
+    Traj, Trajectories, ias,
 };
 use crate::prm::{PrmScore, Quantiles};
 
-pub async fn run<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
+pub async fn run<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     match p.strategy {
         Strategy::Single => single(b, p).await,
         Strategy::BestOfN => best_of_n(b, p).await,
@@ -16,7 +16,7 @@ pub async fn run<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Reas
 }
 
 /// Extends until every trajectory has finished.
-async fn to_the_end<B: Backend>(b: &B, ts: &[Traj]) -> Result<(), ReasoningError> {
+async fn to_the_end<B: Trajectories>(b: &B, ts: &[Traj]) -> Result<(), ReasoningError> {
     loop {
         let live: Vec<Traj> = ts.iter().copied().filter(|&t| !b.info(t).finished).collect();
         if live.is_empty() {
@@ -26,10 +26,10 @@ async fn to_the_end<B: Backend>(b: &B, ts: &[Traj]) -> Result<(), ReasoningError
     }
 }
 
-fn candidate<B: Backend>(b: &B, t: Traj, score: Option<PrmScore>) -> Candidate {
+fn candidate<B: Trajectories>(b: &B, p: &ReasoningParams, t: Traj, score: Option<PrmScore>) -> Candidate {
     let info = b.info(t);
     Candidate {
-        answer: answer_key(&info.text),
+        answer: p.answer.key(&info.text),
         text: info.text,
         score,
         tokens: info.tokens,
@@ -50,14 +50,14 @@ impl Ledger {
         Self { samples: 0, prm_evaluations: 0, start: None }
     }
 
-    async fn score<B: Backend>(&mut self, b: &B, ts: &[Traj]) -> Result<Vec<PrmScore>, ReasoningError> {
+    async fn score<B: Trajectories>(&mut self, b: &B, ts: &[Traj]) -> Result<Vec<PrmScore>, ReasoningError> {
         let s = b.score(ts).await?;
         self.prm_evaluations += ts.len();
         Ok(s)
     }
 
     /// p for IAS: the budget quantile of the empty prefix's estimate.
-    async fn start<B: Backend>(
+    async fn start<B: Trajectories>(
         &mut self,
         b: &B,
         root: Traj,
@@ -70,7 +70,7 @@ impl Ledger {
 
     fn finish(
         self,
-        b: &impl Backend,
+        b: &impl Trajectories,
         p: &ReasoningParams,
         finals: Vec<Candidate>,
         fixed_samples: usize,
@@ -101,14 +101,14 @@ impl Ledger {
 }
 
 /// `n` independent samples, no PRM.
-async fn single<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
+async fn single<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
     let ts = b.fork(root, p.n.max(1))?;
     b.release(&[root]);
     ledger.samples = ts.len();
     to_the_end(b, &ts).await?;
-    let finals: Vec<Candidate> = ts.iter().map(|&t| candidate(b, t, None)).collect();
+    let finals: Vec<Candidate> = ts.iter().map(|&t| candidate(b, p, t, None)).collect();
     let generated = b.generated_tokens();
     let mut params = *p;
     params.select = Select::Majority;
@@ -120,7 +120,7 @@ async fn single<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Reaso
 
 /// N samples to the end, N = N_max or min(N_max, N_IAS(p)) with p from the
 /// empty prefix; then the answer by `select`.
-async fn best_of_n<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
+async fn best_of_n<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
     let n = match p.budget {
@@ -128,13 +128,14 @@ async fn best_of_n<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
         Budget::Fixed => p.max_samples,
     }
     .max(p.n);
+    b.progress(n, ledger.start);
     let ts = b.fork(root, n)?;
     b.release(&[root]);
     ledger.samples = n;
     to_the_end(b, &ts).await?;
     let scores = if p.select.needs_prm() { Some(ledger.score(b, &ts).await?) } else { None };
     let finals: Vec<Candidate> =
-        ts.iter().enumerate().map(|(i, &t)| candidate(b, t, scores.as_ref().map(|s| s[i]))).collect();
+        ts.iter().enumerate().map(|(i, &t)| candidate(b, p, t, scores.as_ref().map(|s| s[i]))).collect();
     // This request's own mean tokens per sample prices the samples it did not draw.
     let mean = b.generated_tokens() as f64 / n as f64;
     let fixed_tokens = (mean * p.max_samples.max(n) as f64).round() as usize;
@@ -144,7 +145,7 @@ async fn best_of_n<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
 /// Beam search: generate `prune_every` steps on every live path, then score,
 /// keep the best K paths by the median quantile and expand each into M
 /// children; fixed K = K_max, M = M_max, or the IAS K and M rules.
-async fn beam<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
+async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
     let first = match p.budget {
@@ -152,12 +153,15 @@ async fn beam<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Reasoni
         Budget::Fixed => p.max_samples,
     }
     .max(p.n);
+    b.progress(first, ledger.start);
     let mut live = b.fork(root, first)?;
     b.release(&[root]);
     ledger.samples = first;
     let mut pool: Vec<Candidate> = Vec::new();
-    // Path-steps generated, and what the fixed beam would generate.
+    // Path-steps generated, and what the fixed beam would generate: N_max
+    // paths until its first pruning point, K_max × M_max after each.
     let (mut path_steps, mut fixed_path_steps, mut fixed_samples) = (0usize, 0usize, p.max_samples);
+    let mut fixed_live = p.max_samples;
     let mut depth = 0;
     while !live.is_empty() {
         for _ in 0..p.prune_every {
@@ -167,20 +171,20 @@ async fn beam<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Reasoni
             }
             b.extend(&extendable).await?;
             path_steps += extendable.len();
-            fixed_path_steps += p.max_samples;
+            fixed_path_steps += fixed_live;
             depth += 1;
         }
         // Finished paths leave for the pool, where they stay at no cost.
         let (done, open): (Vec<Traj>, Vec<Traj>) = live.iter().copied().partition(|&t| b.info(t).finished);
         if !done.is_empty() {
             let scores = ledger.score(b, &done).await?;
-            pool.extend(done.iter().zip(scores).map(|(&t, s)| candidate(b, t, Some(s))));
+            pool.extend(done.iter().zip(scores).map(|(&t, s)| candidate(b, p, t, Some(s))));
             b.release(&done);
         }
         if open.is_empty() || depth >= p.max_steps {
             if !open.is_empty() {
                 let scores = ledger.score(b, &open).await?;
-                pool.extend(open.iter().zip(scores).map(|(&t, s)| candidate(b, t, Some(s))));
+                pool.extend(open.iter().zip(scores).map(|(&t, s)| candidate(b, p, t, Some(s))));
                 b.release(&open);
             }
             break;
@@ -205,6 +209,8 @@ async fn beam<B: Backend>(b: &B, p: &ReasoningParams) -> Result<Outcome, Reasoni
         b.release(&open);
         ledger.samples += k * m;
         fixed_samples += p.beams * p.beam_width;
+        fixed_live = p.beams * p.beam_width;
+        b.progress(next.len(), ranked.first().map(|r| r.1.quantiles));
         live = next;
     }
     let per_step = b.generated_tokens() as f64 / path_steps.max(1) as f64;

@@ -1,6 +1,13 @@
-//! Admission: a bounded count of sequences per model. A request takes one
-//! permit per sequence (`n` counts n) or is refused at once; the permits go
-//! back when the request's [`SeqPermit`] is dropped, however it ends.
+//! Admission, in two layers. At the door, a bound counted in requests: a
+//! request takes a [`QueuePermit`] or is refused at once (429), and gives it
+//! back when it ends, however it ends. The bound is `queue.capacity`
+//! waiting requests plus `queue.max_running` (as many requests as can run,
+//! since each running request holds at least one sequence), so that a burst
+//! is refused only once the queue behind the running batch is full. Inside
+//! each worker, the running limit counted in sequences:
+//! [`allocate`] decides, before every engine step, how many sequences each
+//! running request may step, so that what a request does not use — samples
+//! IAS did not draw, beams that were pruned — is someone else's at once.
 
 use std::sync::Arc;
 
@@ -12,17 +19,10 @@ pub struct Admission {
     capacity: usize,
 }
 
-/// Held by an admitted request until it completes or is cancelled.
+/// Held by an admitted request until it ends.
 #[derive(Debug)]
-pub struct SeqPermit {
+pub struct QueuePermit {
     _permit: OwnedSemaphorePermit,
-    sequences: usize,
-}
-
-impl SeqPermit {
-    pub fn sequences(&self) -> usize {
-        self.sequences
-    }
 }
 
 /// No room: the request must be refused.
@@ -30,26 +30,82 @@ impl SeqPermit {
 pub struct QueueFull;
 
 impl Admission {
-    /// Room for `capacity` sequences (waiting and running together).
+    /// Room for `capacity` requests in flight (waiting or running).
     pub fn new(capacity: usize) -> Self {
         Self { permits: Arc::new(Semaphore::new(capacity)), capacity }
     }
 
-    pub fn try_admit(&self, sequences: usize) -> Result<SeqPermit, QueueFull> {
-        let n = u32::try_from(sequences).map_err(|_| QueueFull)?;
-        if sequences > self.capacity {
-            return Err(QueueFull);
-        }
-        match self.permits.clone().try_acquire_many_owned(n) {
-            Ok(permit) => Ok(SeqPermit { _permit: permit, sequences }),
+    pub fn try_admit(&self) -> Result<QueuePermit, QueueFull> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => Ok(QueuePermit { _permit: permit }),
             Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => Err(QueueFull),
         }
     }
 
-    /// Sequences admitted and not yet released.
-    pub fn in_use(&self) -> usize {
+    /// Requests admitted and not yet ended.
+    pub fn in_flight(&self) -> usize {
         self.capacity - self.permits.available_permits()
     }
+}
+
+/// One running request as the allocator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Sequences it holds now.
+    pub held: usize,
+    /// Sequences it would step now if it could.
+    pub wants: usize,
+    /// Of those, the ones part-way through their current step (a reasoning
+    /// step begun, a prompt being prefilled): taking their sequence away
+    /// would stall work already under way.
+    pub started: usize,
+    /// Sequences it keeps while it runs whatever it wants (a reasoning
+    /// request keeps one, so that it can always make progress; a plain
+    /// request keeps all of its unfinished choices).
+    pub floor: usize,
+}
+
+/// What a request keeps before new requests start: everything it wants,
+/// or, while a request waits to start, only what is part-way through a
+/// step (trajectories that have not begun their step yet can wait one), so
+/// that a waiting request starts within about one reasoning step however
+/// many samples the running requests drew.
+pub fn keep(c: &Claim, someone_waits: bool) -> usize {
+    let keep = if someone_waits { c.started.max(c.floor) } else { c.wants.max(c.floor) };
+    c.held.min(keep)
+}
+
+/// New holdings for `claims` under a running limit of `limit` sequences.
+///
+/// Each request first gives back what it holds beyond `max(wants, floor)`.
+/// If `head_needs` is `Some(k)` — the oldest waiting request needs `k`
+/// sequences to start — free sequences are kept for it and nobody grows,
+/// so a plain request never waits behind reasoning requests that keep
+/// growing into every sequence that comes free. Otherwise the free
+/// sequences are shared max-min fairly among the requests that want more:
+/// one at a time, to whoever holds the fewest (the oldest on a tie). That
+/// fair share is the point: a request's share of each batched step does not
+/// depend on how many samples it asked for, so a best-of-64 cannot starve a
+/// best-of-2 or a chat request.
+pub fn allocate(claims: &[Claim], limit: usize, head_needs: Option<usize>) -> Vec<usize> {
+    let mut held: Vec<usize> = claims.iter().map(|c| c.held.min(c.wants.max(c.floor))).collect();
+    let used: usize = held.iter().sum();
+    let mut free = limit.saturating_sub(used);
+    if head_needs.is_some() {
+        return held;
+    }
+    while free > 0 {
+        let next = claims
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| held[*i] < c.wants)
+            .min_by_key(|(i, _)| (held[*i], *i))
+            .map(|(i, _)| i);
+        let Some(i) = next else { break };
+        held[i] += 1;
+        free -= 1;
+    }
+    held
 }
 
 #[cfg(test)]
@@ -57,16 +113,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn admission_counts_sequences_and_releases_them_when_the_permit_drops() {
-        let a = Admission::new(5);
-        let p3 = a.try_admit(3).unwrap();
-        assert_eq!(a.try_admit(3).unwrap_err(), QueueFull);
-        let p2 = a.try_admit(2).unwrap();
-        assert_eq!(a.in_use(), 5);
-        drop(p3);
-        assert_eq!(a.in_use(), 2);
-        assert!(a.try_admit(3).is_ok());
-        drop(p2);
-        assert_eq!(a.try_admit(6).unwrap_err(), QueueFull, "more than the capacity never fits");
+    fn admission_counts_requests_and_frees_a_place_when_the_permit_drops() {
+        let a = Admission::new(2);
+        let p1 = a.try_admit().unwrap();
+        let _p2 = a.try_admit().unwrap();
+        assert_eq!(a.try_admit().unwrap_err(), QueueFull);
+        assert_eq!(a.in_flight(), 2);
+        drop(p1);
+        assert_eq!(a.in_flight(), 1);
+        assert!(a.try_admit().is_ok());
+    }
+
+    fn claim(held: usize, wants: usize, floor: usize) -> Claim {
+        Claim { held, wants, started: 0, floor }
+    }
+
+    #[test]
+    fn while_a_request_waits_running_ones_keep_only_work_under_way() {
+        let c = Claim { held: 32, wants: 32, started: 5, floor: 1 };
+        assert_eq!(keep(&c, false), 32);
+        assert_eq!(keep(&c, true), 5);
+        let idle = Claim { held: 32, wants: 32, started: 0, floor: 1 };
+        assert_eq!(keep(&idle, true), 1, "a reasoning request keeps its one sequence");
+        let plain = Claim { held: 4, wants: 4, started: 4, floor: 4 };
+        assert_eq!(keep(&plain, true), 4, "a plain request keeps every unfinished choice");
+    }
+
+    #[test]
+    fn what_a_request_no_longer_wants_goes_back_at_once() {
+        // IAS settled on 2 samples where 64 were held; a pruned beam wants 8 of 64.
+        let got = allocate(&[claim(64, 2, 1), claim(0, 0, 1)], 64, None);
+        assert_eq!(got, vec![2, 0]);
+        let got = allocate(&[claim(64, 8, 1)], 64, None);
+        assert_eq!(got, vec![8]);
+        // Between steps a reasoning request wants nothing but keeps its one sequence.
+        assert_eq!(allocate(&[claim(5, 0, 1)], 64, None), vec![1]);
+    }
+
+    #[test]
+    fn free_sequences_are_shared_max_min_fairly() {
+        // 60 free among a best-of-64 (holding 4) and a best-of-8 (holding 0): the small one gets all it wants.
+        let got = allocate(&[claim(4, 64, 1), claim(0, 8, 1)], 64, None);
+        assert_eq!(got, vec![56, 8]);
+        // Three requests wanting 40 each out of 64: 22, 21, 21 (the oldest first on ties).
+        let got = allocate(&[claim(0, 40, 1), claim(0, 40, 1), claim(0, 40, 1)], 64, None);
+        assert_eq!(got, vec![22, 21, 21]);
+        assert!(got.iter().sum::<usize>() <= 64);
+    }
+
+    #[test]
+    fn a_waiting_request_at_the_head_stops_growth_until_it_fits() {
+        let got = allocate(&[claim(60, 64, 1)], 64, Some(4));
+        assert_eq!(got, vec![60], "the 4 free sequences stay free for the head");
+        // Nobody holds more than the limit, even when floors add up.
+        let got = allocate(&[claim(3, 1, 3)], 4, None);
+        assert_eq!(got, vec![3]);
     }
 }

@@ -1,58 +1,14 @@
-//! What travels between the HTTP side and a worker: a validated generation
-//! request with its reply channel, and the events sent back.
+//! What travels from the HTTP side to a worker: an admitted request with its
+//! reply channel; and the outbox that holds a request's events until its
+//! client has room for them.
 
 use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::engine::{FinishReason, SamplingParams};
-use crate::reasoning::{Accounting, Candidate, ReasoningParams};
-
-use super::admission::SeqPermit;
-
-/// A generation the worker runs: `n` choices for each prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationRequest {
-    /// Token ids of each prompt (a completions request may send several).
-    pub prompts: Vec<Vec<u32>>,
-    pub n: usize,
-    /// Choice `j` of a prompt samples with `child_seed(sampling.seed, j)`.
-    pub sampling: SamplingParams,
-    pub stop: Vec<String>,
-    pub max_tokens: usize,
-    /// Logprob alternatives per token; `None` records no logprobs.
-    pub logprobs: Option<usize>,
-    /// The question as text (what a text-reading PRM scores).
-    pub question: String,
-    /// Search with a PRM instead of plain sampling.
-    pub reasoning: Option<ReasoningParams>,
-}
-
-impl GenerationRequest {
-    /// Sequences this request may occupy at once: one per choice, or the
-    /// most trajectories its reasoning strategy can hold.
-    pub fn sequences(&self) -> usize {
-        match &self.reasoning {
-            Some(r) => r.max_samples.max(r.beams * r.beam_width).max(self.n),
-            None => self.prompts.len() * self.n,
-        }
-    }
-
-    /// Choices the response holds.
-    pub fn choices(&self) -> usize {
-        self.prompts.len() * self.n
-    }
-}
-
-/// What a reasoning request spent, saved and considered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReasoningReport {
-    pub params: ReasoningParams,
-    pub accounting: Accounting,
-    pub candidates: Vec<Candidate>,
-    /// Tokens of the returned answers (the rest are reasoning tokens).
-    pub answer_tokens: usize,
-}
+use super::admission::QueuePermit;
+use crate::backend::GenEvent;
+use crate::validation::GenerationRequest;
 
 /// An admitted request on its way to a worker.
 #[derive(Debug)]
@@ -60,48 +16,12 @@ pub struct Job {
     pub id: String,
     pub request: GenerationRequest,
     pub reply: mpsc::Sender<GenEvent>,
-    pub permit: SeqPermit,
+    /// Its place in admission, given back when the job is dropped.
+    pub permit: QueuePermit,
     /// When the HTTP request arrived.
     pub received: Instant,
     /// When admission accepted it.
     pub admitted: Instant,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenOut {
-    pub id: u32,
-    /// The token's text (lossy where a token holds part of a character).
-    pub text: String,
-    pub logprob: f32,
-    pub top: Vec<(String, f32)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct JobStats {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    pub queue_secs: f64,
-    pub ttft_secs: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum GenEvent {
-    /// New text of one choice, with its tokens when logprobs were asked for.
-    Delta {
-        choice: usize,
-        text: String,
-        tokens: Vec<TokenOut>,
-    },
-    Finished {
-        choice: usize,
-        reason: FinishReason,
-    },
-    /// A reasoning request's accounting, sent before `Done`.
-    Reasoning(Box<ReasoningReport>),
-    /// Every choice finished.
-    Done(JobStats),
-    /// The worker could not complete the request; details are in its log.
-    Failed,
 }
 
 /// Events waiting for room in a reply channel. Consecutive deltas of one
@@ -121,6 +41,11 @@ pub(crate) enum Delivery {
 
 impl Outbox {
     pub(crate) fn push(&mut self, event: GenEvent) {
+        // Only the latest progress of a request matters to a slow reader.
+        if let (Some(GenEvent::Progress(last)), GenEvent::Progress(p)) = (self.events.back_mut(), &event) {
+            *last = *p;
+            return;
+        }
         if let (
             Some(GenEvent::Delta { choice: last, text, tokens }),
             GenEvent::Delta { choice, text: t2, tokens: k2 },

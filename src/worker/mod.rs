@@ -1,40 +1,62 @@
-//! The worker pool: per model, one thread per configured device, each owning
-//! its engine (weights and every KV cache) and decoding the sequences of all
-//! its running requests together. The HTTP side talks to it through
-//! admission permits and a bounded channel of jobs.
+//! The local worker pool, one [`Backend`] per served model: per configured
+//! device a supervised thread owning its engine (weights and every KV cache)
+//! and a [`Scheduler`] that decodes the sequences of all its running
+//! requests together. The HTTP side reaches it only through the
+//! [`Backend`] seam: a bounded request queue in front, a bounded channel of
+//! jobs to the workers, a bounded channel of events back.
+//!
+//! A worker that panics or whose model fails is restarted: its in-flight
+//! requests fail with a generic 500 (their reply channels close), the pool
+//! reports [`BackendStatus::Restarting`] while it reloads the model, and
+//! requests after the restart are served as before.
 
 pub mod admission;
 pub mod job;
+mod plain;
 pub mod scheduler;
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::backend::{Backend, BackendStatus, EventStream, ModelInfo, ScheduleError, Scheduled};
 use crate::config::{DeviceKind, ModelEntry, QueueConfig};
 use crate::engine::{Engine, EngineOptions};
-use crate::metrics::{Metrics, ModelMetrics};
+use crate::metrics::{Metrics, ModelMetrics, Rejection};
 
-pub use admission::{Admission, QueueFull, SeqPermit};
-pub use job::{GenEvent, GenerationRequest, Job, JobStats, ReasoningReport, TokenOut};
-pub use scheduler::{Scheduler, StepReport};
+pub use admission::{Admission, QueueFull, QueuePermit};
+pub use job::Job;
+pub use scheduler::{Fault, FaultHook, Scheduler, StepError, StepReport};
 
-/// Load state of a model's workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PoolStatus {
-    Loading,
-    Ready,
-    Failed(String),
+/// Events buffered between a worker and one response.
+const EVENT_CHANNEL: usize = 64;
+
+/// How a pool's workers run.
+#[derive(Clone, Default)]
+pub struct WorkerOptions {
+    /// Test-only: called before every step with work; a returned fault
+    /// makes the worker panic or fail as a model error would.
+    pub fault: Option<FaultHook>,
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions").field("fault", &self.fault.is_some()).finish()
+    }
 }
 
 #[derive(Debug, Default)]
 struct Shared {
-    /// The first loaded engine: its tokenizer and limits serve validation.
-    engine: OnceLock<Arc<Engine>>,
-    loaded: AtomicUsize,
+    /// The first loaded engine's tokenizer and limits serve validation.
+    info: OnceLock<ModelInfo>,
+    /// Workers serving now.
+    ready: AtomicUsize,
+    /// Workers reloading after a failure.
+    restarting: AtomicUsize,
     failure: Mutex<Option<String>>,
 }
 
@@ -47,30 +69,49 @@ pub struct ModelPool {
     /// Worker threads; each exits once every job sender is dropped.
     _threads: Vec<JoinHandle<()>>,
     admission: Admission,
+    retry_after_secs: u64,
+    metrics: Metrics,
     next: AtomicUsize,
 }
 
-/// No worker could take the job (its channel closed: shutting down).
-#[derive(Debug)]
-pub struct DispatchError(pub Box<Job>);
+/// What one worker thread needs.
+struct WorkerCtx {
+    entry: ModelEntry,
+    device: DeviceKind,
+    shared: Arc<Shared>,
+    mm: ModelMetrics,
+    metrics: Metrics,
+    max_running: usize,
+    options: WorkerOptions,
+}
 
 impl ModelPool {
-    /// Starts one worker thread per device; each loads its own engine.
-    pub fn spawn(entry: &ModelEntry, queue: &QueueConfig, metrics: &Metrics) -> Arc<Self> {
+    /// Starts one supervised worker thread per device; each loads its own engine.
+    pub fn spawn(
+        entry: &ModelEntry,
+        queue: &QueueConfig,
+        metrics: &Metrics,
+        options: WorkerOptions,
+    ) -> Arc<Self> {
         let shared = Arc::new(Shared::default());
-        let total = queue.capacity + queue.max_running;
         let mut senders = Vec::new();
         let mut threads = Vec::new();
         for (i, device) in entry.devices.iter().enumerate() {
             // Admission bounds the jobs in flight, so this never fills.
-            let (tx, rx) = mpsc::channel(total.max(1));
+            let (tx, rx) = mpsc::channel((queue.capacity + queue.max_running).max(1));
             senders.push(tx);
-            let (entry, shared, mm) = (entry.clone(), shared.clone(), metrics.for_model(&entry.id));
-            let (max_running, device) = (queue.max_running, *device);
-            let metrics = metrics.clone();
+            let ctx = WorkerCtx {
+                entry: entry.clone(),
+                device: *device,
+                shared: shared.clone(),
+                mm: metrics.for_model(&entry.id),
+                metrics: metrics.clone(),
+                max_running: queue.max_running,
+                options: options.clone(),
+            };
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{}-{i}", entry.id))
-                .spawn(move || worker_main(entry, device, shared, mm, metrics, max_running, rx))
+                .spawn(move || supervise(ctx, rx))
                 .expect("the OS starts a worker thread");
             threads.push(handle);
         }
@@ -79,7 +120,9 @@ impl ModelPool {
             shared,
             senders,
             _threads: threads,
-            admission: Admission::new(total),
+            admission: Admission::new(queue.capacity + queue.max_running),
+            retry_after_secs: queue.retry_after_secs,
+            metrics: metrics.clone(),
             next: AtomicUsize::new(0),
         })
     }
@@ -88,92 +131,143 @@ impl ModelPool {
         &self.id
     }
 
-    pub fn status(&self) -> PoolStatus {
-        if let Some(f) = self.shared.failure.lock().expect("no panics while holding the lock").clone() {
-            return PoolStatus::Failed(f);
-        }
-        if self.shared.loaded.load(Ordering::Acquire) == self.senders.len() {
-            PoolStatus::Ready
-        } else {
-            PoolStatus::Loading
-        }
-    }
-
-    /// The model's engine once a worker has loaded it.
-    pub fn engine(&self) -> Option<&Arc<Engine>> {
-        self.shared.engine.get()
-    }
-
-    pub fn admit(&self, sequences: usize) -> Result<SeqPermit, QueueFull> {
-        self.admission.try_admit(sequences)
-    }
-
-    /// Hands an admitted job to the next worker.
-    pub fn dispatch(&self, job: Job) -> Result<(), DispatchError> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        self.senders[i].try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => {
-                DispatchError(Box::new(j))
-            }
-        })
+    /// Requests admitted and not yet ended.
+    pub fn in_flight(&self) -> usize {
+        self.admission.in_flight()
     }
 }
 
-fn worker_main(
-    entry: ModelEntry,
-    device: DeviceKind,
-    shared: Arc<Shared>,
-    mm: ModelMetrics,
-    metrics: Metrics,
-    max_running: usize,
-    mut rx: mpsc::Receiver<Job>,
-) {
-    let candle_device = match device {
+impl Backend for ModelPool {
+    fn status(&self) -> BackendStatus {
+        if let Some(f) = self.shared.failure.lock().expect("no panics while holding the lock").clone() {
+            return BackendStatus::Failed(f);
+        }
+        if self.shared.restarting.load(Ordering::Acquire) > 0 {
+            return BackendStatus::Restarting;
+        }
+        if self.shared.ready.load(Ordering::Acquire) == self.senders.len() {
+            BackendStatus::Ready
+        } else {
+            BackendStatus::Loading
+        }
+    }
+
+    fn model_info(&self) -> Option<ModelInfo> {
+        self.shared.info.get().cloned()
+    }
+
+    fn schedule(&self, req: Scheduled) -> Result<EventStream, ScheduleError> {
+        match self.status() {
+            BackendStatus::Ready => {}
+            BackendStatus::Restarting => return Err(ScheduleError::Restarting(self.id.clone())),
+            BackendStatus::Loading | BackendStatus::Failed(_) => {
+                self.metrics.rejected(&self.id, Rejection::Loading);
+                return Err(ScheduleError::Loading(self.id.clone()));
+            }
+        }
+        let permit = self.admission.try_admit().map_err(|QueueFull| {
+            self.metrics.rejected(&self.id, Rejection::QueueFull);
+            ScheduleError::QueueFull { retry_after_secs: self.retry_after_secs }
+        })?;
+        let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+        let job = Job {
+            id: req.id,
+            request: req.generation,
+            reply: tx,
+            permit,
+            received: req.received,
+            admitted: Instant::now(),
+        };
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
+        self.senders[i].try_send(job).map_err(|_| ScheduleError::Closed)?;
+        Ok(EventStream::new(rx))
+    }
+}
+
+fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
+    let candle_device = match ctx.device {
         DeviceKind::Cpu => candle_core::Device::Cpu,
     };
+    let entry = &ctx.entry;
     let opts = EngineOptions { prefill_chunk: entry.prefill_chunk };
-    let started = std::time::Instant::now();
-    let engine = match Engine::load(&entry.path, entry.weights, &candle_device, opts) {
-        Ok(e) => Arc::new(e),
-        Err(e) => {
-            let msg = format!("model {:?} ({}): {e}", entry.id, entry.path.display());
-            tracing::error!("{msg}");
-            *shared.failure.lock().expect("no panics while holding the lock") = Some(msg);
-            return;
-        }
-    };
+    let started = Instant::now();
+    let engine = Engine::load(&entry.path, entry.weights, &candle_device, opts)
+        .map_err(|e| format!("model {:?} ({}): {e}", entry.id, entry.path.display()))?;
+    let engine = Arc::new(engine);
     let hidden = engine.model().config().hidden;
-    let prm: Option<Arc<dyn crate::prm::Scorer>> = match &entry.prm {
+    let prm = match &entry.prm {
         None => None,
-        Some(config) => match crate::prm::load(config, hidden, crate::prm::head::HeadOutput::Calibrated) {
-            Ok(prm) => Some(prm),
-            Err(e) => {
-                let msg = format!("model {:?}: PRM: {e}", entry.id);
-                tracing::error!("{msg}");
-                *shared.failure.lock().expect("no panics while holding the lock") = Some(msg);
-                return;
-            }
-        },
+        Some(config) => Some(
+            crate::prm::load(config, hidden, crate::prm::head::HeadOutput::Calibrated)
+                .map_err(|e| format!("model {:?}: PRM: {e}", entry.id))?,
+        ),
     };
     tracing::info!(model = %entry.id, secs = started.elapsed().as_secs_f64(), prm = prm.is_some(), "model loaded");
-    let _ = shared.engine.set(engine.clone());
-    shared.loaded.fetch_add(1, Ordering::AcqRel);
-    metrics.model_loaded();
-    run_worker(Scheduler::new(engine, mm, max_running, prm), &mut rx);
+    let _ = ctx.shared.info.set(ModelInfo {
+        tokenizer: engine.shared_tokenizer(),
+        context_length: engine.model().max_position(),
+    });
+    Ok(Scheduler::new(engine, ctx.mm.clone(), ctx.max_running, prm)
+        .with_fault_hook(ctx.options.fault.clone()))
+}
+
+/// Loads the model and runs the worker; when a step panics or fails, fails
+/// what the worker held and starts again with a freshly loaded model. Jobs
+/// still in the channel wait for the new worker.
+fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
+    let mut restarts = 0u64;
+    loop {
+        let sched = match load(&ctx) {
+            Ok(s) => s,
+            Err(msg) => {
+                tracing::error!("{msg}");
+                *ctx.shared.failure.lock().expect("no panics while holding the lock") = Some(msg);
+                return;
+            }
+        };
+        if restarts == 0 {
+            ctx.metrics.model_loaded();
+        } else {
+            ctx.shared.restarting.fetch_sub(1, Ordering::AcqRel);
+        }
+        ctx.shared.ready.fetch_add(1, Ordering::AcqRel);
+        // The scheduler (and every request it holds) is dropped inside the
+        // closure, also when it unwinds: each reply channel closes, and its
+        // handler answers 500.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| run_worker(sched, &mut rx)));
+        ctx.shared.ready.fetch_sub(1, Ordering::AcqRel);
+        let why = match outcome {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => format!("model error: {e}"),
+            Err(panic) => {
+                let text = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "non-text panic".into());
+                format!("panic: {text}")
+            }
+        };
+        ctx.shared.restarting.fetch_add(1, Ordering::AcqRel);
+        restarts += 1;
+        ctx.mm.worker_restarts.inc();
+        ctx.mm.running.set(0);
+        tracing::error!(model = %ctx.entry.id, device = ?ctx.device, %why, restarts, "worker failed; failing its requests and reloading the model");
+    }
 }
 
 /// The worker loop: block while idle, otherwise take every queued job and
 /// step. Ends when the channel is closed and nothing is left.
-pub fn run_worker(mut sched: Scheduler, rx: &mut mpsc::Receiver<Job>) {
+pub fn run_worker(mut sched: Scheduler, rx: &mut mpsc::Receiver<Job>) -> Result<(), StepError> {
     let mut open = true;
     loop {
         if sched.is_idle() {
             if !open {
-                return;
+                return Ok(());
             }
             match rx.blocking_recv() {
                 Some(job) => sched.submit(job),
-                None => return,
+                None => return Ok(()),
             }
         }
         while open {
@@ -184,7 +278,7 @@ pub fn run_worker(mut sched: Scheduler, rx: &mut mpsc::Receiver<Job>) {
             }
         }
         let has_compute = sched.has_compute();
-        sched.step();
+        sched.step()?;
         if !has_compute {
             // Only deliveries to slow readers are left: wait for them to read.
             std::thread::sleep(Duration::from_millis(2));

@@ -1,44 +1,62 @@
-//! One worker's private state, driven one `step` at a time: requests wait in
-//! FIFO order until the running batch has room for all their sequences, then
-//! every running sequence of every request advances in one engine step.
-//! Tests drive it directly.
+//! One worker's private state, driven one `step` at a time. Requests wait in
+//! FIFO order; a request starts when the sequences it needs at once fit
+//! under the running limit (`n` choices for a plain request, its prompt for
+//! a reasoning one). Before every engine step [`allocate`] decides how many
+//! sequences each running request may step: what it wants now, shared
+//! max-min fairly, with what it no longer uses handed back at once. Plain
+//! and reasoning requests are two kinds of task here; this scheduler alone
+//! calls the engine's step, and the reasoning runtime only sees its own
+//! requests. Tests drive it directly.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
 
-use crate::engine::{
-    Engine, EngineError, EosPolicy, FinishReason, HiddenCapture, Logprobs, SeqOptions, Sequence,
-    StopCriteria, child_seed,
-};
+use crate::backend::{GenEvent, JobStats, Progress, ReasoningReport};
+use crate::engine::{Engine, EngineError, FinishReason, Sequence};
 use crate::metrics::ModelMetrics;
 use crate::prm::Scorer;
 use crate::reasoning::Outcome;
-use crate::reasoning::runtime::{ReasoningJob, Runtime, TaskId};
+use crate::reasoning::runtime::{Grants, ReasoningJob, Runtime, TaskId};
 
-use super::job::{Delivery, GenEvent, Job, JobStats, Outbox, ReasoningReport, TokenOut};
+use super::admission::{Claim, allocate, keep};
+use super::job::{Delivery, Job, Outbox};
+use super::plain::Plain;
 
-/// A request in the running batch.
-struct Active {
-    job: Job,
-    /// Per prompt: its sequence until the prompt is prefilled (then forked into choices).
-    roots: Vec<Option<Sequence>>,
-    /// Per choice (`prompt * n + j`): `None` before the fork and after it finished.
-    choices: Vec<Option<Sequence>>,
-    finished: usize,
-    outbox: Outbox,
-    first_token: Option<Instant>,
-    last_token: Vec<Option<Instant>>,
-    completion_tokens: usize,
-    queue_secs: f64,
-    /// Set once every choice finished and `Done` is queued.
-    complete: bool,
+/// Why a step failed; the worker fails its requests and restarts.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("injected model error at step {0}")]
+    Injected(u64),
 }
 
-impl Active {
-    fn unfinished_sequences(&self) -> usize {
-        if self.complete { 0 } else { self.job.request.sequences() - self.finished }
-    }
+/// A fault the test hook can inject into a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Panic,
+    ModelError,
+}
+
+/// Called with the index of every step that has work; a test-only way to
+/// make a worker fail (see [`super::WorkerOptions::fault`]).
+pub type FaultHook = Arc<dyn Fn(u64) -> Option<Fault> + Send + Sync>;
+
+enum Kind {
+    Plain(Box<Plain>),
+    Reasoning { task: TaskId, last: Option<(usize, usize, usize)> },
+}
+
+/// A started request.
+struct Task {
+    job: Job,
+    kind: Kind,
+    /// Sequences it may step (its share of the running limit).
+    held: usize,
+    queue_secs: f64,
+    outbox: Outbox,
+    /// Every event of the response is queued; only delivery is left.
+    complete: bool,
 }
 
 /// What one step did, for the worker loop and tests.
@@ -51,24 +69,15 @@ pub struct StepReport {
     pub completed: usize,
 }
 
-/// A reasoning request: its strategy runs in the runtime; the answers are
-/// sent once it has chosen them.
-struct Thinking {
-    job: Job,
-    task: TaskId,
-    queue_secs: f64,
-    outbox: Outbox,
-    complete: bool,
-}
-
 pub struct Scheduler {
     engine: Arc<Engine>,
     metrics: ModelMetrics,
     max_running: usize,
     waiting: VecDeque<Job>,
-    running: Vec<Active>,
+    tasks: Vec<Task>,
     runtime: Runtime,
-    thinking: Vec<Thinking>,
+    fault: Option<FaultHook>,
+    steps: u64,
 }
 
 impl Scheduler {
@@ -84,9 +93,15 @@ impl Scheduler {
             metrics,
             max_running,
             waiting: VecDeque::new(),
-            running: Vec::new(),
-            thinking: Vec::new(),
+            tasks: Vec::new(),
+            fault: None,
+            steps: 0,
         }
+    }
+
+    pub fn with_fault_hook(mut self, hook: Option<FaultHook>) -> Self {
+        self.fault = hook;
+        self
     }
 
     pub fn submit(&mut self, job: Job) {
@@ -96,334 +111,296 @@ impl Scheduler {
 
     /// Nothing waiting, running or left to deliver.
     pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.running.is_empty() && self.thinking.is_empty()
+        self.waiting.is_empty() && self.tasks.is_empty()
     }
 
     /// Whether a step would run the model (rather than only deliver events).
     pub fn has_compute(&self) -> bool {
-        !self.waiting.is_empty()
-            || self.running.iter().any(|a| !a.complete)
-            || self.thinking.iter().any(|t| !t.complete)
+        !self.waiting.is_empty() || self.tasks.iter().any(|t| !t.complete)
+    }
+
+    pub fn waiting_requests(&self) -> usize {
+        self.waiting.len()
     }
 
     pub fn waiting_sequences(&self) -> usize {
-        self.waiting.iter().map(|j| j.request.sequences()).sum()
+        self.waiting.iter().map(|j| j.request.initial_sequences()).sum()
     }
 
+    /// Sequences the running requests may step (their shares of the limit).
     pub fn running_sequences(&self) -> usize {
-        self.running.iter().map(Active::unfinished_sequences).sum::<usize>()
-            + self.thinking.iter().filter(|t| !t.complete).map(|t| t.job.request.sequences()).sum::<usize>()
+        self.tasks.iter().filter(|t| !t.complete).map(|t| t.held).sum()
     }
 
-    pub fn step(&mut self) -> StepReport {
-        let mut report = StepReport { cancelled: self.reap_cancelled(), ..Default::default() };
-        self.start_waiting();
-        let (batch, tokens) = match self.decode() {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %e, "engine step failed; failing the running requests");
-                self.fail_running();
-                (0, 0)
+    /// Running requests (started, not yet complete).
+    pub fn running_requests(&self) -> usize {
+        self.tasks.iter().filter(|t| !t.complete).count()
+    }
+
+    /// One engine step over every sequence the running requests may step.
+    /// An error means the engine failed: the caller fails the worker.
+    pub fn step(&mut self) -> Result<StepReport, StepError> {
+        let mut report = StepReport { cancelled: self.drop_abandoned(), ..Default::default() };
+        self.runtime.poll();
+        self.share_out();
+        if let Some(hook) = &self.fault
+            && self.has_compute()
+        {
+            let index = self.steps;
+            match hook(index) {
+                Some(Fault::Panic) => panic!("injected fault at step {index}"),
+                Some(Fault::ModelError) => return Err(StepError::Injected(index)),
+                None => {}
             }
-        };
+        }
+        self.steps += 1;
+        let (batch, tokens) = self.decode()?;
         report.batch = batch;
         report.tokens = tokens;
-        self.promote_prefilled_roots();
-        report.completed = self.complete_and_flush() + self.finish_thinking();
+        self.runtime.poll();
+        report.completed = self.complete_plain() + self.complete_reasoning();
+        report.cancelled += self.flush();
         self.update_gauges();
-        report
+        Ok(report)
     }
 
-    /// Drops requests whose client left: their sequences and caches go at once.
-    fn reap_cancelled(&mut self) -> usize {
-        let before = self.waiting.len() + self.running.len() + self.thinking.len();
+    /// Drops requests whose client left, waiting or running: their
+    /// sequences and caches go at once, and no more work is done for them.
+    fn drop_abandoned(&mut self) -> usize {
+        let before = self.waiting.len();
         self.waiting.retain(|j| !j.reply.is_closed());
-        self.running.retain(|a| !a.job.reply.is_closed());
+        let mut cancelled = before - self.waiting.len();
         let runtime = &mut self.runtime;
-        self.thinking.retain(|t| {
-            let open = !t.job.reply.is_closed();
-            if !open {
-                runtime.cancel(t.task);
+        self.tasks.retain(|t| {
+            if !t.job.reply.is_closed() {
+                return true;
             }
-            open
+            if let Kind::Reasoning { task, .. } = t.kind {
+                runtime.cancel(task);
+            }
+            cancelled += usize::from(!t.complete);
+            false
         });
-        let cancelled = before - self.waiting.len() - self.running.len() - self.thinking.len();
         self.metrics.cancelled.inc_by(cancelled as u64);
+        if cancelled > 0 {
+            self.update_gauges();
+        }
         cancelled
     }
 
-    fn start_waiting(&mut self) {
-        let mut running = self.running_sequences();
+    fn claim(&self, t: &Task) -> Claim {
+        match &t.kind {
+            Kind::Plain(p) => {
+                let k = if t.complete { 0 } else { p.unfinished(&t.job) };
+                Claim { held: t.held, wants: k, started: k, floor: k }
+            }
+            Kind::Reasoning { task, .. } => {
+                let floor = usize::from(!t.complete);
+                let (wants, started) = self.runtime.demand(*task);
+                Claim { held: t.held, wants, started, floor }
+            }
+        }
+    }
+
+    /// Gives back what running requests no longer use, starts waiting
+    /// requests that now fit (oldest first, none overtaking), then shares
+    /// the rest out.
+    fn share_out(&mut self) {
+        let claims: Vec<Claim> = self.tasks.iter().map(|t| self.claim(t)).collect();
+        let someone_waits = !self.waiting.is_empty();
+        for (t, c) in self.tasks.iter_mut().zip(&claims) {
+            t.held = keep(c, someone_waits);
+        }
+        let mut used: usize = self.tasks.iter().map(|t| t.held).sum();
         while let Some(job) = self.waiting.front() {
-            if running + job.request.sequences() > self.max_running {
+            let need = job.request.initial_sequences();
+            if used + need > self.max_running {
                 break;
             }
             let job = self.waiting.pop_front().expect("front() was Some");
-            running += job.request.sequences();
-            if job.request.reasoning.is_some() {
-                self.think(job);
-            } else if let Some(active) = self.activate(job) {
-                self.running.push(active);
+            if self.start(job, need) {
+                used += need;
             }
         }
-    }
-
-    fn seq_options(&self, job: &Job, seed: u64) -> SeqOptions {
-        let r = &job.request;
-        SeqOptions {
-            sampling: r.sampling.with_seed(seed),
-            stop: StopCriteria { max_tokens: r.max_tokens, stop: r.stop.clone(), eos: EosPolicy::Stop },
-            logprobs: r.logprobs.map_or(Logprobs::None, Logprobs::Top),
-            capture: HiddenCapture::Never,
+        let head_needs = self.waiting.front().map(|j| j.request.initial_sequences());
+        let claims: Vec<Claim> = self.tasks.iter().map(|t| self.claim(t)).collect();
+        for (t, held) in self.tasks.iter_mut().zip(allocate(&claims, self.max_running, head_needs)) {
+            t.held = held;
         }
     }
 
-    fn activate(&mut self, job: Job) -> Option<Active> {
+    /// Starts a request; false when its sequences could not be created.
+    fn start(&mut self, job: Job, need: usize) -> bool {
         let queue_secs = job.admitted.elapsed().as_secs_f64();
         self.metrics.queue_duration.observe(queue_secs);
-        let mut roots = Vec::with_capacity(job.request.prompts.len());
-        for prompt in &job.request.prompts {
-            // The root samples only when n = 1 (it is choice 0 of its prompt).
-            let opts = self.seq_options(&job, child_seed(job.request.sampling.seed, 0));
-            match self.engine.start(prompt.clone(), opts) {
-                Ok(seq) => roots.push(Some(seq)),
-                Err(e) => {
-                    tracing::error!(request = %job.id, error = %e, "could not start a sequence");
-                    let _ = job.reply.try_send(GenEvent::Failed);
-                    return None;
-                }
+        let kind = match &job.request.reasoning {
+            None => Plain::start(&self.engine, &job).map(|p| Kind::Plain(Box::new(p))),
+            Some(params) => {
+                let r = &job.request;
+                self.runtime
+                    .spawn(ReasoningJob {
+                        question: r.question.clone(),
+                        prompt: r.prompts[0].clone(),
+                        params: *params,
+                        sampling: r.sampling,
+                    })
+                    .map(|task| {
+                        self.metrics.prompt_tokens.inc_by(r.prompts[0].len() as u64);
+                        Kind::Reasoning { task, last: None }
+                    })
             }
-        }
-        let choices = job.request.choices();
-        Some(Active {
-            roots,
-            choices: (0..choices).map(|_| None).collect(),
-            finished: 0,
-            outbox: Outbox::default(),
-            first_token: None,
-            last_token: vec![None; choices],
-            completion_tokens: 0,
-            queue_secs,
-            complete: false,
-            job,
-        })
-    }
-
-    /// One engine step over every sequence that needs one.
-    fn decode(&mut self) -> Result<(usize, usize), EngineError> {
-        #[derive(Clone, Copy)]
-        enum Slot {
-            Root,
-            Choice(usize),
-        }
-        let mut refs: Vec<&mut Sequence> = Vec::new();
-        let mut owners: Vec<(usize, Slot)> = Vec::new();
-        for (a, active) in self.running.iter_mut().enumerate() {
-            for root in active.roots.iter_mut() {
-                if let Some(seq) = root.as_mut().filter(|s| s.needs_work()) {
-                    refs.push(seq);
-                    owners.push((a, Slot::Root));
-                }
-            }
-            for (c, choice) in active.choices.iter_mut().enumerate() {
-                if let Some(seq) = choice.as_mut().filter(|s| s.needs_work()) {
-                    refs.push(seq);
-                    owners.push((a, Slot::Choice(c)));
-                }
-            }
-        }
-        if refs.is_empty() && self.runtime.is_idle() {
-            return Ok((0, 0));
-        }
-        let step = self.runtime.step(refs)?;
-        let (batch, updates) = (step.batch, step.updates);
-        if batch > 0 {
-            self.metrics.batch_size.observe(batch as f64);
-        }
-        self.metrics.generated_tokens.inc_by(step.reasoning_tokens as u64);
-        let now = Instant::now();
-        let mut tokens = 0;
-        for (update, (a, slot)) in updates.into_iter().zip(owners) {
-            let active = &mut self.running[a];
-            self.metrics.prompt_tokens.inc_by(update.prefilled as u64);
-            let Slot::Choice(c) = slot else { continue };
-            let seq = active.choices[c].as_ref().expect("a stepped choice exists");
-            if update.token.is_some() {
-                tokens += 1;
-                active.completion_tokens += 1;
-                self.metrics.generated_tokens.inc();
-                if active.first_token.is_none() {
-                    active.first_token = Some(now);
-                    self.metrics.ttft.observe(now.duration_since(active.job.received).as_secs_f64());
-                }
-                if let Some(prev) = active.last_token[c].replace(now) {
-                    self.metrics.itl.observe(now.duration_since(prev).as_secs_f64());
-                }
-            }
-            let token_out = match (update.token, seq.logprobs().last()) {
-                (Some(id), Some(lp)) if active.job.request.logprobs.is_some() => {
-                    let tok = self.engine.tokenizer();
-                    vec![TokenOut {
-                        id,
-                        text: tok.token_text(id),
-                        logprob: lp.logprob,
-                        top: lp.top.iter().map(|&(t, l)| (tok.token_text(t), l)).collect(),
-                    }]
-                }
-                _ => Vec::new(),
-            };
-            if !update.delta.is_empty() || !token_out.is_empty() {
-                active.outbox.push(GenEvent::Delta { choice: c, text: update.delta, tokens: token_out });
-            }
-            if let Some(reason) = update.finished {
-                active.outbox.push(GenEvent::Finished { choice: c, reason });
-                active.finished += 1;
-                // Frees this choice's cache now, not when the request ends.
-                active.choices[c] = None;
-            }
-        }
-        Ok((batch, tokens + step.reasoning_tokens))
-    }
-
-    /// Roots whose prompt is fully fed become their prompt's choices: the
-    /// root itself when n = 1, else n forks sharing its cache.
-    fn promote_prefilled_roots(&mut self) {
-        let engine = self.engine.clone();
-        for active in &mut self.running {
-            let n = active.job.request.n;
-            let seed = active.job.request.sampling.seed;
-            for (p, slot) in active.roots.iter_mut().enumerate() {
-                let ready = slot.as_ref().is_some_and(|s| s.cached_len() == s.prompt_len());
-                if !ready {
-                    continue;
-                }
-                let mut root = slot.take().expect("checked above");
-                if n == 1 {
-                    active.choices[p] = Some(root);
-                    continue;
-                }
-                let seeds: Vec<u64> = (0..n as u64).map(|j| child_seed(seed, j)).collect();
-                match engine.fork(&mut root, &seeds) {
-                    Ok(children) => {
-                        for (j, child) in children.into_iter().enumerate() {
-                            active.choices[p * n + j] = Some(child);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(request = %active.job.id, error = %e, "fork failed");
-                        active.outbox.push(GenEvent::Failed);
-                        active.complete = true;
-                    }
-                }
-            }
-        }
-    }
-
-    fn fail_running(&mut self) {
-        for t in &mut self.thinking {
-            self.runtime.cancel(t.task);
-            t.outbox.push(GenEvent::Failed);
-            t.complete = true;
-        }
-        for active in &mut self.running {
-            active.roots.clear();
-            active.choices.iter_mut().for_each(|c| *c = None);
-            active.outbox.push(GenEvent::Failed);
-            active.complete = true;
-        }
-    }
-
-    /// Queues `Done` for finished requests, delivers what each client has
-    /// room for, and forgets requests that are delivered or abandoned.
-    fn complete_and_flush(&mut self) -> usize {
-        let mut completed = 0;
-        for active in &mut self.running {
-            if !active.complete && active.finished == active.job.request.choices() {
-                active.complete = true;
-                completed += 1;
-                active.outbox.push(GenEvent::Done(JobStats {
-                    prompt_tokens: active.job.request.prompts.iter().map(Vec::len).sum(),
-                    completion_tokens: active.completion_tokens,
-                    queue_secs: active.queue_secs,
-                    ttft_secs: active
-                        .first_token
-                        .map(|t| t.duration_since(active.job.received).as_secs_f64()),
-                }));
-            }
-        }
-        let metrics = &self.metrics;
-        self.running.retain_mut(|active| match active.outbox.flush(&active.job.reply) {
-            Delivery::Closed => {
-                if !active.complete {
-                    metrics.cancelled.inc();
-                }
-                false
-            }
-            Delivery::Open => !(active.complete && active.outbox.is_empty()),
-        });
-        completed
-    }
-
-    /// Starts a reasoning request in the runtime.
-    fn think(&mut self, job: Job) {
-        let queue_secs = job.admitted.elapsed().as_secs_f64();
-        self.metrics.queue_duration.observe(queue_secs);
-        let r = &job.request;
-        let spawned = self.runtime.spawn(ReasoningJob {
-            question: r.question.clone(),
-            prompt: r.prompts[0].clone(),
-            params: r.reasoning.expect("think() takes reasoning jobs"),
-            sampling: r.sampling,
-        });
-        match spawned {
-            Ok(task) => {
-                self.metrics.prompt_tokens.inc_by(r.prompts[0].len() as u64);
-                self.thinking.push(Thinking {
+        };
+        match kind {
+            Ok(kind) => {
+                self.tasks.push(Task {
                     job,
-                    task,
+                    kind,
+                    held: need,
                     queue_secs,
                     outbox: Outbox::default(),
                     complete: false,
                 });
+                true
             }
             Err(e) => {
-                tracing::error!(request = %job.id, error = %e, "could not start reasoning");
+                tracing::error!(request = %job.id, error = %e, "could not start a request");
                 let _ = job.reply.try_send(GenEvent::Failed);
+                false
             }
         }
     }
 
-    /// Sends the answers of reasoning requests that finished, delivers what
-    /// each client has room for, and forgets delivered or abandoned ones.
-    fn finish_thinking(&mut self) -> usize {
-        let mut completed = 0;
-        for (task, result) in self.runtime.take_finished() {
-            let Some(t) = self.thinking.iter_mut().find(|t| t.task == task) else { continue };
-            t.complete = true;
-            match result {
-                Ok(outcome) => {
-                    completed += 1;
-                    let now = Instant::now();
-                    self.metrics.ttft.observe(now.duration_since(t.job.received).as_secs_f64());
-                    let params = t.job.request.reasoning.expect("thinking jobs have reasoning");
-                    self.metrics.reasoning.record(
-                        params.strategy.name(),
-                        &outcome.accounting,
-                        params.budget_quantile,
-                    );
-                    answer_events(&mut t.outbox, &t.job, outcome, t.queue_secs);
-                }
-                Err(e) => {
-                    tracing::error!(request = %t.job.id, error = %e, "reasoning failed");
-                    t.outbox.push(GenEvent::Failed);
-                }
+    /// One engine step: every plain request's sequences and each reasoning
+    /// request's share of the trajectories it wants stepped, in one batch.
+    fn decode(&mut self) -> Result<(usize, usize), EngineError> {
+        let grants: HashMap<TaskId, usize> = self
+            .tasks
+            .iter()
+            .filter_map(|t| match t.kind {
+                Kind::Reasoning { task, .. } => Some((task, t.held)),
+                Kind::Plain(_) => None,
+            })
+            .collect();
+        let mut thinking = self.runtime.begin_step(&Grants::Limited(grants));
+        let mut plain_refs: Vec<(usize, usize)> = Vec::new();
+        let mut refs: Vec<&mut Sequence> = Vec::new();
+        for (i, t) in self.tasks.iter_mut().enumerate() {
+            if let Kind::Plain(p) = &mut t.kind {
+                let seqs = p.sequences();
+                plain_refs.push((i, seqs.len()));
+                refs.extend(seqs);
             }
         }
-        self.thinking.retain_mut(|t| match t.outbox.flush(&t.job.reply) {
-            Delivery::Closed => false,
+        let n_plain = refs.len();
+        refs.extend(thinking.sequences());
+        let batch = refs.len();
+        let updates = if batch == 0 { Vec::new() } else { self.engine.step(&mut refs)? };
+        drop(refs);
+        let per_task = thinking.finish(updates.get(n_plain..).unwrap_or(&[]));
+        let reasoning_tokens: usize = per_task.iter().map(|(_, k)| k).sum();
+        if batch > 0 {
+            self.metrics.batch_size.observe(batch as f64);
+        }
+        self.metrics.generated_tokens.inc_by(reasoning_tokens as u64);
+        let mut tokens = reasoning_tokens;
+        let mut offset = 0;
+        for (i, k) in plain_refs {
+            let t = &mut self.tasks[i];
+            let Kind::Plain(p) = &mut t.kind else { unreachable!("plain_refs lists plain tasks") };
+            tokens +=
+                p.apply(&updates[offset..offset + k], &t.job, &self.engine, &self.metrics, &mut t.outbox);
+            offset += k;
+        }
+        Ok((batch, tokens))
+    }
+
+    /// Forks prefilled prompts into choices and queues `Done` for plain
+    /// requests whose every choice finished.
+    fn complete_plain(&mut self) -> usize {
+        let mut completed = 0;
+        for t in self.tasks.iter_mut().filter(|t| !t.complete) {
+            let Kind::Plain(p) = &mut t.kind else { continue };
+            if let Err(e) = p.promote_prefilled_roots(&self.engine, &t.job) {
+                tracing::error!(request = %t.job.id, error = %e, "fork failed");
+                t.outbox.push(GenEvent::Failed);
+                t.complete = true;
+                t.held = 0;
+                continue;
+            }
+            if p.is_done(&t.job) {
+                t.complete = true;
+                t.held = 0;
+                completed += 1;
+                t.outbox.push(GenEvent::Done(p.stats(&t.job, t.queue_secs)));
+            }
+        }
+        completed
+    }
+
+    /// Queues the answers of reasoning requests that finished, and a
+    /// progress event for those that completed a reasoning step.
+    fn complete_reasoning(&mut self) -> usize {
+        let mut completed = 0;
+        let finished: HashMap<TaskId, _> = self.runtime.take_finished().into_iter().collect();
+        let mut finished = finished;
+        for t in self.tasks.iter_mut().filter(|t| !t.complete) {
+            let Kind::Reasoning { task, last } = &mut t.kind else { continue };
+            if let Some(result) = finished.remove(task) {
+                t.complete = true;
+                t.held = 0;
+                match result {
+                    Ok(outcome) => {
+                        completed += 1;
+                        self.metrics.ttft.observe(t.job.received.elapsed().as_secs_f64());
+                        let params = t.job.request.reasoning.expect("reasoning tasks have reasoning");
+                        self.metrics.reasoning.record(
+                            params.strategy.name(),
+                            &outcome.accounting,
+                            params.budget_quantile,
+                        );
+                        answer_events(&mut t.outbox, &t.job, outcome, t.queue_secs);
+                    }
+                    Err(e) => {
+                        tracing::error!(request = %t.job.id, error = %e, "reasoning failed");
+                        t.outbox.push(GenEvent::Failed);
+                    }
+                }
+                continue;
+            }
+            let Some(p) = self.runtime.progress(*task) else { continue };
+            let key = (p.steps, p.samples, p.budget);
+            if p.steps > 0 && *last != Some(key) {
+                *last = Some(key);
+                t.outbox.push(GenEvent::Progress(Progress {
+                    samples: p.samples,
+                    live: p.live,
+                    budget: p.budget,
+                    best: p.best,
+                    tokens: p.tokens,
+                    steps: p.steps,
+                }));
+            }
+        }
+        completed
+    }
+
+    /// Delivers what each client has room for; forgets requests that are
+    /// delivered, and drops (and counts) those whose client left.
+    fn flush(&mut self) -> usize {
+        let mut cancelled = 0;
+        let runtime = &mut self.runtime;
+        self.tasks.retain_mut(|t| match t.outbox.flush(&t.job.reply) {
+            Delivery::Closed => {
+                if let Kind::Reasoning { task, .. } = t.kind {
+                    runtime.cancel(task);
+                }
+                cancelled += usize::from(!t.complete);
+                false
+            }
             Delivery::Open => !(t.complete && t.outbox.is_empty()),
         });
-        completed
+        self.metrics.cancelled.inc_by(cancelled as u64);
+        cancelled
     }
 
     fn update_gauges(&self) {

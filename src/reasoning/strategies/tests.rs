@@ -62,7 +62,7 @@ impl Fake {
     }
 }
 
-impl Backend for Fake {
+impl Trajectories for Fake {
     fn root(&self) -> Traj {
         0
     }
@@ -159,6 +159,7 @@ fn params(strategy: Strategy, budget: Budget) -> ReasoningParams {
         beams: 8,
         prune_every: 1,
         select: Select::PrmMax,
+        answer: select::AnswerFormat::LastNumber,
         candidates: Candidates::Return,
         n: 1,
         max_tokens: 1000,
@@ -264,4 +265,20 @@ fn selection_returns_n_distinct_answers() {
     let out = run_fake(&fake, &p);
     assert_eq!(out.answers.len(), 2);
     assert_ne!(out.answers[0].answer, out.answers[1].answer);
+}
+
+#[test]
+fn the_fixed_beam_estimate_counts_n_max_paths_then_k_max_times_m_max_per_expansion() {
+    // 16 initial samples, K_max 2 × M_max 4 = 8 paths after each pruning point.
+    let fake = Fake::new(0.3, Quantiles::sorted([0.3, 0.3, 0.3]));
+    let mut p = params(Strategy::Beam, Budget::Fixed);
+    p.max_samples = 16;
+    p.beams = 2;
+    p.beam_width = 4;
+    let a = run_fake(&fake, &p).accounting;
+    // Path-steps: 16 in the first step, then 8 in each of the STEPS later ones.
+    let path_steps = 16 + STEPS * 8;
+    assert_eq!(a.tokens_generated, path_steps * TOKENS_PER_STEP);
+    assert_eq!(a.fixed_tokens_estimate, path_steps * TOKENS_PER_STEP, "the fixed run is this run");
+    assert_eq!(a.tokens_saved, 0);
 }

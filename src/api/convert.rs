@@ -1,0 +1,80 @@
+//! Worker events to wire types, shared by whole-body responses and SSE
+//! chunks so that both print the same figures.
+
+use crate::backend::{JobStats, ReasoningReport, TokenOut};
+use crate::reasoning::{Budget, Candidates};
+use crate::wire::{
+    CandidateOut, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PonderInfo, TopLogprob, Usage,
+};
+
+/// The `ponder` object of a reasoning request's response.
+pub(crate) fn ponder_info(r: &ReasoningReport) -> PonderInfo {
+    let a = &r.accounting;
+    PonderInfo {
+        strategy: r.params.strategy,
+        adaptive: r.params.budget == Budget::Adaptive,
+        select: r.params.select,
+        samples: a.samples,
+        fixed_samples: a.fixed_samples,
+        tokens_generated: a.tokens_generated,
+        fixed_tokens_estimate: a.fixed_tokens_estimate,
+        tokens_saved: a.tokens_saved,
+        prm_evaluations: a.prm_evaluations,
+        success_probability_start: a.start,
+        success_probability_selected: a.selected,
+        steps: a.steps,
+        candidates: (r.params.candidates == Candidates::Return).then(|| {
+            r.candidates
+                .iter()
+                .map(|c| CandidateOut {
+                    text: c.text.clone(),
+                    answer: c.answer.clone(),
+                    score: c.score.map(|s| s.quantiles),
+                    tokens: c.tokens,
+                    steps: c.steps,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// Usage, with the generated tokens outside the returned answers as reasoning tokens.
+pub(crate) fn usage(stats: &JobStats, reasoning: Option<&ReasoningReport>) -> Usage {
+    let u = Usage::new(stats.prompt_tokens, stats.completion_tokens);
+    match reasoning {
+        Some(r) => u.with_reasoning(stats.completion_tokens.saturating_sub(r.answer_tokens)),
+        None => u,
+    }
+}
+
+pub(crate) fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: tokens
+            .iter()
+            .map(|t| ChatTokenLogprob {
+                token: t.text.clone(),
+                logprob: t.logprob,
+                bytes: t.text.as_bytes().to_vec(),
+                top_logprobs: t
+                    .top
+                    .iter()
+                    .map(|(s, l)| TopLogprob { token: s.clone(), logprob: *l, bytes: s.as_bytes().to_vec() })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// The completions logprobs layout; `offset` is where the first token's
+/// text starts in the choice's text.
+pub(crate) fn completion_logprobs(tokens: &[TokenOut], mut offset: usize) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    for t in tokens {
+        out.tokens.push(t.text.clone());
+        out.token_logprobs.push(t.logprob);
+        out.top_logprobs.push(t.top.iter().map(|(s, l)| (s.clone(), serde_json::json!(l))).collect());
+        out.text_offset.push(offset);
+        offset += t.text.len();
+    }
+    out
+}

@@ -1,0 +1,160 @@
+//! The one seam between HTTP and generation: a [`Backend`] takes a
+//! validated request and answers with a stream of [`GenEvent`]s, or refuses
+//! it at once. The local worker pool ([`crate::worker::ModelPool`]) and the
+//! test [`fake::FakeBackend`] implement it; the API layer knows nothing else
+//! about how text is generated.
+
+pub mod fake;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::engine::FinishReason;
+use crate::prm::Quantiles;
+use crate::reasoning::{Accounting, Candidate, ReasoningParams};
+use crate::tokenizer::Tokenizer;
+use crate::validation::{GenerationRequest, ModelView};
+
+/// What validation needs to know about a served model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub tokenizer: Arc<Tokenizer>,
+    /// Prompt plus generated tokens must fit in this many positions.
+    pub context_length: usize,
+}
+
+impl ModelInfo {
+    pub fn view(&self) -> ModelView<'_> {
+        ModelView { tokenizer: &self.tokenizer, context_length: self.context_length }
+    }
+}
+
+/// Whether a backend can take requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendStatus {
+    Loading,
+    Ready,
+    /// A worker failed and is reloading its model; requests are refused until it is back.
+    Restarting,
+    /// Loading failed for good; the message says why.
+    Failed(String),
+}
+
+/// Why a backend refused a request before generating anything.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("the request queue is full")]
+    QueueFull { retry_after_secs: u64 },
+    #[error("model {0:?} is still loading")]
+    Loading(String),
+    #[error("model {0:?} is restarting after a worker failure")]
+    Restarting(String),
+    #[error("the backend accepts no new requests")]
+    Closed,
+}
+
+/// One request handed to a backend.
+#[derive(Debug, Clone)]
+pub struct Scheduled {
+    pub id: String,
+    pub generation: GenerationRequest,
+    /// When the HTTP request arrived (for queue time and TTFT).
+    pub received: Instant,
+}
+
+/// The seam, as TGI's `Backend::schedule`: everything that generates text
+/// for the API implements it.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    fn status(&self) -> BackendStatus;
+    /// The model's tokenizer and limits, once loaded.
+    fn model_info(&self) -> Option<ModelInfo>;
+    /// Admits the request or refuses it at once; the events follow on the
+    /// stream. Dropping the stream cancels the request.
+    fn schedule(&self, request: Scheduled) -> Result<EventStream, ScheduleError>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenOut {
+    pub id: u32,
+    /// The token's text (lossy where a token holds part of a character).
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobStats {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub queue_secs: f64,
+    pub ttft_secs: Option<f64>,
+}
+
+/// What a reasoning request spent, saved and considered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReasoningReport {
+    pub params: ReasoningParams,
+    pub accounting: Accounting,
+    pub candidates: Vec<Candidate>,
+    /// Tokens of the returned answers (the rest are reasoning tokens).
+    pub answer_tokens: usize,
+}
+
+/// Where a running reasoning request stands, sent after each reasoning step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Trajectories drawn so far.
+    pub samples: usize,
+    /// Trajectories still generating.
+    pub live: usize,
+    /// Samples the request means to draw (N_IAS or N_max; beam: its current paths).
+    pub budget: usize,
+    /// The best success-probability estimate seen so far.
+    pub best: Option<Quantiles>,
+    /// Tokens generated so far.
+    pub tokens: usize,
+    /// Reasoning steps completed by the request's slowest path.
+    pub steps: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenEvent {
+    /// New text of one choice, with its tokens when logprobs were asked for.
+    Delta {
+        choice: usize,
+        text: String,
+        tokens: Vec<TokenOut>,
+    },
+    Finished {
+        choice: usize,
+        reason: FinishReason,
+    },
+    /// A reasoning request is still searching.
+    Progress(Progress),
+    /// A reasoning request's accounting, sent before `Done`.
+    Reasoning(Box<ReasoningReport>),
+    /// Every choice finished.
+    Done(JobStats),
+    /// The backend could not complete the request; details are in its log.
+    Failed,
+}
+
+/// The events of one request. Dropping it tells the backend the client left.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: mpsc::Receiver<GenEvent>,
+}
+
+impl EventStream {
+    pub fn new(rx: mpsc::Receiver<GenEvent>) -> Self {
+        Self { rx }
+    }
+
+    /// The next event; `None` when the backend dropped the request without
+    /// finishing it (a failed worker).
+    pub async fn next(&mut self) -> Option<GenEvent> {
+        self.rx.recv().await
+    }
+}

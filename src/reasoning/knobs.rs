@@ -1,0 +1,194 @@
+//! The reasoning knobs in one place: their per-model defaults (the
+//! `[models.reasoning]` table) and their ranges. Request validation (wire
+//! value, else the model's default) and configuration loading (the defaults
+//! alone) apply the same [`check`], so a default that every request would
+//! fail on stops start-up instead.
+
+use serde::{Deserialize, Serialize};
+
+use super::select::AnswerFormat;
+use super::{Select, Strategy};
+
+/// Per-model defaults of the `reasoning` request object.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReasoningDefaults {
+    pub strategy: Strategy,
+    /// N_max.
+    pub max_samples: usize,
+    /// C.
+    pub confidence: f64,
+    pub budget_quantile: f64,
+    /// M_max.
+    pub beam_width: usize,
+    /// K_max.
+    pub beams: usize,
+    pub prune_every: usize,
+    pub select: Select,
+    /// How answers are read for voting and for telling candidates apart.
+    pub answer: AnswerFormat,
+    /// Tokens per reasoning step.
+    pub max_step_tokens: usize,
+    /// Steps per trajectory.
+    pub max_steps: usize,
+}
+
+impl Default for ReasoningDefaults {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::BestOfN,
+            max_samples: 64,
+            confidence: 0.99,
+            budget_quantile: 0.1,
+            beam_width: 8,
+            beams: 8,
+            prune_every: 1,
+            select: Select::PrmMax,
+            answer: AnswerFormat::Text,
+            max_step_tokens: 128,
+            max_steps: 20,
+        }
+    }
+}
+
+/// The sizes and levels a request (or a model's defaults) asks for, before
+/// their ranges are checked. Integers are `i64` so that a negative request
+/// value is reported as given.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KnobValues {
+    pub max_samples: i64,
+    pub beam_width: i64,
+    pub beams: i64,
+    pub prune_every: i64,
+    pub confidence: f64,
+    pub budget_quantile: f64,
+}
+
+impl From<&ReasoningDefaults> for KnobValues {
+    fn from(d: &ReasoningDefaults) -> Self {
+        Self {
+            max_samples: d.max_samples as i64,
+            beam_width: d.beam_width as i64,
+            beams: d.beams as i64,
+            prune_every: d.prune_every as i64,
+            confidence: d.confidence,
+            budget_quantile: d.budget_quantile,
+        }
+    }
+}
+
+/// The same values, in range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckedKnobs {
+    pub max_samples: usize,
+    pub beam_width: usize,
+    pub beams: usize,
+    pub prune_every: usize,
+    pub confidence: f64,
+    pub budget_quantile: f64,
+}
+
+/// A knob out of range: which one (`reasoning.<knob>`), and a message that
+/// names the limit and the value given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct KnobError {
+    pub key: String,
+    pub message: String,
+}
+
+fn int(key: &str, v: i64, lo: i64, hi: i64) -> Result<usize, KnobError> {
+    if v < lo || v > hi {
+        return Err(KnobError {
+            key: format!("reasoning.{key}"),
+            message: format!("reasoning.{key} must be between {lo} and {hi}, got {v}"),
+        });
+    }
+    Ok(v as usize)
+}
+
+/// Largest `prune_every`: a pruning point at least every this many steps.
+pub const MAX_PRUNE_EVERY: i64 = 100;
+
+/// Checks every knob against its range; `max_sequences` is the running
+/// limit of one worker, which bounds N_max and the beam's paths.
+pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobError> {
+    let cap = max_sequences as i64;
+    let max_samples = int("max_samples", v.max_samples, 1, cap)?;
+    let beam_width = int("beam_width", v.beam_width, 1, cap)?;
+    let beams = int("beams", v.beams, 1, cap)?;
+    let prune_every = int("prune_every", v.prune_every, 1, MAX_PRUNE_EVERY)?;
+    if beams * beam_width > max_sequences {
+        return Err(KnobError {
+            key: "reasoning.beams".into(),
+            message: format!(
+                "reasoning.beams x reasoning.beam_width = {} paths exceeds the {max_sequences} sequences a worker runs at once (queue.max_running)",
+                beams * beam_width
+            ),
+        });
+    }
+    if !(v.confidence > 0.0 && v.confidence < 1.0) {
+        return Err(KnobError {
+            key: "reasoning.confidence".into(),
+            message: format!(
+                "reasoning.confidence must be greater than 0 and less than 1, got {}",
+                v.confidence
+            ),
+        });
+    }
+    if !(0.1..=0.9).contains(&v.budget_quantile) {
+        return Err(KnobError {
+            key: "reasoning.budget_quantile".into(),
+            message: format!(
+                "reasoning.budget_quantile must be between 0.1 and 0.9, got {}",
+                v.budget_quantile
+            ),
+        });
+    }
+    Ok(CheckedKnobs {
+        max_samples,
+        beam_width,
+        beams,
+        prune_every,
+        confidence: v.confidence,
+        budget_quantile: v.budget_quantile,
+    })
+}
+
+/// The checks that only a model's defaults need (a request cannot set these).
+pub fn check_defaults(d: &ReasoningDefaults, max_sequences: usize) -> Result<(), KnobError> {
+    check(d.into(), max_sequences)?;
+    for (key, v) in [("max_step_tokens", d.max_step_tokens), ("max_steps", d.max_steps)] {
+        if v == 0 {
+            return Err(KnobError {
+                key: format!("reasoning.{key}"),
+                message: format!("reasoning.{key} must be at least 1, got 0"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_defaults_pass_their_own_checks() {
+        check_defaults(&ReasoningDefaults::default(), 64).unwrap();
+    }
+
+    #[test]
+    fn an_out_of_range_knob_is_named_with_its_limit_and_value() {
+        let d = ReasoningDefaults { max_samples: 100, ..Default::default() };
+        let e = check_defaults(&d, 64).unwrap_err();
+        assert_eq!(e.key, "reasoning.max_samples");
+        assert!(e.message.contains("between 1 and 64, got 100"), "{e}");
+        let d = ReasoningDefaults { budget_quantile: 0.05, ..Default::default() };
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.budget_quantile");
+        let d = ReasoningDefaults { beams: 16, ..Default::default() };
+        assert!(check_defaults(&d, 64).unwrap_err().message.contains("128 paths"));
+        let d = ReasoningDefaults { max_steps: 0, ..Default::default() };
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.max_steps");
+    }
+}

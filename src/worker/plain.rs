@@ -1,0 +1,178 @@
+//! A plain (non-reasoning) request inside the scheduler: one root sequence
+//! per prompt until its prompt is prefilled, then `n` choices forked from it
+//! sharing its cache, each streaming its text deltas.
+
+use std::time::Instant;
+
+use crate::backend::{GenEvent, JobStats, TokenOut};
+use crate::engine::{
+    Engine, EngineError, EosPolicy, HiddenCapture, Logprobs, SeqOptions, SeqUpdate, Sequence, StopCriteria,
+    child_seed,
+};
+use crate::metrics::ModelMetrics;
+
+use super::job::{Job, Outbox};
+
+/// A plain request's sequences and what it has sent.
+pub(crate) struct Plain {
+    /// Per prompt: its sequence until the prompt is prefilled (then forked into choices).
+    roots: Vec<Option<Sequence>>,
+    /// Per choice (`prompt * n + j`): `None` before the fork and after it finished.
+    choices: Vec<Option<Sequence>>,
+    finished: usize,
+    first_token: Option<Instant>,
+    last_token: Vec<Option<Instant>>,
+    pub(crate) completion_tokens: usize,
+    /// What [`sequences`](Self::sequences) handed out for the current step.
+    stepped: Vec<Stepped>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stepped {
+    Root,
+    Choice(usize),
+}
+
+fn seq_options(job: &Job, seed: u64) -> SeqOptions {
+    let r = &job.request;
+    SeqOptions {
+        sampling: r.sampling.with_seed(seed),
+        stop: StopCriteria { max_tokens: r.max_tokens, stop: r.stop.clone(), eos: EosPolicy::Stop },
+        logprobs: r.logprobs.map_or(Logprobs::None, Logprobs::Top),
+        capture: HiddenCapture::Never,
+    }
+}
+
+impl Plain {
+    pub(crate) fn start(engine: &Engine, job: &Job) -> Result<Self, EngineError> {
+        let mut roots = Vec::with_capacity(job.request.prompts.len());
+        for prompt in &job.request.prompts {
+            // The root samples only when n = 1 (it is choice 0 of its prompt).
+            let opts = seq_options(job, child_seed(job.request.sampling.seed, 0));
+            roots.push(Some(engine.start(prompt.clone(), opts)?));
+        }
+        let choices = job.request.choices();
+        Ok(Self {
+            roots,
+            choices: (0..choices).map(|_| None).collect(),
+            finished: 0,
+            first_token: None,
+            last_token: vec![None; choices],
+            completion_tokens: 0,
+            stepped: Vec::new(),
+        })
+    }
+
+    /// Sequences this request holds until it ends: every unfinished choice.
+    pub(crate) fn unfinished(&self, job: &Job) -> usize {
+        job.request.choices() - self.finished
+    }
+
+    pub(crate) fn is_done(&self, job: &Job) -> bool {
+        self.finished == job.request.choices()
+    }
+
+    /// Sequences that need this step, in a stable order [`apply`](Self::apply) expects back.
+    pub(crate) fn sequences(&mut self) -> Vec<&mut Sequence> {
+        self.stepped.clear();
+        let mut out = Vec::new();
+        for root in self.roots.iter_mut().flatten().filter(|s| s.needs_work()) {
+            self.stepped.push(Stepped::Root);
+            out.push(root);
+        }
+        for (c, choice) in self.choices.iter_mut().enumerate() {
+            if let Some(seq) = choice.as_mut().filter(|s| s.needs_work()) {
+                self.stepped.push(Stepped::Choice(c));
+                out.push(seq);
+            }
+        }
+        out
+    }
+
+    /// Applies one step's updates (in [`sequences`](Self::sequences) order):
+    /// text deltas and finishes go to the outbox, finished choices free
+    /// their caches at once. Returns the tokens generated.
+    pub(crate) fn apply(
+        &mut self,
+        updates: &[SeqUpdate],
+        job: &Job,
+        engine: &Engine,
+        metrics: &ModelMetrics,
+        outbox: &mut Outbox,
+    ) -> usize {
+        let now = Instant::now();
+        let mut tokens = 0;
+        let stepped = std::mem::take(&mut self.stepped);
+        for (update, slot) in updates.iter().zip(stepped) {
+            metrics.prompt_tokens.inc_by(update.prefilled as u64);
+            let Stepped::Choice(c) = slot else { continue };
+            let seq = self.choices[c].as_ref().expect("a stepped choice exists");
+            if update.token.is_some() {
+                tokens += 1;
+                self.completion_tokens += 1;
+                metrics.generated_tokens.inc();
+                if self.first_token.is_none() {
+                    self.first_token = Some(now);
+                    metrics.ttft.observe(now.duration_since(job.received).as_secs_f64());
+                }
+                if let Some(prev) = self.last_token[c].replace(now) {
+                    metrics.itl.observe(now.duration_since(prev).as_secs_f64());
+                }
+            }
+            let token_out = match (update.token, seq.logprobs().last()) {
+                (Some(id), Some(lp)) if job.request.logprobs.is_some() => {
+                    let tok = engine.tokenizer();
+                    vec![TokenOut {
+                        id,
+                        text: tok.token_text(id),
+                        logprob: lp.logprob,
+                        top: lp.top.iter().map(|&(t, l)| (tok.token_text(t), l)).collect(),
+                    }]
+                }
+                _ => Vec::new(),
+            };
+            if !update.delta.is_empty() || !token_out.is_empty() {
+                outbox.push(GenEvent::Delta { choice: c, text: update.delta.clone(), tokens: token_out });
+            }
+            if let Some(reason) = update.finished {
+                outbox.push(GenEvent::Finished { choice: c, reason });
+                self.finished += 1;
+                // Frees this choice's cache now, not when the request ends.
+                self.choices[c] = None;
+            }
+        }
+        tokens
+    }
+
+    /// Roots whose prompt is fully fed become their prompt's choices: the
+    /// root itself when n = 1, else n forks sharing its cache.
+    pub(crate) fn promote_prefilled_roots(&mut self, engine: &Engine, job: &Job) -> Result<(), EngineError> {
+        let n = job.request.n;
+        let seed = job.request.sampling.seed;
+        for (p, slot) in self.roots.iter_mut().enumerate() {
+            let ready = slot.as_ref().is_some_and(|s| s.cached_len() == s.prompt_len());
+            if !ready {
+                continue;
+            }
+            let mut root = slot.take().expect("checked above");
+            if n == 1 {
+                self.choices[p] = Some(root);
+                continue;
+            }
+            let seeds: Vec<u64> = (0..n as u64).map(|j| child_seed(seed, j)).collect();
+            for (j, child) in engine.fork(&mut root, &seeds)?.into_iter().enumerate() {
+                self.choices[p * n + j] = Some(child);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn stats(&self, job: &Job, queue_secs: f64) -> JobStats {
+        JobStats {
+            prompt_tokens: job.request.prompts.iter().map(Vec::len).sum(),
+            completion_tokens: self.completion_tokens,
+            queue_secs,
+            ttft_secs: self.first_token.map(|t| t.duration_since(job.received).as_secs_f64()),
+        }
+    }
+}

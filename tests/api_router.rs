@@ -1,0 +1,335 @@
+//! The HTTP layer through `router()` and `oneshot`, with a fake backend and
+//! no model: every validation and auth failure (status, OpenAI error type,
+//! `param`, a message naming the limit and the value), how backend refusals
+//! and failures map to statuses, health, and the shape of streams.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::Request;
+use ponder::api::{AppState, router};
+use ponder::backend::fake::{FakeBackend, FakeBehaviour};
+use ponder::backend::{Backend, BackendStatus, ModelInfo};
+use ponder::config::{Config, MetricsAuth, PrmConfig};
+use ponder::metrics::Metrics;
+use ponder::tokenizer::{AddSpecial, Tokenizer};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const MODEL: &str = "fake";
+const KEY: &str = "test-key-2";
+const CONTEXT: usize = 8192;
+
+/// ponder-arith's tokenizer: a committed file, not a model.
+fn tokenizer() -> Arc<Tokenizer> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith");
+    Arc::new(Tokenizer::from_hf_dir(&dir).expect("the committed tokenizer loads"))
+}
+
+struct App {
+    router: Router,
+    fake: Arc<FakeBackend>,
+    metrics: Metrics,
+}
+
+/// API keys, protected metrics and small limits, over one fake model with a PRM.
+fn app() -> App {
+    let mut c = Config::default();
+    c.server.api_keys = vec!["test-key-1".into(), KEY.into()];
+    c.server.metrics_auth = MetricsAuth::Protected;
+    c.limits.max_body_bytes = 4000;
+    c.limits.max_prompt_tokens = 60;
+    c.limits.max_tokens = 10_000;
+    c.models.truncate(1);
+    c.models[0].id = MODEL.into();
+    c.models[0].prm = Some(PrmConfig::Head("unused".into()));
+    let fake = Arc::new(FakeBackend::new(ModelInfo { tokenizer: tokenizer(), context_length: CONTEXT }));
+    let metrics = Metrics::new();
+    let backend: Arc<dyn Backend> = fake.clone();
+    let state = AppState::new(Arc::new(c), metrics.clone(), BTreeMap::from([(MODEL.to_string(), backend)]));
+    App { router: router(state), fake, metrics }
+}
+
+struct Reply {
+    status: u16,
+    headers: axum::http::HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or(Value::Null)
+    }
+}
+
+async fn call(app: &App, method: &str, path: &str, body: Option<&str>, key: Option<&str>) -> Reply {
+    let mut req = Request::builder().method(method).uri(path).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let req = req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_string()))).unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    Reply { status, headers, text: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+async fn post(app: &App, path: &str, body: &Value) -> Reply {
+    call(app, "POST", path, Some(&body.to_string()), Some(KEY)).await
+}
+
+/// Asserts a 400 naming `param` whose message contains every `needle`.
+async fn expect_400(app: &App, path: &str, body: Value, param: Option<&str>, needles: &[&str]) {
+    let r = post(app, path, &body).await;
+    let v = r.json();
+    assert_eq!(r.status, 400, "{body} -> {v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    assert_eq!(v["error"]["param"].as_str(), param, "{body} -> {v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for n in needles {
+        assert!(msg.contains(n), "message {msg:?} lacks {n:?}");
+    }
+}
+
+fn chat(extra: Value) -> Value {
+    let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "1 + 2"}], "max_tokens": 2});
+    b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    b
+}
+
+#[tokio::test]
+async fn out_of_range_sampling_fields_are_rejected_naming_field_limit_and_value() {
+    let app = app();
+    let cases: Vec<(Value, &str, Vec<&str>)> = vec![
+        (json!({"temperature": 3.5}), "temperature", vec!["2", "3.5"]),
+        (json!({"top_p": 0}), "top_p", vec!["0"]),
+        (json!({"top_k": -5}), "top_k", vec!["-5"]),
+        (json!({"n": 0}), "n", vec!["16", "0"]),
+        (json!({"n": 17}), "n", vec!["16", "17"]),
+        (json!({"n": 2.5}), "n", vec!["2.5", "integer"]),
+        (json!({"max_tokens": 0}), "max_tokens", vec!["10000", "0"]),
+        (json!({"max_tokens": 20000}), "max_tokens", vec!["10000", "20000"]),
+        (json!({"max_completion_tokens": 20000}), "max_completion_tokens", vec!["10000", "20000"]),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop", vec!["4", "5"]),
+        (json!({"stop": ""}), "stop", vec!["64", "0"]),
+        (json!({"top_logprobs": 2}), "top_logprobs", vec!["logprobs"]),
+        (json!({"logprobs": true, "top_logprobs": 21}), "top_logprobs", vec!["20", "21"]),
+    ];
+    for (extra, param, needles) in cases {
+        expect_400(&app, "/v1/chat/completions", chat(extra), Some(param), &needles).await;
+    }
+    assert!(app.fake.seen().is_empty(), "no invalid request reached the backend");
+}
+
+#[tokio::test]
+async fn reasoning_fields_are_checked_against_the_same_ranges_as_the_config() {
+    let app = app();
+    let cases: Vec<(Value, &str, Vec<&str>)> = vec![
+        (json!({"max_samples": 0}), "reasoning.max_samples", vec!["between 1 and 64", "got 0"]),
+        (json!({"max_samples": 65}), "reasoning.max_samples", vec!["64", "65"]),
+        (json!({"beams": 16}), "reasoning.beams", vec!["128 paths", "64"]),
+        (json!({"confidence": 1.0}), "reasoning.confidence", vec!["less than 1", "got 1"]),
+        (json!({"budget_quantile": 0.95}), "reasoning.budget_quantile", vec!["0.9", "0.95"]),
+        (json!({"prune_every": 101}), "reasoning.prune_every", vec!["100", "101"]),
+        (json!({"strategy": "single", "adaptive": true}), "reasoning.adaptive", vec!["single"]),
+    ];
+    for (reasoning, param, needles) in cases {
+        expect_400(
+            &app,
+            "/v1/chat/completions",
+            chat(json!({"reasoning": reasoning})),
+            Some(param),
+            &needles,
+        )
+        .await;
+    }
+    expect_400(
+        &app,
+        "/v1/chat/completions",
+        chat(json!({"reasoning": {}, "stop": ["x"]})),
+        Some("stop"),
+        &["blank lines"],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn integral_json_numbers_are_accepted_as_integers() {
+    let app = app();
+    let r =
+        post(&app, "/v1/chat/completions", &chat(json!({"max_tokens": 416.0, "n": 2.0, "seed": 7.0}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let g = &app.fake.seen()[0].generation;
+    assert_eq!((g.max_tokens, g.n, g.sampling.seed), (416, 2, 7));
+    assert_eq!(r.json()["choices"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn malformed_bodies_get_400_never_500() {
+    let app = app();
+    let r = call(&app, "POST", "/v1/chat/completions", Some("{\"model\": "), Some(KEY)).await;
+    assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, Value::Null), "{}", r.text);
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+    expect_400(&app, "/v1/chat/completions", json!({"messages": []}), Some("model"), &["model"]).await;
+    expect_400(&app, "/v1/chat/completions", chat(json!({"temperature": "hot"})), Some("temperature"), &[])
+        .await;
+    expect_400(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": "hi"}),
+        Some("messages"),
+        &[],
+    )
+    .await;
+    expect_400(&app, "/v1/completions", json!({"model": MODEL, "prompt": [1, 2, 3]}), Some("prompt"), &[])
+        .await;
+    let r = call(&app, "POST", "/v1/completions", Some("[]"), Some(KEY)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+}
+
+#[tokio::test]
+async fn message_and_prompt_problems_name_the_offending_element() {
+    let app = app();
+    let path = "/v1/chat/completions";
+    expect_400(&app, path, json!({"model": MODEL, "messages": []}), Some("messages"), &["at least one"])
+        .await;
+    let bad_role = json!({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]});
+    expect_400(&app, path, bad_role, Some("messages[0].role"), &["wizard"]).await;
+    let image = json!({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]});
+    expect_400(&app, path, image, Some("messages[0].content[0]"), &["image_url"]).await;
+    let empty = json!({"model": MODEL, "prompt": []});
+    expect_400(&app, "/v1/completions", empty, Some("prompt"), &["at least one"]).await;
+    let lp = json!({"model": MODEL, "prompt": "1", "logprobs": 21});
+    expect_400(&app, "/v1/completions", lp, Some("logprobs"), &["20", "21"]).await;
+}
+
+#[tokio::test]
+async fn size_limits_on_body_prompt_and_context_are_enforced() {
+    let app = app();
+    let long = "1 + ".repeat(40);
+    let tokens = tokenizer().encode(&long, AddSpecial::Yes).unwrap().len();
+    assert!(tokens > 60);
+    let body = json!({"model": MODEL, "prompt": long, "max_tokens": 1});
+    expect_400(&app, "/v1/completions", body, Some("prompt"), &["60", &format!("{tokens} tokens")]).await;
+    let huge = "x".repeat(5000);
+    expect_400(&app, "/v1/completions", json!({"model": MODEL, "prompt": huge}), None, &["4000", "bytes"])
+        .await;
+    let r = post(&app, "/v1/completions", &json!({"model": MODEL, "prompt": "1", "max_tokens": 9000})).await;
+    let v = r.json();
+    assert_eq!(r.status, 400);
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(v["error"]["param"], "max_tokens");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&CONTEXT.to_string()), "{v}");
+}
+
+#[tokio::test]
+async fn an_unknown_model_is_404_model_not_found() {
+    let app = app();
+    let r = post(
+        &app,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    let v = r.json();
+    assert_eq!(r.status, 404);
+    assert_eq!(v["error"]["code"], "model_not_found");
+    assert_eq!(v["error"]["param"], "model");
+    assert!(v["error"]["message"].as_str().unwrap().contains("gpt-9"));
+}
+
+#[tokio::test]
+async fn api_keys_guard_the_api_and_protected_metrics_but_not_health() {
+    let app = app();
+    let body = chat(json!({})).to_string();
+    for key in [None, Some("wrong"), Some("test-key")] {
+        let r = call(&app, "POST", "/v1/chat/completions", Some(&body), key).await;
+        let v = r.json();
+        assert_eq!(r.status, 401, "{key:?}");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["param"].is_null());
+    }
+    assert_eq!(call(&app, "POST", "/v1/chat/completions", Some(&body), Some("test-key-1")).await.status, 200);
+    assert_eq!(call(&app, "GET", "/v1/models", None, None).await.status, 401);
+    assert_eq!(call(&app, "GET", "/v1/models", None, Some(KEY)).await.status, 200);
+    assert_eq!(call(&app, "GET", "/metrics", None, None).await.status, 401);
+    assert_eq!(call(&app, "GET", "/metrics", None, Some(KEY)).await.status, 200);
+    assert_eq!(call(&app, "GET", "/health", None, None).await.status, 200);
+    assert_eq!(call(&app, "GET", "/openapi.yaml", None, None).await.status, 200);
+    assert_eq!(call(&app, "GET", "/v2/nothing", None, Some(KEY)).await.status, 404);
+}
+
+#[tokio::test]
+async fn backend_refusals_and_failures_map_to_429_503_and_a_generic_500() {
+    let app = app();
+    app.fake.set_behaviour(FakeBehaviour::QueueFull { retry_after_secs: 3 });
+    let r = post(&app, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.headers["retry-after"], "3");
+    assert_eq!(r.json()["error"]["code"], "queue_full");
+
+    app.fake.set_behaviour(FakeBehaviour::Fail);
+    let r = post(&app, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!(r.status, 500);
+    let v = r.json();
+    assert_eq!(v["error"]["type"], "server_error");
+    assert_eq!(v["error"]["message"], "The server failed to complete the request.", "5xx bodies are generic");
+    let r = post(&app, "/v1/chat/completions", &chat(json!({"stream": true}))).await;
+    assert_eq!(r.status, 200, "a stream has started when the failure comes");
+    assert!(r.text.contains("server_error") && r.text.trim_end().ends_with("data: [DONE]"), "{}", r.text);
+
+    app.fake.set_behaviour(FakeBehaviour::Answer("ok".into()));
+    app.fake.set_status(BackendStatus::Restarting);
+    let r = post(&app, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (503, json!("model_restarting")), "{}", r.text);
+    let h = call(&app, "GET", "/health", None, None).await;
+    assert_eq!((h.status, h.json()["status"].clone()), (503, json!("restarting")));
+    assert_eq!(h.json()["models"][MODEL], "restarting");
+
+    app.fake.set_status(BackendStatus::Loading);
+    let r = post(&app, "/v1/chat/completions", &chat(json!({}))).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (503, json!("model_loading")));
+    assert_eq!(call(&app, "GET", "/health", None, None).await.status, 503);
+    let m = call(&app, "GET", "/metrics", None, Some(KEY)).await.text;
+    assert!(m.contains("ponder_http_requests_total{route=\"/v1/chat/completions\",status=\"503\"}"), "{m}");
+    let _ = &app.metrics;
+}
+
+#[tokio::test]
+async fn a_streamed_reasoning_request_sends_progress_chunks_before_the_answer() {
+    let app = app();
+    app.fake.set_behaviour(FakeBehaviour::Answer("The answer is 3.".into()));
+    let body = chat(json!({"stream": true, "reasoning": {"strategy": "best_of_n"}}));
+    let r = post(&app, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200);
+    let data: Vec<Value> = r
+        .text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let first_content =
+        data.iter().position(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()));
+    let progress: Vec<usize> =
+        (0..data.len()).filter(|&i| data[i]["ponder"]["status"] == "searching").collect();
+    assert_eq!(progress.len(), 2, "{}", r.text);
+    assert!(progress.iter().all(|&i| i < first_content.unwrap()), "progress comes before the answer");
+    for &i in &progress {
+        let c = &data[i];
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["choices"], json!([]));
+        for key in ["samples", "live", "budget", "best_success_probability", "tokens_generated", "steps"] {
+            assert!(c["ponder"].get(key).is_some(), "{key} in {c}");
+        }
+    }
+    let last = data.last().unwrap();
+    assert_eq!(last["ponder"]["strategy"], "best_of_n", "the final chunk has the full ponder object");
+    assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+    assert!(r.text.trim_end().ends_with("data: [DONE]"));
+}

@@ -1,0 +1,263 @@
+//! The worker's scheduler driven step by step on ponder-arith (a tiny real
+//! model) with a scorer whose estimates the test sets: admission follows
+//! what a request really uses, plain requests run beside reasoning ones,
+//! and clients that leave are dropped at the next step.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::Device;
+use ponder::backend::GenEvent;
+use ponder::engine::{Engine, EngineOptions, SamplingParams};
+use ponder::metrics::Metrics;
+use ponder::model::WeightFormat;
+use ponder::prm::{PrmError, PrmScore, Quantiles, ScoreItem, Scorer};
+use ponder::reasoning::select::AnswerFormat;
+use ponder::reasoning::{Budget, Candidates, ReasoningParams, Select, Strategy};
+use ponder::tokenizer::{AddSpecial, ChatMessage};
+use ponder::validation::GenerationRequest;
+use ponder::worker::{Admission, Job, Scheduler};
+use tokio::sync::mpsc;
+
+fn engine() -> Arc<Engine> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith");
+    Arc::new(
+        Engine::load(&dir, WeightFormat::Auto, &Device::Cpu, EngineOptions::default())
+            .expect("ponder-arith loads"),
+    )
+}
+
+/// Says `p` for every prefix (the question alone included).
+struct FixedScorer(Mutex<f32>);
+
+impl Scorer for FixedScorer {
+    fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
+        let p = *self.0.lock().unwrap();
+        Ok(items.iter().map(|_| PrmScore { quantiles: Quantiles::point(p), raw: None }).collect())
+    }
+}
+
+fn params(strategy: Strategy, budget: Budget, max_samples: usize) -> ReasoningParams {
+    ReasoningParams {
+        strategy,
+        budget,
+        max_samples,
+        confidence: 0.99,
+        budget_quantile: 0.1,
+        beam_width: 4,
+        beams: 4,
+        prune_every: 1,
+        select: Select::PrmMax,
+        answer: AnswerFormat::LastNumber,
+        candidates: Candidates::Omit,
+        n: 1,
+        max_tokens: 200,
+        max_step_tokens: 48,
+        max_steps: 12,
+    }
+}
+
+struct Client {
+    rx: mpsc::Receiver<GenEvent>,
+    events: Vec<GenEvent>,
+}
+
+impl Client {
+    fn drain(&mut self) -> bool {
+        while let Ok(e) = self.rx.try_recv() {
+            self.events.push(e);
+        }
+        self.done()
+    }
+
+    fn done(&self) -> bool {
+        self.events.iter().any(|e| matches!(e, GenEvent::Done(_) | GenEvent::Failed))
+    }
+}
+
+fn submit(
+    s: &mut Scheduler,
+    e: &Engine,
+    question: &str,
+    reasoning: Option<ReasoningParams>,
+    seed: u64,
+) -> Client {
+    submit_with(s, e, question, reasoning, seed, 200)
+}
+
+fn submit_with(
+    s: &mut Scheduler,
+    e: &Engine,
+    question: &str,
+    reasoning: Option<ReasoningParams>,
+    seed: u64,
+    max_tokens: usize,
+) -> Client {
+    let tok = e.tokenizer();
+    let text = tok.apply_chat_template(&[ChatMessage::new("user", question)]).unwrap();
+    let prompt = tok.encode(&text, AddSpecial::No).unwrap();
+    let (tx, rx) = mpsc::channel(1024);
+    let permit = Admission::new(1).try_admit().expect("an empty queue admits");
+    s.submit(Job {
+        id: format!("req-{seed}"),
+        request: GenerationRequest {
+            prompts: vec![prompt],
+            n: 1,
+            sampling: SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed },
+            stop: Vec::new(),
+            max_tokens,
+            logprobs: None,
+            question: question.into(),
+            reasoning,
+        },
+        reply: tx,
+        permit,
+        received: Instant::now(),
+        admitted: Instant::now(),
+    });
+    Client { rx, events: Vec::new() }
+}
+
+fn scheduler(p: f32, max_running: usize) -> (Scheduler, Arc<Engine>, Metrics) {
+    let e = engine();
+    let metrics = Metrics::new();
+    let scorer: Arc<dyn Scorer> = Arc::new(FixedScorer(Mutex::new(p)));
+    (Scheduler::new(e.clone(), metrics.for_model("arith"), max_running, Some(scorer)), e, metrics)
+}
+
+#[test]
+fn an_adaptive_request_holds_only_the_samples_ias_draws_and_others_use_the_rest() {
+    // p = 0.91 at C = 0.99: N_IAS = 2 of N_max 64, under a running limit of 64.
+    // (0.9 as an f32 is a hair under 0.9, which makes N_IAS 3.)
+    let (mut s, e, _) = scheduler(0.91, 64);
+    let mut a =
+        submit(&mut s, &e, "What is 12 + 30?", Some(params(Strategy::BestOfN, Budget::Adaptive, 64)), 1);
+    let mut most = 0;
+    for _ in 0..6 {
+        s.step().unwrap();
+        most = most.max(s.running_sequences());
+    }
+    assert!(most <= 2, "an IAS budget of 2 holds at most 2 sequences, held {most}");
+    // A fixed best-of-62 now fits beside it at once: 2 + 62 = 64.
+    let mut b = submit(&mut s, &e, "What is 9 - 4?", Some(params(Strategy::BestOfN, Budget::Fixed, 62)), 2);
+    let mut both = 0;
+    while !(a.drain() && b.drain()) {
+        s.step().unwrap();
+        assert!(s.running_sequences() <= 64);
+        both = both.max(s.running_sequences());
+    }
+    assert!(both > 32, "the fixed request used the sequences the adaptive one left ({both})");
+    assert_eq!(s.running_sequences(), 0);
+}
+
+#[test]
+fn a_beam_gives_back_what_pruning_frees() {
+    // Fixed beam: 16 initial samples, then K 4 x M 4 = 16 paths. With an
+    // adaptive beam at p = 0.91 the IAS rules keep 1 beam with 2 children.
+    let (mut s, e, _) = scheduler(0.91, 64);
+    let mut p = params(Strategy::Beam, Budget::Adaptive, 16);
+    p.beams = 4;
+    p.beam_width = 4;
+    let mut c = submit(&mut s, &e, "What is (23 + 45) * 2?", Some(p), 3);
+    let mut held = Vec::new();
+    while !c.drain() {
+        s.step().unwrap();
+        held.push(s.running_sequences());
+    }
+    let most = *held.iter().max().unwrap();
+    assert!(most <= 2, "IAS keeps K = 1 beam with M = 2 children: held at most {most}, {held:?}");
+    let fixed_start = {
+        let (mut s, e, _) = scheduler(0.9, 64);
+        let mut p = params(Strategy::Beam, Budget::Fixed, 16);
+        p.beams = 2;
+        p.beam_width = 2;
+        let mut c = submit(&mut s, &e, "What is (23 + 45) * 2?", Some(p), 3);
+        let mut held = Vec::new();
+        while !c.drain() {
+            s.step().unwrap();
+            held.push(s.running_sequences());
+        }
+        held
+    };
+    assert_eq!(fixed_start.iter().max(), Some(&16), "16 initial paths: {fixed_start:?}");
+    let after = fixed_start.iter().skip_while(|&&h| h < 16).skip_while(|&&h| h == 16).max().copied();
+    assert!(after.is_some_and(|h| h <= 4), "after the first pruning point K x M = 4 paths: {fixed_start:?}");
+}
+
+#[test]
+fn a_plain_request_completes_while_reasoning_requests_hold_the_worker() {
+    let (mut s, e, _) = scheduler(0.01, 64);
+    let hard = ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
+        .into_iter()
+        .find(|p| p.level == 6)
+        .expect("level 6 has problems")
+        .question;
+    let mut heavy: Vec<Client> = (0..2)
+        .map(|i| submit(&mut s, &e, &hard, Some(params(Strategy::BestOfN, Budget::Fixed, 64)), 10 + i))
+        .collect();
+    for _ in 0..4 {
+        s.step().unwrap();
+    }
+    assert_eq!(s.running_sequences(), 64, "the reasoning requests fill the running limit");
+    let mut plain = submit_with(&mut s, &e, "What is 2 + 2?", None, 20, 4);
+    let (mut steps, mut first_token) = (0, None);
+    while !plain.drain() {
+        s.step().unwrap();
+        steps += 1;
+        if first_token.is_none() && plain.events.iter().any(|e| matches!(e, GenEvent::Delta { .. })) {
+            first_token = Some(steps);
+        }
+        assert!(steps < 400, "the plain request never finished");
+    }
+    assert!(first_token.is_some_and(|k| k <= 20), "its first token came after {first_token:?} steps");
+    assert!(
+        !heavy.iter_mut().all(|h| h.drain()),
+        "the plain request finished while reasoning requests were still running"
+    );
+}
+
+#[test]
+fn progress_events_come_after_each_reasoning_step_and_before_the_answer() {
+    let (mut s, e, _) = scheduler(0.5, 64);
+    let mut c =
+        submit(&mut s, &e, "What is (3 + 4) * 5?", Some(params(Strategy::BestOfN, Budget::Adaptive, 64)), 5);
+    while !c.drain() {
+        s.step().unwrap();
+    }
+    let first_delta = c.events.iter().position(|e| matches!(e, GenEvent::Delta { .. })).unwrap();
+    let progress: Vec<usize> =
+        (0..c.events.len()).filter(|&i| matches!(c.events[i], GenEvent::Progress(_))).collect();
+    assert!(progress.len() >= 2, "{:?}", c.events);
+    assert!(progress.iter().all(|&i| i < first_delta));
+    let GenEvent::Progress(p) = c.events[progress[0]] else { unreachable!() };
+    // p = 0.5 at C = 0.99: N_IAS = 7.
+    assert_eq!((p.budget, p.samples), (7, 7), "{p:?}");
+    assert_eq!(p.best, Some(Quantiles::point(0.5)));
+}
+
+#[test]
+fn a_client_that_leaves_is_dropped_at_the_next_step_with_its_caches_and_counted_once() {
+    let (mut s, e, metrics) = scheduler(0.01, 64);
+    let kv = e.model().kv_memory().clone();
+    for (reasoning, seed) in [
+        (None, 30),
+        (Some(params(Strategy::BestOfN, Budget::Fixed, 32)), 31),
+        (Some(params(Strategy::Beam, Budget::Fixed, 16)), 32),
+    ] {
+        let c = submit(&mut s, &e, "What is 7 * 8 + 3?", reasoning, seed);
+        for _ in 0..3 {
+            s.step().unwrap();
+        }
+        assert!(kv.live_bytes() > 0 && s.running_sequences() > 0);
+        drop(c);
+        let r = s.step().unwrap();
+        assert_eq!((r.cancelled, r.tokens), (1, 0), "no work after the client left: {r:?}");
+        assert_eq!(kv.live_bytes(), 0, "every cache freed");
+        assert!(s.is_idle());
+    }
+    let text = metrics.render();
+    assert!(text.contains("ponder_cancelled_requests_total{model=\"arith\"} 3"), "{text}");
+    assert!(text.contains("ponder_kv_cache_bytes{model=\"arith\"} 0"), "{text}");
+    assert!(text.contains("ponder_running_sequences{model=\"arith\"} 0"), "{text}");
+}
