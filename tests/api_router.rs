@@ -333,3 +333,39 @@ async fn a_streamed_reasoning_request_sends_progress_chunks_before_the_answer() 
     assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     assert!(r.text.trim_end().ends_with("data: [DONE]"));
 }
+
+/// Serves the fake app on a loopback port: (address, the fake).
+async fn serve(app: App) -> (std::net::SocketAddr, Arc<FakeBackend>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app.router).await.unwrap() });
+    (addr, app.fake)
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_a_silent_request_is_noticed_streamed_or_not() {
+    use tokio::io::AsyncWriteExt;
+    let app = app();
+    app.fake.set_behaviour(FakeBehaviour::Hang);
+    let (addr, fake) = serve(app).await;
+    for (i, stream) in [false, true].into_iter().enumerate() {
+        let payload = chat(json!({"stream": stream, "reasoning": {}})).to_string();
+        let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+            payload.len()
+        );
+        sock.write_all(req.as_bytes()).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(fake.cancelled(), i, "still running while the client is there");
+        drop(sock);
+        // No event is written to the client: only the closed socket tells.
+        for _ in 0..200 {
+            if fake.cancelled() > i {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(fake.cancelled(), i + 1, "stream {stream}: the backend saw the client leave");
+    }
+}

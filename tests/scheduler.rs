@@ -115,6 +115,7 @@ fn submit_with(
         permit,
         received: Instant::now(),
         admitted: Instant::now(),
+        meter: Default::default(),
     });
     Client { rx, events: Vec::new() }
 }

@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::middleware::{SummaryCell, update};
 use super::stream::{self, StreamCtx};
-use crate::backend::{EventStream, GenEvent, JobStats, ReasoningReport, Scheduled, TokenOut};
+use crate::backend::{EventStream, GenEvent, JobStats, ReasoningReport, Scheduled, TokenMeter, TokenOut};
 use crate::engine::FinishReason;
 use crate::metrics::Rejection;
 use crate::validation::{self, Endpoint, Streaming, ValidRequest};
@@ -68,8 +68,13 @@ async fn run(
         Endpoint::Completion => "cmpl",
     };
     let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-    let events =
-        backend.schedule(Scheduled { id: id.clone(), generation: valid.generation.clone(), received })?;
+    let meter = TokenMeter::default();
+    update(&summary, |s| {
+        s.meter = Some(meter.clone());
+        s.prompt_tokens = valid.generation.prompts.iter().map(Vec::len).sum();
+    });
+    let scheduled = Scheduled { id: id.clone(), generation: valid.generation.clone(), received, meter };
+    let events = backend.schedule(scheduled)?;
     update(&summary, |s| {
         s.prompt = Some(valid.prompt_text.clone());
         s.streamed = matches!(valid.streaming, Streaming::On(_));

@@ -1,6 +1,10 @@
 //! Cross-cutting request handling: request ids, metrics and the one log
-//! line per request (recorded when the response body ends, so streams are
-//! measured to their last byte), and API-key checks.
+//! line per request, and API-key checks. The log line and the
+//! `ponder_http_requests_total` entry are recorded when the response body
+//! ends, so streams are measured to their last byte; a request whose client
+//! left before the response was written in full — its handler dropped
+//! while it waited, or its body dropped part-way — is recorded with status
+//! 499 (client closed request) and the tokens it did generate.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use subtle::ConstantTimeEq;
 
 use super::AppState;
 use super::error::ApiError;
+use crate::backend::TokenMeter;
 use crate::config::PromptLogging;
 use crate::metrics::Metrics;
 
@@ -33,7 +38,13 @@ pub struct Summary {
     pub ttft_secs: Option<f64>,
     pub prompt: Option<String>,
     pub streamed: bool,
+    /// Tokens generated so far, as the backend counts them.
+    pub meter: Option<TokenMeter>,
 }
+
+/// The status logged for a request whose client left before its response
+/// was written (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
 
 /// Shared between the handler (or its stream) and the log line.
 pub type SummaryCell = Arc<Mutex<Summary>>;
@@ -56,26 +67,63 @@ struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let secs = self.start.elapsed().as_secs_f64();
-        self.metrics.http_request(&self.route, self.status, secs);
-        let s = self.summary.lock().map(|s| s.clone()).unwrap_or_default();
-        let prompt = match self.log_prompts {
-            PromptLogging::On => s.prompt.as_deref(),
-            PromptLogging::Off => None,
+        let status = if self.completed { self.status } else { CLIENT_CLOSED };
+        self.metrics.http_request(&self.route, status, secs);
+        let mut summary = self.summary.lock().map(|s| s.clone()).unwrap_or_default();
+        let meter = summary.meter.take();
+        let line = LogLine {
+            id: std::mem::take(&mut self.id),
+            route: std::mem::take(&mut self.route),
+            status,
+            sent_status: self.status,
+            secs,
+            completed: self.completed,
+            prompt: match self.log_prompts {
+                PromptLogging::On => summary.prompt.take(),
+                PromptLogging::Off => None,
+            },
+            summary,
         };
+        // What was generated counts as spent, also when nobody read it: the
+        // line waits until the backend has let go of the request (at most
+        // one more step after a client left), so its count is final.
+        match meter {
+            Some(m) => m.when_released(move |tokens| line.emit(tokens)),
+            None => line.emit(0),
+        }
+    }
+}
+
+/// The one log line of a request, written once its token count is final.
+struct LogLine {
+    id: String,
+    route: String,
+    status: u16,
+    sent_status: u16,
+    secs: f64,
+    completed: bool,
+    prompt: Option<String>,
+    summary: Summary,
+}
+
+impl LogLine {
+    fn emit(self, metered: usize) {
+        let s = &self.summary;
         tracing::info!(
             target: "ponder::request",
             id = %self.id,
             route = %self.route,
             status = self.status,
+            sent_status = self.sent_status,
             model = s.model.as_deref().unwrap_or("-"),
             prompt_tokens = s.prompt_tokens,
-            completion_tokens = s.completion_tokens,
+            completion_tokens = s.completion_tokens.max(metered),
             queue_ms = s.queue_secs.map(|x| (x * 1e3).round()),
             ttft_ms = s.ttft_secs.map(|x| (x * 1e3).round()),
-            total_ms = (secs * 1e3).round(),
+            total_ms = (self.secs * 1e3).round(),
             stream = s.streamed,
             body = if self.completed { "complete" } else { "aborted" },
-            prompt,
+            prompt = self.prompt.as_deref(),
             "request"
         );
     }
@@ -121,21 +169,27 @@ pub async fn track(State(state): State<AppState>, mut req: Request, next: Next) 
     let summary = SummaryCell::default();
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(summary.clone());
-    let start = Instant::now();
-    let mut resp = next.run(req).await;
-    resp.headers_mut()
-        .insert("x-request-id", HeaderValue::from_str(&id).expect("a uuid is a valid header value"));
-    let finish = Finish {
+    // Made before the handler runs: if the client leaves while the handler
+    // waits (hyper then drops this future), dropping it logs a 499.
+    let mut finish = Finish {
         metrics: state.metrics.clone(),
         route,
-        status: resp.status().as_u16(),
-        id,
-        start,
+        status: CLIENT_CLOSED,
+        id: id.clone(),
+        start: Instant::now(),
         summary,
         log_prompts: state.config.logging.prompts,
         completed: false,
     };
-    resp.map(|inner| Body::new(Tracked { inner, finish: Some(finish) }))
+    let mut resp = next.run(req).await;
+    resp.headers_mut()
+        .insert("x-request-id", HeaderValue::from_str(&id).expect("a uuid is a valid header value"));
+    finish.status = resp.status().as_u16();
+    resp.map(|inner| {
+        // hyper may never poll a body that is empty from the start.
+        finish.completed = http_body::Body::is_end_stream(&inner);
+        Body::new(Tracked { inner, finish: Some(finish) })
+    })
 }
 
 /// Whether `Authorization: Bearer <key>` holds one of the keys, compared in

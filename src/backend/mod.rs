@@ -6,7 +6,8 @@
 
 pub mod fake;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -62,6 +63,54 @@ pub struct Scheduled {
     pub generation: GenerationRequest,
     /// When the HTTP request arrived (for queue time and TTFT).
     pub received: Instant,
+    /// Counts the tokens generated for the request as they are, so that a
+    /// request whose client left is logged with what it did spend.
+    pub meter: TokenMeter,
+}
+
+/// Tokens generated for one request so far, shared by the backend (which
+/// adds) and the HTTP side (which reads, also after the client left).
+#[derive(Debug, Clone, Default)]
+pub struct TokenMeter(Arc<MeterInner>);
+
+type Released = Box<dyn FnOnce(usize) + Send>;
+
+#[derive(Default)]
+struct MeterInner {
+    tokens: AtomicUsize,
+    released: Mutex<Option<Released>>,
+}
+
+impl std::fmt::Debug for MeterInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMeter").field("tokens", &self.tokens).finish()
+    }
+}
+
+impl Drop for MeterInner {
+    fn drop(&mut self) {
+        let run = self.released.get_mut().ok().and_then(Option::take);
+        if let Some(run) = run {
+            run(*self.tokens.get_mut());
+        }
+    }
+}
+
+impl TokenMeter {
+    pub fn add(&self, tokens: usize) {
+        self.0.tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> usize {
+        self.0.tokens.load(Ordering::Relaxed)
+    }
+
+    /// Runs `f` with the final count once no clone of this meter is left,
+    /// that is once the backend has let go of the request too (at once if
+    /// it already has).
+    pub fn when_released(self, f: impl FnOnce(usize) + Send + 'static) {
+        *self.0.released.lock().expect("no panics while holding the meter's lock") = Some(Box::new(f));
+    }
 }
 
 /// The seam, as TGI's `Backend::schedule`: everything that generates text

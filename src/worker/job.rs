@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::admission::QueuePermit;
-use crate::backend::GenEvent;
+use crate::backend::{GenEvent, TokenMeter};
 use crate::validation::GenerationRequest;
 
 /// An admitted request on its way to a worker.
@@ -22,6 +22,8 @@ pub struct Job {
     pub received: Instant,
     /// When admission accepted it.
     pub admitted: Instant,
+    /// Tokens generated for it so far.
+    pub meter: TokenMeter,
 }
 
 /// Events waiting for room in a reply channel. Consecutive deltas of one

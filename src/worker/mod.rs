@@ -177,6 +177,7 @@ impl Backend for ModelPool {
             permit,
             received: req.received,
             admitted: Instant::now(),
+            meter: req.meter,
         };
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
         self.senders[i].try_send(job).map_err(|_| ScheduleError::Closed)?;

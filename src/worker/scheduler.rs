@@ -296,8 +296,14 @@ impl Scheduler {
         let batch = refs.len();
         let updates = if batch == 0 { Vec::new() } else { self.engine.step(&mut refs)? };
         drop(refs);
-        let per_task = thinking.finish(updates.get(n_plain..).unwrap_or(&[]));
-        let reasoning_tokens: usize = per_task.iter().map(|(_, k)| k).sum();
+        let per_task: HashMap<TaskId, usize> =
+            thinking.finish(updates.get(n_plain..).unwrap_or(&[])).into_iter().collect();
+        let reasoning_tokens: usize = per_task.values().sum();
+        for t in &self.tasks {
+            if let Kind::Reasoning { task, .. } = t.kind {
+                t.job.meter.add(per_task.get(&task).copied().unwrap_or(0));
+            }
+        }
         if batch > 0 {
             self.metrics.batch_size.observe(batch as f64);
         }
@@ -307,8 +313,10 @@ impl Scheduler {
         for (i, k) in plain_refs {
             let t = &mut self.tasks[i];
             let Kind::Plain(p) = &mut t.kind else { unreachable!("plain_refs lists plain tasks") };
-            tokens +=
+            let generated =
                 p.apply(&updates[offset..offset + k], &t.job, &self.engine, &self.metrics, &mut t.outbox);
+            t.job.meter.add(generated);
+            tokens += generated;
             offset += k;
         }
         Ok((batch, tokens))

@@ -72,7 +72,12 @@ pub struct TestServer {
 
 impl TestServer {
     /// Starts `config` (its port is ignored) and waits until /health is 200.
-    pub fn start(mut config: Config) -> Self {
+    pub fn start(config: Config) -> Self {
+        Self::start_with(config, ponder::worker::WorkerOptions::default())
+    }
+
+    /// [`start`](Self::start) with worker options (a fault hook).
+    pub fn start_with(mut config: Config, options: ponder::worker::WorkerOptions) -> Self {
         config.server.host = "127.0.0.1".into();
         config.server.port = 0;
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -83,7 +88,7 @@ impl TestServer {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 addr_tx.send(listener.local_addr().unwrap()).unwrap();
-                ponder::server::run(listener, config, async move {
+                ponder::server::run_with(listener, config, options, async move {
                     let _ = stop_rx.await;
                 })
                 .await
