@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use serde::Serialize;
 
-use crate::cli::ModelArgs;
+use crate::engine::ModelArgs;
 use crate::engine::{
     Engine, EosPolicy, HiddenCapture, Logprobs, SamplingParams, SeqOptions, StopCriteria, child_seed,
 };

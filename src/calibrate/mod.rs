@@ -2,6 +2,7 @@
 //! training, baselines, metrics and reports (DESIGN §1).
 
 pub mod baselines;
+mod fitted;
 pub mod labels;
 pub mod metrics;
 mod model_prm;

@@ -9,8 +9,8 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
+use super::fitted::{Fitted, Rows, Scored};
 use super::labels::LabelRow;
-use super::run::{Fitted, Rows, Scored};
 use super::train::{self, Data, FitConfig};
 use crate::config::ModelPrmConfig;
 use crate::prm::ScoreItem;

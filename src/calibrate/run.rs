@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::Args;
 
 use super::baselines::{Histogram, Isotonic, Platt};
+use super::fitted::{Fitted, Rows, Scored};
 use super::labels::{self, LabelConfig, LabelRow};
 use super::report::{self, MethodReport, Predictions};
 use super::train::{self, Data, FitConfig};
@@ -231,49 +232,6 @@ impl CalibrateArgs {
     fn fit_config(&self) -> FitConfig {
         FitConfig { units: self.units, seed: self.seed, ..Default::default() }
     }
-}
-
-/// The labelled prefixes: the fitting questions split into training and
-/// validation (every row), and the calibration rows of the fitting and the
-/// held-out questions (no final answers).
-pub(super) struct Rows<'a> {
-    pub train: &'a [LabelRow],
-    pub val: &'a [LabelRow],
-    pub fit: &'a [LabelRow],
-    pub eval: &'a [LabelRow],
-}
-
-/// A PRM's predictions on a set of prefixes.
-pub(super) struct Scored {
-    pub q10: Vec<f64>,
-    /// The mean the quantiles imply: the calibrated point estimate.
-    pub mean: Vec<f64>,
-    /// The uncalibrated P(good).
-    pub raw: Vec<f64>,
-}
-
-impl Scored {
-    /// From quantile rows `(n, 3)` and raw probabilities.
-    pub fn new(quantiles: Vec<Vec<f32>>, raw: Vec<f32>) -> Self {
-        let sorted: Vec<crate::prm::Quantiles> =
-            quantiles.iter().map(|v| crate::prm::Quantiles::sorted([v[0], v[1], v[2]])).collect();
-        Self {
-            q10: sorted.iter().map(|q| q.q10 as f64).collect(),
-            mean: sorted.iter().map(|q| q.mean() as f64).collect(),
-            raw: raw.into_iter().map(f64::from).collect(),
-        }
-    }
-}
-
-/// What fitting wrote and how it scores the fitting and held-out rows.
-pub(super) struct Fitted {
-    pub head_path: PathBuf,
-    /// `report.json`'s `head` object.
-    pub head: serde_json::Value,
-    /// One line for `report.md`.
-    pub summary: String,
-    pub fit: Scored,
-    pub eval: Scored,
 }
 
 /// The raw head (hard labels) and the quantile head started from it, on the

@@ -2,6 +2,8 @@
 //! prefixes and decoded together, one token per sequence per `step`, with
 //! per-sequence sampling and stop conditions. Knows nothing of HTTP.
 
+mod args;
+pub use args::ModelArgs;
 pub mod sampling;
 pub mod sequence;
 pub mod stop;
