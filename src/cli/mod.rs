@@ -4,13 +4,11 @@
 mod generate;
 mod serve;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::{Engine, EngineOptions};
-use crate::model::WeightFormat;
+pub use crate::engine::ModelArgs;
 
 #[derive(Debug, Parser)]
 #[command(name = "ponder", version, about = "An inference server that thinks as hard as each question needs")]
@@ -63,26 +61,10 @@ enum BenchCommand {
     Engine(crate::bench::engine::EngineBenchArgs),
     /// Load `ponder serve` (started as a second process) over loopback: throughput, p50/p99 latency.
     Server(crate::bench::server::ServerBenchArgs),
-}
-
-/// Where the model is and how to hold its weights.
-#[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// A GGUF file, an HF directory (config.json + *.safetensors), or a directory with one GGUF.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Weight storage: auto (Q8_0 for quantized files, f32 otherwise), stored, q8_0, f32.
-    #[arg(long, value_enum, default_value_t = WeightFormat::Auto)]
-    pub weights: WeightFormat,
-}
-
-impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<Engine> {
-        let engine =
-            Engine::load(&self.model, self.weights, &candle_core::Device::Cpu, EngineOptions::default())
-                .map_err(|e| anyhow::anyhow!("loading {}: {e}", self.model.display()))?;
-        Ok(engine)
-    }
+    /// Best-of-N reasoning (adaptive and fixed) on ponder-arith over loopback, and plain TTFT beside it.
+    Reasoning(crate::bench::reasoning::ReasoningBenchArgs),
+    /// A mixed load (reasoning, plain, abandoned requests) for some minutes: RSS, statuses, cancellations.
+    Soak(crate::bench::soak::SoakBenchArgs),
 }
 
 /// Sets the compute thread count before any pool starts.
@@ -103,6 +85,8 @@ pub fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Bench(BenchCommand::Engine(args)) => crate::bench::engine::run(args),
         Command::Bench(BenchCommand::Server(args)) => crate::bench::server::run(args),
+        Command::Bench(BenchCommand::Reasoning(args)) => crate::bench::reasoning::run(args),
+        Command::Bench(BenchCommand::Soak(args)) => crate::bench::soak::run(args),
         Command::Eval(args) => crate::eval::run(args),
         Command::Calibrate(args) => crate::calibrate::run::run(args),
         Command::Arith(ArithCommand::Train(args)) => crate::arith::train::run(args),
