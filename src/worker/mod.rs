@@ -30,7 +30,7 @@ use crate::metrics::{Metrics, ModelMetrics, Rejection};
 
 pub use admission::{Admission, QueueFull, QueuePermit};
 pub use job::Job;
-pub use scheduler::{Fault, FaultHook, Scheduler, StepError, StepReport};
+pub use scheduler::{FailureGuard, Fault, FaultHook, Scheduler, StepError, StepReport};
 
 /// Events buffered between a worker and one response.
 const EVENT_CHANNEL: usize = 64;
@@ -208,8 +208,13 @@ fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
         tokenizer: engine.shared_tokenizer(),
         context_length: engine.model().max_position(),
     });
+    let shared = ctx.shared.clone();
+    let guard = FailureGuard::new(move || {
+        shared.restarting.fetch_add(1, Ordering::AcqRel);
+    });
     Ok(Scheduler::new(engine, ctx.mm.clone(), ctx.max_running, prm)
-        .with_fault_hook(ctx.options.fault.clone()))
+        .with_fault_hook(ctx.options.fault.clone())
+        .with_failure_guard(guard))
 }
 
 /// Loads the model and runs the worker; when a step panics or fails, fails
@@ -249,7 +254,7 @@ fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
                 format!("panic: {text}")
             }
         };
-        ctx.shared.restarting.fetch_add(1, Ordering::AcqRel);
+        // The scheduler's failure guard has marked the worker restarting.
         restarts += 1;
         ctx.mm.worker_restarts.inc();
         ctx.mm.running.set(0);
@@ -279,7 +284,10 @@ pub fn run_worker(mut sched: Scheduler, rx: &mut mpsc::Receiver<Job>) -> Result<
             }
         }
         let has_compute = sched.has_compute();
-        sched.step()?;
+        if let Err(e) = sched.step() {
+            sched.fail();
+            return Err(e);
+        }
         if !has_compute {
             // Only deliveries to slow readers are left: wait for them to read.
             std::thread::sleep(Duration::from_millis(2));

@@ -69,7 +69,38 @@ pub struct StepReport {
     pub completed: usize,
 }
 
+/// Runs its callback when dropped while the thread panics, or after
+/// [`fail`](Self::fail): the worker pool marks the worker as restarting
+/// before any of its requests' reply channels close (so a client that gets
+/// the 500 finds /health at 503).
+pub struct FailureGuard {
+    failed: bool,
+    on_failure: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl FailureGuard {
+    pub fn new(on_failure: impl FnOnce() + Send + 'static) -> Self {
+        Self { failed: false, on_failure: Some(Box::new(on_failure)) }
+    }
+
+    pub fn fail(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for FailureGuard {
+    fn drop(&mut self) {
+        if (self.failed || std::thread::panicking())
+            && let Some(f) = self.on_failure.take()
+        {
+            f();
+        }
+    }
+}
+
 pub struct Scheduler {
+    /// First, so that it is dropped before the requests below.
+    guard: Option<FailureGuard>,
     engine: Arc<Engine>,
     metrics: ModelMetrics,
     max_running: usize,
@@ -88,6 +119,7 @@ impl Scheduler {
         prm: Option<Arc<dyn Scorer>>,
     ) -> Self {
         Self {
+            guard: None,
             runtime: Runtime::new(engine.clone(), prm),
             engine,
             metrics,
@@ -102,6 +134,18 @@ impl Scheduler {
     pub fn with_fault_hook(mut self, hook: Option<FaultHook>) -> Self {
         self.fault = hook;
         self
+    }
+
+    pub fn with_failure_guard(mut self, guard: FailureGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// The worker gives up on this scheduler (a step failed): its guard fires when it is dropped.
+    pub fn fail(&mut self) {
+        if let Some(g) = &mut self.guard {
+            g.fail();
+        }
     }
 
     pub fn submit(&mut self, job: Job) {
