@@ -68,6 +68,11 @@ impl Plain {
         job.request.choices() - self.finished
     }
 
+    /// Whether any choice has sent a token.
+    pub(crate) fn has_first_token(&self) -> bool {
+        self.first_token.is_some()
+    }
+
     pub(crate) fn is_done(&self, job: &Job) -> bool {
         self.finished == job.request.choices()
     }

@@ -31,6 +31,15 @@ pub enum StepError {
     Injected(u64),
 }
 
+/// Which requests an engine step takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    /// Plain requests that have not sent their first token.
+    Fresh,
+    /// Everyone, within their shares.
+    All,
+}
+
 /// A fault the test hook can inject into a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -198,9 +207,10 @@ impl Scheduler {
             }
         }
         self.steps += 1;
-        let (batch, tokens) = self.decode()?;
+        let fast = self.fast_lane()?;
+        let (batch, tokens) = self.decode(Lane::All)?;
         report.batch = batch;
-        report.tokens = tokens;
+        report.tokens = tokens + fast;
         self.runtime.poll();
         report.completed = self.complete_plain() + self.complete_reasoning();
         report.cancelled += self.flush();
@@ -316,20 +326,25 @@ impl Scheduler {
 
     /// One engine step: every plain request's sequences and each reasoning
     /// request's share of the trajectories it wants stepped, in one batch.
-    fn decode(&mut self) -> Result<(usize, usize), EngineError> {
-        let grants: HashMap<TaskId, usize> = self
-            .tasks
-            .iter()
-            .filter_map(|t| match t.kind {
-                Kind::Reasoning { task, .. } => Some((task, t.held)),
-                Kind::Plain(_) => None,
-            })
-            .collect();
+    fn decode(&mut self, lane: Lane) -> Result<(usize, usize), EngineError> {
+        let grants: HashMap<TaskId, usize> = match lane {
+            Lane::Fresh => HashMap::new(),
+            Lane::All => self
+                .tasks
+                .iter()
+                .filter_map(|t| match t.kind {
+                    Kind::Reasoning { task, .. } => Some((task, t.held)),
+                    Kind::Plain(_) => None,
+                })
+                .collect(),
+        };
         let mut thinking = self.runtime.begin_step(&Grants::Limited(grants));
         let mut plain_refs: Vec<(usize, usize)> = Vec::new();
         let mut refs: Vec<&mut Sequence> = Vec::new();
         for (i, t) in self.tasks.iter_mut().enumerate() {
-            if let Kind::Plain(p) = &mut t.kind {
+            if let Kind::Plain(p) = &mut t.kind
+                && (lane == Lane::All || !p.has_first_token())
+            {
                 let seqs = p.sequences();
                 plain_refs.push((i, seqs.len()));
                 refs.extend(seqs);
@@ -364,6 +379,32 @@ impl Scheduler {
             offset += k;
         }
         Ok((batch, tokens))
+    }
+
+    /// Plain requests that have not sent a token yet get up to two small
+    /// steps of their own (prefill, then the first token, delivered at once)
+    /// before the full batch: a request's time to first token is then about
+    /// one full step however many reasoning trajectories share the batch,
+    /// at the cost of two small forward passes per new request.
+    fn fast_lane(&mut self) -> Result<usize, EngineError> {
+        let fresh = |s: &Self| {
+            s.tasks.iter().any(|t| matches!(&t.kind, Kind::Plain(p) if !t.complete && !p.has_first_token()))
+        };
+        let others = self.tasks.iter().any(|t| !t.complete && matches!(t.kind, Kind::Reasoning { .. }))
+            || self
+                .tasks
+                .iter()
+                .any(|t| matches!(&t.kind, Kind::Plain(p) if !t.complete && p.has_first_token()));
+        let mut tokens = 0;
+        for _ in 0..2 {
+            if !others || !fresh(self) {
+                break;
+            }
+            tokens += self.decode(Lane::Fresh)?.1;
+            self.complete_plain();
+            self.flush();
+        }
+        Ok(tokens)
     }
 
     /// Forks prefilled prompts into choices and queues `Done` for plain

@@ -122,17 +122,24 @@ def run_checks(base):
     assert ponder["adaptive"] is True and 1 <= ponder["samples"] <= 16, ponder
     assert reasoned.usage.completion_tokens == ponder["tokens_generated"], (reasoned.usage, ponder)
     assert "The answer is 7." in reasoned.choices[0].message.content, reasoned.choices[0].message.content
-    parts, last = [], None
+    parts, last, progress = [], None, []
     for chunk in client.chat.completions.create(
         model="ponder-arith", messages=[{"role": "user", "content": "What is 3 + 4?"}], max_tokens=64,
         temperature=0.7, seed=1, stream=True, extra_body={"reasoning": {"strategy": "best_of_n", "max_samples": 16}},
     ):
         last = chunk
+        extra = (chunk.model_extra or {}).get("ponder")
+        if extra and extra.get("status") == "searching":
+            # Progress chunks: empty choices, before any content.
+            assert chunk.choices == [] and not parts, chunk
+            progress.append(extra)
         for c in chunk.choices:
             if c.delta.content:
                 parts.append(c.delta.content)
     assert "".join(parts) == reasoned.choices[0].message.content
     assert last.model_extra["ponder"] == ponder, (last.model_extra, ponder)
+    assert progress, "progress chunks before the answer"
+    assert progress[0]["samples"] == ponder["samples"] and progress[0]["budget"] == ponder["samples"], (progress, ponder)
 
     # Errors map to the client's exception classes.
     try:
