@@ -235,6 +235,12 @@ impl Metrics {
         self.rejected.with_label_values(&[model, why.label()]).inc();
     }
 
+    /// A request to `model` whose client left before its response was
+    /// written, noticed by the HTTP side rather than the worker.
+    pub fn cancelled(&self, model: &str) {
+        self.cancelled.with_label_values(&[model]).inc();
+    }
+
     pub fn model_loaded(&self) {
         self.models_loaded.inc();
     }

@@ -12,9 +12,8 @@ use serde_json::{Value, json};
 const ARITH: &str = "ponder-arith";
 
 /// A server of its own, so metric deltas belong to this binary's requests.
-/// Its queue holds every sequence these tests reserve at once (a reasoning
-/// request reserves its whole budget), so that none of them meets a 429
-/// however their requests interleave.
+/// Its queue is deep enough that none of them meets a 429 however their
+/// requests interleave.
 fn server() -> &'static TestServer {
     static S: OnceLock<TestServer> = OnceLock::new();
     S.get_or_init(|| {

@@ -71,6 +71,14 @@ impl Drop for Finish {
         self.metrics.http_request(&self.route, status, secs);
         let mut summary = self.summary.lock().map(|s| s.clone()).unwrap_or_default();
         let meter = summary.meter.take();
+        // A scheduled request whose answer never reached its client is
+        // cancelled, also when the worker had finished it already.
+        if status == CLIENT_CLOSED
+            && let (Some(m), Some(model)) = (&meter, &summary.model)
+            && m.claim_cancel()
+        {
+            self.metrics.cancelled(model);
+        }
         let line = LogLine {
             id: std::mem::take(&mut self.id),
             route: std::mem::take(&mut self.route),

@@ -13,7 +13,6 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::engine::FinishReason;
-use crate::prm::Quantiles;
 use crate::reasoning::{Accounting, Candidate, ReasoningParams};
 use crate::tokenizer::Tokenizer;
 use crate::validation::{GenerationRequest, ModelView};
@@ -78,6 +77,8 @@ type Released = Box<dyn FnOnce(usize) + Send>;
 #[derive(Default)]
 struct MeterInner {
     tokens: AtomicUsize,
+    /// Counted as cancelled already (by the backend or the HTTP side).
+    cancelled: std::sync::atomic::AtomicBool,
     released: Mutex<Option<Released>>,
 }
 
@@ -103,6 +104,14 @@ impl TokenMeter {
 
     pub fn get(&self) -> usize {
         self.0.tokens.load(Ordering::Relaxed)
+    }
+
+    /// True for the first caller only: whoever notices first that the
+    /// client left — the backend at its next step, or the HTTP side when a
+    /// response could not be written — counts the cancellation, so that it
+    /// is counted exactly once.
+    pub fn claim_cancel(&self) -> bool {
+        !self.0.cancelled.swap(true, Ordering::AcqRel)
     }
 
     /// Runs `f` with the final count once no clone of this meter is left,
@@ -152,21 +161,7 @@ pub struct ReasoningReport {
 }
 
 /// Where a running reasoning request stands, sent after each reasoning step.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Progress {
-    /// Trajectories drawn so far.
-    pub samples: usize,
-    /// Trajectories still generating.
-    pub live: usize,
-    /// Samples the request means to draw (N_IAS or N_max; beam: its current paths).
-    pub budget: usize,
-    /// The best success-probability estimate seen so far.
-    pub best: Option<Quantiles>,
-    /// Tokens generated so far.
-    pub tokens: usize,
-    /// Reasoning steps completed by the request's slowest path.
-    pub steps: usize,
-}
+pub use crate::reasoning::runtime::TaskProgress as Progress;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {

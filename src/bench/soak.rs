@@ -158,6 +158,24 @@ enum Ended {
     Failed,
 }
 
+/// At the deadline: whether the rest of the response is already in this
+/// client's socket buffer (read without waiting). Such a response had
+/// arrived in full — the server wrote all of it — so hanging up now is not
+/// abandoning it. (The head is read here too when `head` is `None`; its
+/// status is tallied by the caller only when the head came in time.)
+async fn arrived(conn: &mut client::Conn, head: Option<&client::Head>) -> Option<client::Head> {
+    let rest = async {
+        let h = match head {
+            Some(h) => h.clone(),
+            None => conn.head().await?,
+        };
+        conn.body_to_end().await?;
+        anyhow::Ok(h)
+    };
+    // A zero timeout still polls the read once: only bytes already here count.
+    tokio::time::timeout(Duration::ZERO, rest).await.ok()?.ok()
+}
+
 /// Sends one request and reads the response, or hangs up at
 /// `abandon_after`: dropping the connection closes it, and the request
 /// counts as abandoned only because the deadline came before its end.
@@ -190,13 +208,19 @@ async fn exchange(ctx: &Ctx, body: &str, abandon_after: Option<Duration>) -> End
         Ok(Ok(c)) => c,
     };
     let head = match tokio::time::timeout_at(deadline, conn.head()).await {
-        Err(_) => return expired(),
+        Err(_) => match arrived(&mut conn, None).await {
+            Some(head) => head,
+            None => return expired(),
+        },
         Ok(Err(e)) => return failed(e),
         Ok(Ok(h)) => h,
     };
     tally(&ctx.tally, |t| *t.statuses.entry(head.status.to_string()).or_default() += 1);
     let body = match tokio::time::timeout_at(deadline, conn.body_to_end()).await {
-        Err(_) => return expired(),
+        Err(_) => match arrived(&mut conn, Some(&head)).await {
+            Some(_) => Vec::new(),
+            None => return expired(),
+        },
         Ok(Err(e)) => return failed(e),
         Ok(Ok(b)) => b,
     };

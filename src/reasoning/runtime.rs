@@ -301,9 +301,13 @@ pub struct TaskProgress {
     pub samples: usize,
     /// Trajectories alive (not yet released), the prompt's root excluded.
     pub live: usize,
+    /// Samples the strategy means to draw (N_IAS or N_max; beam: its paths after the last pruning point).
     pub budget: usize,
+    /// The best success-probability estimate seen so far.
     pub best: Option<Quantiles>,
+    /// Tokens generated so far.
     pub tokens: usize,
+    /// Extend calls completed: the request's reasoning steps.
     pub steps: usize,
 }
 

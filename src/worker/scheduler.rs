@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::backend::{GenEvent, JobStats, Progress, ReasoningReport};
+use crate::backend::{GenEvent, JobStats, ReasoningReport};
 use crate::engine::{Engine, EngineError, FinishReason, Sequence};
 use crate::metrics::ModelMetrics;
 use crate::prm::Scorer;
@@ -221,10 +221,14 @@ impl Scheduler {
     /// Drops requests whose client left, waiting or running: their
     /// sequences and caches go at once, and no more work is done for them.
     fn drop_abandoned(&mut self) -> usize {
-        let before = self.waiting.len();
-        self.waiting.retain(|j| !j.reply.is_closed());
-        let mut cancelled = before - self.waiting.len();
+        let mut cancelled = 0;
+        self.waiting.retain(|j| {
+            let closed = j.reply.is_closed();
+            cancelled += usize::from(closed && j.meter.claim_cancel());
+            !closed
+        });
         let runtime = &mut self.runtime;
+        let mut dropped = false;
         self.tasks.retain(|t| {
             if !t.job.reply.is_closed() {
                 return true;
@@ -232,11 +236,13 @@ impl Scheduler {
             if let Kind::Reasoning { task, .. } = t.kind {
                 runtime.cancel(task);
             }
-            cancelled += usize::from(!t.complete);
+            // A complete request whose answer was not delivered is counted by the HTTP side.
+            cancelled += usize::from(!t.complete && t.job.meter.claim_cancel());
+            dropped = true;
             false
         });
         self.metrics.cancelled.inc_by(cancelled as u64);
-        if cancelled > 0 {
+        if dropped || cancelled > 0 {
             self.update_gauges();
         }
         cancelled
@@ -464,14 +470,7 @@ impl Scheduler {
             let key = (p.steps, p.samples, p.budget);
             if p.steps > 0 && *last != Some(key) {
                 *last = Some(key);
-                t.outbox.push(GenEvent::Progress(Progress {
-                    samples: p.samples,
-                    live: p.live,
-                    budget: p.budget,
-                    best: p.best,
-                    tokens: p.tokens,
-                    steps: p.steps,
-                }));
+                t.outbox.push(GenEvent::Progress(p));
             }
         }
         completed
@@ -487,7 +486,7 @@ impl Scheduler {
                 if let Kind::Reasoning { task, .. } = t.kind {
                     runtime.cancel(task);
                 }
-                cancelled += usize::from(!t.complete);
+                cancelled += usize::from(!t.complete && t.job.meter.claim_cancel());
                 false
             }
             Delivery::Open => !(t.complete && t.outbox.is_empty()),
