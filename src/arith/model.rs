@@ -1,6 +1,6 @@
 //! The trainable llama used to train ponder-arith: the same architecture
 //! the engine runs (HF llama, tied embeddings, half-split RoPE), built only
-//! from differentiable candle ops (DESIGN §4: candle's fused CPU kernels have
+//! from differentiable candle ops (candle's fused CPU kernels have
 //! no backward pass, so `rms_norm_slow`, `rope_slow` and
 //! `candle_nn::ops::softmax` stand in for them).
 

@@ -1,4 +1,4 @@
-//! Monte-Carlo labels (DESIGN §1): for each question, N_val trajectories
+//! Monte-Carlo labels (as in Park et al. 2025): for each question, N_val trajectories
 //! generated step by step; for every prefix (the empty one included, those
 //! holding the final answer dropped, at most `max_prefix` steps), N_MC
 //! continuations, and the fraction that reaches the right answer. One JSONL
@@ -63,7 +63,7 @@ pub struct LabelRow {
     pub correct: usize,
     pub n_mc: usize,
     /// A finished solution, labelled by the checker (1 or 0) rather than by
-    /// continuations. DESIGN §1 drops these from calibration; ponder trains
+    /// continuations. The paper drops these from calibration; ponder trains
     /// the head on them too, so that it can rank finished answers, and
     /// leaves them out of the calibration report.
     #[serde(default)]

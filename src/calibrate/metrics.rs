@@ -1,4 +1,4 @@
-//! Calibration metrics (DESIGN §1): Brier score, expected calibration error
+//! Calibration metrics: Brier score, expected calibration error
 //! over 10 equal-width bins, the over- vs under-estimation split, AUROC, the
 //! coverage of a lower quantile, and the pinball loss.
 

@@ -1,5 +1,5 @@
 //! Calibration of process reward models: Monte-Carlo labels, quantile-head
-//! training, baselines, metrics and reports (DESIGN §1).
+//! training, baselines, metrics and reports (as in Park et al. 2025, arXiv 2506.09338).
 
 pub mod baselines;
 mod fitted;

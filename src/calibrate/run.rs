@@ -104,7 +104,7 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;
 
     // Heads learn from every row; calibration is fitted and reported on
-    // prefixes without the final answer (DESIGN §1).
+    // prefixes without the final answer (as the paper's reference does).
     let (train_rows, val_rows) = by_question(&fit_rows);
     let fit_rows: Vec<LabelRow> = fit_rows.into_iter().filter(|r| !r.final_answer).collect();
     let eval_rows: Vec<LabelRow> = eval_rows.into_iter().filter(|r| !r.final_answer).collect();

@@ -174,7 +174,7 @@ pub fn train_heads(train: &Data, val: &Data, cfg: &FitConfig) -> candle_core::Re
 }
 
 /// The quantile output layer of a model PRM, trained with the pinball loss
-/// on the PRM's own features and started, as DESIGN §1 says, from its
+/// on the PRM's own features and started, as the paper's reference does, from its
 /// 2-class head: every output begins as the logit of P(good) (`good_w`
 /// `(1, units)`, `good_b` `(1)`). Returns the trained head (in the
 /// features' own scale) and its validation pinball loss before and after.

@@ -84,7 +84,7 @@ impl Head {
     }
 
     /// A quantile head whose three outputs all equal this one-output head
-    /// (DESIGN §1: training starts from the uncalibrated PRM).
+    /// (as in the paper's reference: training starts from the uncalibrated PRM).
     pub fn to_quantile_init(&self) -> candle_core::Result<(Self, Vec<Var>)> {
         assert_eq!(self.shape.outputs, 1, "conversion starts from a one-output head");
         let mut vars = Vec::new();

@@ -1,6 +1,6 @@
 //! Process reward models: for a question and a reasoning prefix (possibly
 //! empty), the quantiles β ∈ {0.1, 0.5, 0.9} of the probability that the
-//! policy, continuing from there, reaches a correct answer (DESIGN §1), and
+//! policy, continuing from there, reaches a correct answer (Park et al. 2025), and
 //! the uncalibrated score where there is one.
 //!
 //! - [`head::HeadPrm`]: a small head on the policy's own final hidden state

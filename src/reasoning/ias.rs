@@ -1,4 +1,4 @@
-//! Instance-adaptive scaling (DESIGN §1): how many samples reach coverage C
+//! Instance-adaptive scaling (Park et al. 2025, arXiv 2506.09338): how many samples reach coverage C
 //! given a success probability, and the beam-search K and M rules.
 
 /// Probabilities are clamped to [ε, 1 − ε] before taking logarithms.
@@ -50,7 +50,7 @@ mod tests {
 
     #[test]
     fn n_ias_matches_the_design_table() {
-        // DESIGN §1, C = 0.99: p = 0.9 → 2, 0.5 → 7, 0.2 → 21, 0.05 → 90.
+        // The paper's table at C = 0.99: p = 0.9 → 2, 0.5 → 7, 0.2 → 21, 0.05 → 90.
         assert_eq!(n_ias(0.9, 0.99), 2);
         assert_eq!(n_ias(0.5, 0.99), 7);
         assert_eq!(n_ias(0.2, 0.99), 21);

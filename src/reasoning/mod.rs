@@ -1,5 +1,6 @@
 //! Per-request reasoning: single sampling, best-of-N and beam search, fixed
-//! or instance-adaptive (DESIGN §1), written as plain async code against two
+//! or instance-adaptive (IAS, Park et al. 2025: the budget follows a calibrated
+//! PRM's estimate of the question's success probability), written as plain async code against two
 //! calls — "extend these trajectories by one step" and "score these
 //! prefixes" ([`Trajectories`]) — so the strategies read like the method and are
 //! tested with a fake engine and scorer. The [`runtime`] runs them on the

@@ -1,4 +1,5 @@
-//! The strategies of DESIGN §1 as plain code against [`Trajectories`].
+//! The strategies (single sampling, best-of-N and beam search, fixed or
+//! instance-adaptive as in Park et al. 2025) as plain code against [`Trajectories`].
 
 use super::select::choose;
 use super::{
