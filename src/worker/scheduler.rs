@@ -393,17 +393,14 @@ impl Scheduler {
     /// one full step however many reasoning trajectories share the batch,
     /// at the cost of two small forward passes per new request.
     fn fast_lane(&mut self) -> Result<usize, EngineError> {
-        let fresh = |s: &Self| {
-            s.tasks.iter().any(|t| matches!(&t.kind, Kind::Plain(p) if !t.complete && !p.has_first_token()))
-        };
-        let others = self.tasks.iter().any(|t| !t.complete && matches!(t.kind, Kind::Reasoning { .. }))
-            || self
-                .tasks
-                .iter()
-                .any(|t| matches!(&t.kind, Kind::Plain(p) if !t.complete && p.has_first_token()));
+        fn fresh(t: &Task) -> bool {
+            !t.complete && matches!(&t.kind, Kind::Plain(p) if !p.has_first_token())
+        }
+        // Only worth it when a fuller batch would otherwise carry them.
+        let others = self.tasks.iter().any(|t| !t.complete && !fresh(t));
         let mut tokens = 0;
         for _ in 0..2 {
-            if !others || !fresh(self) {
+            if !others || !self.tasks.iter().any(fresh) {
                 break;
             }
             tokens += self.decode(Lane::Fresh)?.1;
@@ -440,8 +437,7 @@ impl Scheduler {
     /// progress event for those that completed a reasoning step.
     fn complete_reasoning(&mut self) -> usize {
         let mut completed = 0;
-        let finished: HashMap<TaskId, _> = self.runtime.take_finished().into_iter().collect();
-        let mut finished = finished;
+        let mut finished: HashMap<TaskId, _> = self.runtime.take_finished().into_iter().collect();
         for t in self.tasks.iter_mut().filter(|t| !t.complete) {
             let Kind::Reasoning { task, last } = &mut t.kind else { continue };
             if let Some(result) = finished.remove(task) {
