@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use common::{TestServer, blocking_get, metric};
@@ -25,13 +25,12 @@ async fn chat(s: &TestServer) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-async fn wait_healthy(s: &TestServer, seen_503: &mut bool) {
+async fn wait_healthy(s: &TestServer) {
     for _ in 0..600 {
         let (status, _) = blocking_get(&s.url("/health")).unwrap();
         if status == 200 {
             return;
         }
-        *seen_503 |= status == 503;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("never healthy again: {:?}", blocking_get(&s.url("/health")));
@@ -51,7 +50,15 @@ async fn a_failed_worker_fails_its_requests_with_500_restarts_and_serves_again()
     };
     let mut config = common::smollm_config();
     config.models.retain(|m| m.id == ARITH);
-    let server = TestServer::start_with(config, WorkerOptions { fault: Some(hook) });
+    // The worker waits here before each reload until the test has looked
+    // at /health, so the restarting state cannot be missed.
+    let (release, gate) = mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let before_reload = Arc::new(move || {
+        let _ = gate.lock().expect("the test never panics holding the gate").recv();
+    });
+    let options = WorkerOptions { fault: Some(hook), before_reload: Some(before_reload) };
+    let server = TestServer::start_with(config, options);
     assert_eq!(chat(&server).await.0, 200);
 
     for (fault, restarts) in [(1, 1.0), (2, 2.0)] {
@@ -60,18 +67,21 @@ async fn a_failed_worker_fails_its_requests_with_500_restarts_and_serves_again()
         assert_eq!(status, 500, "{v}");
         assert_eq!(v["error"]["type"], "server_error");
         assert_eq!(v["error"]["message"], "The server failed to complete the request.", "generic: {v}");
-        // Marked restarting before the request failed, so this finds it
-        // unless the reload (tens of milliseconds) already finished.
+        // Marked restarting before the request failed, and the reload waits
+        // for the gate.
         let (health, text) = blocking_get(&server.url("/health")).unwrap();
-        let restarting = health == 503 && text.contains("restarting");
-        let mut seen_503 = false;
-        wait_healthy(&server, &mut seen_503).await;
+        assert_eq!(health, 503, "fault {fault}: {text}");
+        assert!(text.contains("restarting"), "fault {fault}: {text}");
+        let (status, v) = chat(&server).await;
+        assert_eq!(status, 503, "refused while restarting: {v}");
+        assert_eq!(v["error"]["code"], "model_restarting", "{v}");
+        release.send(()).expect("the worker waits at the gate");
+        wait_healthy(&server).await;
         let (status, v) = chat(&server).await;
         assert_eq!(status, 200, "served again after the restart: {v}");
         assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
         let m = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
         let series = format!("ponder_worker_restarts_total{{model=\"{ARITH}\"}}");
         assert_eq!(metric(&m, &series), Some(restarts), "fault {fault}");
-        assert!(restarting || seen_503, "fault {fault}: /health never said 503 while restarting");
     }
 }

@@ -41,11 +41,21 @@ pub struct WorkerOptions {
     /// Test-only: called before every step with work; a returned fault
     /// makes the worker panic or fail as a model error would.
     pub fault: Option<FaultHook>,
+    /// Test-only: called on the worker thread after a failure, before the
+    /// model is reloaded, while the pool reports restarting; a test blocks
+    /// in it to observe that state without racing the reload.
+    pub before_reload: Option<ReloadHook>,
 }
+
+/// See [`WorkerOptions::before_reload`].
+pub type ReloadHook = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for WorkerOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerOptions").field("fault", &self.fault.is_some()).finish()
+        f.debug_struct("WorkerOptions")
+            .field("fault", &self.fault.is_some())
+            .field("before_reload", &self.before_reload.is_some())
+            .finish()
     }
 }
 
@@ -223,6 +233,11 @@ fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
 fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
     let mut restarts = 0u64;
     loop {
+        if restarts > 0
+            && let Some(hook) = &ctx.options.before_reload
+        {
+            hook();
+        }
         let sched = match load(&ctx) {
             Ok(s) => s,
             Err(msg) => {
