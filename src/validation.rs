@@ -360,6 +360,28 @@ fn template_error(e: TokenizerError) -> ValidationError {
     }
 }
 
+/// Longest `x-request-id` a client may send.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// A client-chosen request id (the `x-request-id` header), kept so that a
+/// request can be followed from the client through proxies into ponder's
+/// log: 1 to [`MAX_REQUEST_ID`] visible ASCII characters. `None` when the
+/// header is absent; ponder then makes one.
+pub fn request_id(header: Option<&[u8]>) -> Result<Option<String>, ValidationError> {
+    let Some(bytes) = header else { return Ok(None) };
+    if bytes.is_empty() || bytes.len() > MAX_REQUEST_ID || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(ValidationError::new(
+            "x-request-id",
+            format!(
+                "header `x-request-id` must be 1 to {MAX_REQUEST_ID} visible ASCII characters without spaces; got {} bytes: {:?}",
+                bytes.len(),
+                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+            ),
+        ));
+    }
+    Ok(Some(String::from_utf8(bytes.to_vec()).expect("visible ASCII is UTF-8")))
+}
+
 pub fn chat(
     req: ChatCompletionRequest,
     model: ModelView<'_>,

@@ -226,6 +226,41 @@ async fn size_limits_on_body_prompt_and_context_are_enforced() {
     assert!(v["error"]["message"].as_str().unwrap().contains(&CONTEXT.to_string()), "{v}");
 }
 
+async fn post_with_id(app: &App, id: &str) -> Reply {
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {KEY}"))
+        .header("x-request-id", id)
+        .body(Body::from(chat(json!({})).to_string()))
+        .unwrap();
+    let resp = app.router.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    Reply { status, headers, text: String::from_utf8(bytes.to_vec()).unwrap() }
+}
+
+#[tokio::test]
+async fn a_client_request_id_is_kept_and_a_bad_one_is_refused_naming_the_header() {
+    let app = app();
+    let r = post_with_id(&app, "trace-42.a:b").await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.headers["x-request-id"], "trace-42.a:b");
+    let r = post(&app, "/v1/chat/completions", &chat(json!({}))).await;
+    let made = r.headers["x-request-id"].to_str().unwrap();
+    assert_eq!(made.len(), 32, "a uuid without dashes: {made}");
+    for bad in ["has space", &"x".repeat(129)] {
+        let r = post_with_id(&app, bad).await;
+        let v = r.json();
+        assert_eq!(r.status, 400, "{bad:?} -> {v}");
+        assert_eq!(v["error"]["param"], "x-request-id", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("128") && msg.contains(&format!("{} bytes", bad.len())), "{msg}");
+    }
+}
+
 #[tokio::test]
 async fn an_unknown_model_is_404_model_not_found() {
     let app = app();

@@ -1,4 +1,5 @@
-//! Cross-cutting request handling: request ids, metrics and the one log
+//! Cross-cutting request handling: request ids (the client's `x-request-id`
+//! when it sends a valid one), metrics and the one log
 //! line per request, and API-key checks. The log line and the
 //! `ponder_http_requests_total` entry are recorded when the response body
 //! ends, so streams are measured to their last byte; a request whose client
@@ -173,7 +174,12 @@ impl http_body::Body for Tracked {
 pub async fn track(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map_or("unmatched".to_string(), |p| p.as_str().to_string());
-    let id = uuid::Uuid::new_v4().simple().to_string();
+    let given = crate::validation::request_id(req.headers().get("x-request-id").map(|h| h.as_bytes()));
+    let (id, refused) = match given {
+        Ok(Some(id)) => (id, None),
+        Ok(None) => (uuid::Uuid::new_v4().simple().to_string(), None),
+        Err(e) => (uuid::Uuid::new_v4().simple().to_string(), Some(ApiError::from(e))),
+    };
     let summary = SummaryCell::default();
     req.extensions_mut().insert(RequestId(id.clone()));
     req.extensions_mut().insert(summary.clone());
@@ -189,9 +195,14 @@ pub async fn track(State(state): State<AppState>, mut req: Request, next: Next) 
         log_prompts: state.config.logging.prompts,
         completed: false,
     };
-    let mut resp = next.run(req).await;
-    resp.headers_mut()
-        .insert("x-request-id", HeaderValue::from_str(&id).expect("a uuid is a valid header value"));
+    let mut resp = match refused {
+        Some(e) => e.into_response(),
+        None => next.run(req).await,
+    };
+    resp.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_str(&id).expect("a uuid or a checked client id is a valid header value"),
+    );
     finish.status = resp.status().as_u16();
     resp.map(|inner| {
         // hyper may never poll a body that is empty from the start.

@@ -5,13 +5,14 @@
 //! piece by piece and server-sent events, so the benches can time the
 //! first streamed token and close a connection mid-response.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -21,15 +22,42 @@ const LISTENING: &str = "listening on http://";
 /// Server log lines kept to explain a failed start.
 const KEPT_LINES: usize = 20;
 
+/// Requests whose `x-request-id` starts with this are looked up in the
+/// server's log (see [`Server::logged`]); a bench sends such ids to match
+/// what its clients saw with what the server recorded.
+pub const TRACKED_ID_PREFIX: &str = "bench-";
+
+/// What the server's log line says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Logged {
+    pub status: u16,
+    /// What the handler answered (differs from `status` for 499s).
+    pub sent_status: u16,
+    pub total_ms: f64,
+}
+
+type RequestLog = Arc<Mutex<HashMap<String, Logged>>>;
+
 /// A `ponder serve` child process, killed when dropped.
 pub struct Server {
     child: Child,
     pub addr: String,
+    requests: RequestLog,
 }
 
 impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The log line of the request with this tracked id, once written.
+    pub fn logged(&self, id: &str) -> Option<Logged> {
+        self.requests.lock().expect("the log reader never panics holding the lock").get(id).copied()
+    }
+
+    /// Every tracked request that has its log line.
+    pub fn logged_all(&self) -> HashMap<String, Logged> {
+        self.requests.lock().expect("the log reader never panics holding the lock").clone()
     }
 
     /// Whether the child has exited (it should run until dropped).
@@ -61,12 +89,17 @@ pub fn start_serve(config: &Path, timeout: Duration) -> anyhow::Result<Server> {
     let (tx, rx) = std::sync::mpsc::channel();
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(KEPT_LINES)));
     let kept = tail.clone();
+    let requests = RequestLog::default();
+    let logged = requests.clone();
     // The reader keeps draining after the address arrives: the server logs a
     // line per request and would block on a full pipe otherwise.
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(addr) = parse_listening(&line) {
                 let _ = tx.send(addr);
+            }
+            if let Some((id, l)) = parse_request_line(&line) {
+                logged.lock().expect("only this thread holds the lock while inserting").insert(id, l);
             }
             let mut t = kept.lock().expect("only this thread and a reader that never panics hold the lock");
             if t.len() == KEPT_LINES {
@@ -75,7 +108,7 @@ pub fn start_serve(config: &Path, timeout: Duration) -> anyhow::Result<Server> {
             t.push_back(line);
         }
     });
-    let mut server = Server { child, addr: String::new() };
+    let mut server = Server { child, addr: String::new(), requests };
     match rx.recv_timeout(timeout) {
         Ok(addr) => {
             server.addr = addr;
@@ -101,6 +134,27 @@ fn parse_listening(line: &str) -> Option<String> {
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']'))
         .collect();
     (!addr.is_empty()).then_some(addr)
+}
+
+/// A text-format request log line (`... ponder::request: request id=…
+/// status=… sent_status=… total_ms=…`) of a tracked id.
+fn parse_request_line(line: &str) -> Option<(String, Logged)> {
+    if !line.contains("ponder::request") {
+        return None;
+    }
+    let field = |name: &str| {
+        line.split_whitespace().find_map(|w| w.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let id = field("id")?;
+    if !id.starts_with(TRACKED_ID_PREFIX) {
+        return None;
+    }
+    let logged = Logged {
+        status: field("status")?.parse().ok()?,
+        sent_status: field("sent_status")?.parse().ok()?,
+        total_ms: field("total_ms")?.parse().ok()?,
+    };
+    Some((id.to_string(), logged))
 }
 
 /// Polls `GET /health` until it answers 200 (503 while models load).
@@ -186,10 +240,22 @@ pub struct Conn {
 
 /// Connects and sends one request; the response is read from the `Conn`.
 pub async fn send(addr: &str, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<Conn> {
+    send_with(addr, method, path, body, &[]).await
+}
+
+/// [`send`] with extra request headers.
+pub async fn send_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Conn> {
     let mut stream = TcpStream::connect(addr).await?;
     let body = body.unwrap_or("");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(req.as_bytes()).await?;
@@ -404,6 +470,22 @@ mod tests {
         let json = r#"{"fields":{"message":"listening on http://127.0.0.1:5"},"level":"INFO"}"#;
         assert_eq!(parse_listening(json).as_deref(), Some("127.0.0.1:5"));
         assert_eq!(parse_listening("loading model"), None);
+    }
+
+    #[test]
+    fn request_lines_of_tracked_ids_are_read_from_the_text_log() {
+        let line = "2026-12-02T01:00:00Z  INFO ponder::request: request id=bench-3-17 route=/v1/chat/completions \
+                    status=499 sent_status=200 model=ponder-arith prompt_tokens=9 completion_tokens=40 \
+                    total_ms=212.0 stream=true body=\"aborted\"";
+        let (id, l) = parse_request_line(line).expect("a tracked request line");
+        assert_eq!(id, "bench-3-17");
+        assert_eq!(l, Logged { status: 499, sent_status: 200, total_ms: 212.0 });
+        assert_eq!(
+            parse_request_line(&line.replace("bench-3-17", "0af3")),
+            None,
+            "untracked ids are skipped"
+        );
+        assert_eq!(parse_request_line("INFO ponder::server: listening on http://x"), None);
     }
 
     #[test]

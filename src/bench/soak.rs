@@ -64,6 +64,10 @@ pub struct SoakReport {
     pub abandoned: u64,
     /// Growth of `ponder_cancelled_requests_total` over the run.
     pub server_cancelled: u64,
+    /// Requests the server logged with status 499.
+    pub server_logged_499: u64,
+    /// Requests on which the client and the server's log line disagree.
+    pub disagreements: Vec<Disagreement>,
     /// Growth of 5xx samples of `ponder_http_requests_total` over the run.
     pub server_5xx: u64,
     /// Growth of `ponder_generated_tokens_total` over the run.
@@ -80,6 +84,8 @@ struct Tally {
     statuses: BTreeMap<String, u64>,
     requests: u64,
     abandoned: u64,
+    /// Every exchange's request id and how it ended for the client.
+    outcomes: Vec<(String, ClientSaw)>,
     transport_errors: u64,
     stream_errors: u64,
 }
@@ -151,6 +157,29 @@ fn body(ctx: &Ctx, kind: Kind, stream: bool, p: &Problem, seed: u64) -> String {
     v.to_string()
 }
 
+/// How an exchange ended for its client, to set beside the server's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientSaw {
+    /// Hung up before the whole response arrived.
+    Abandoned,
+    /// Read the whole response.
+    Complete,
+    /// Failed below HTTP.
+    Failed,
+}
+
+/// A request on which the client and the server's log disagree: abandoned
+/// but not logged as 499, or logged as 499 but read in full.
+#[derive(Debug, Clone, Serialize)]
+pub struct Disagreement {
+    pub id: String,
+    pub client: ClientSaw,
+    /// The server's log line; `None` when it has none (the request never
+    /// reached a handler).
+    pub server: Option<client::Logged>,
+}
+
 /// How one exchange ended.
 enum Ended {
     Complete { status: u16, retry_after: Option<Duration> },
@@ -179,7 +208,18 @@ async fn arrived(conn: &mut client::Conn, head: Option<&client::Head>) -> Option
 /// Sends one request and reads the response, or hangs up at
 /// `abandon_after`: dropping the connection closes it, and the request
 /// counts as abandoned only because the deadline came before its end.
-async fn exchange(ctx: &Ctx, body: &str, abandon_after: Option<Duration>) -> Ended {
+async fn exchange(ctx: &Ctx, id: &str, body: &str, abandon_after: Option<Duration>) -> Ended {
+    let ended = exchange_inner(ctx, id, body, abandon_after).await;
+    let saw = match ended {
+        Ended::Complete { .. } => ClientSaw::Complete,
+        Ended::Abandoned => ClientSaw::Abandoned,
+        Ended::Failed => ClientSaw::Failed,
+    };
+    tally(&ctx.tally, |t| t.outcomes.push((id.to_string(), saw)));
+    ended
+}
+
+async fn exchange_inner(ctx: &Ctx, id: &str, body: &str, abandon_after: Option<Duration>) -> Ended {
     tally(&ctx.tally, |t| t.requests += 1);
     let deadline = tokio::time::Instant::now() + abandon_after.unwrap_or(REQUEST_TIMEOUT);
     let expired = || {
@@ -198,9 +238,10 @@ async fn exchange(ctx: &Ctx, body: &str, abandon_after: Option<Duration>) -> End
         tally(&ctx.tally, |t| t.transport_errors += 1);
         Ended::Failed
     };
+    let headers = [("x-request-id", id)];
     let sent = tokio::time::timeout_at(
         deadline,
-        client::send(&ctx.addr, "POST", "/v1/chat/completions", Some(body)),
+        client::send_with(&ctx.addr, "POST", "/v1/chat/completions", Some(body), &headers),
     );
     let mut conn = match sent.await {
         Err(_) => return expired(),
@@ -233,14 +274,15 @@ async fn exchange(ctx: &Ctx, body: &str, abandon_after: Option<Duration>) -> End
 }
 
 /// One client's requests until `until`; each waits out `Retry-After` on 429.
-async fn client_loop(ctx: Arc<Ctx>, client: Client, seed: u64, until: Instant) {
+async fn client_loop(ctx: Arc<Ctx>, k: usize, client: Client, seed: u64, until: Instant) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut i = 0u64;
     while Instant::now() < until {
         let plan = client.plan(i, &mut rng);
         let p = &ctx.questions[rng.random_range(0..ctx.questions.len())];
         let body = body(&ctx, plan.kind, plan.stream, p, rng.random_range(0..1u64 << 32));
-        let pause = match exchange(&ctx, &body, plan.abandon_after).await {
+        let id = format!("{}{k}-{i}", client::TRACKED_ID_PREFIX);
+        let pause = match exchange(&ctx, &id, &body, plan.abandon_after).await {
             Ended::Complete { status: 429, retry_after } => retry_after.unwrap_or(Duration::from_secs(1)),
             Ended::Complete { .. } | Ended::Abandoned => Duration::ZERO,
             Ended::Failed => FAILURE_PAUSE,
@@ -362,7 +404,7 @@ async fn soak(server: &mut client::Server, args: &SoakBenchArgs) -> anyhow::Resu
         .enumerate()
         .map(|(k, &c)| {
             let seed = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k as u64;
-            tokio::spawn(client_loop(ctx.clone(), c, seed, until))
+            tokio::spawn(client_loop(ctx.clone(), k, c, seed, until))
         })
         .collect();
     for c in clients {
@@ -378,7 +420,10 @@ async fn soak(server: &mut client::Server, args: &SoakBenchArgs) -> anyhow::Resu
     rss.push((start.elapsed().as_secs_f64(), rss_mib(server.pid())?));
     let after = scrape(&addr).await?;
     let t = ctx.tally.lock().expect("tally updates never panic while holding the lock");
+    let logged = server.logged_all();
     Ok(SoakReport {
+        server_logged_499: logged.values().filter(|l| l.status == 499).count() as u64,
+        disagreements: disagreements(&t.outcomes, &logged),
         minutes: args.minutes,
         rss_growth_after_2min: growth(&rss, run.as_secs_f64()),
         rss_mib: rss,
@@ -393,12 +438,37 @@ async fn soak(server: &mut client::Server, args: &SoakBenchArgs) -> anyhow::Resu
     })
 }
 
+/// Abandoned requests the server did not log as 499, and 499s whose client
+/// read the whole response.
+fn disagreements(
+    outcomes: &[(String, ClientSaw)],
+    logged: &std::collections::HashMap<String, client::Logged>,
+) -> Vec<Disagreement> {
+    outcomes
+        .iter()
+        .filter_map(|(id, saw)| {
+            let server = logged.get(id).copied();
+            let closed = server.is_some_and(|l| l.status == 499);
+            let disagree = match saw {
+                ClientSaw::Abandoned => !closed,
+                ClientSaw::Complete => closed,
+                ClientSaw::Failed => false,
+            };
+            disagree.then(|| Disagreement { id: id.clone(), client: *saw, server })
+        })
+        .collect()
+}
+
 fn print_report(r: &SoakReport) {
     println!("soak of {} min: {} requests, statuses {:?}", r.minutes, r.requests, r.statuses);
     println!(
         "abandoned by the client {}, cancelled by the server {}; server 5xx {}; transport errors {}, stream errors {}",
         r.abandoned, r.server_cancelled, r.server_5xx, r.transport_errors, r.stream_errors
     );
+    println!("server logged {} requests as 499", r.server_logged_499);
+    for d in &r.disagreements {
+        println!("  disagreement: {} client {:?}, server {:?}", d.id, d.client, d.server);
+    }
     println!("server generated {} tokens", r.server_generated_tokens);
     let rss: Vec<String> = r.rss_mib.iter().map(|(t, m)| format!("{t:.0}s {m:.1}")).collect();
     println!("RSS MiB: {}", rss.join(", "));
@@ -434,6 +504,27 @@ mod tests {
         assert_eq!(growth(&s, 60.0), None);
         let g = growth(&s, 300.0).expect("a sample after 120 s exists");
         assert!((g - 0.1).abs() < 1e-9, "{g}");
+    }
+
+    #[test]
+    fn client_and_server_disagree_only_where_an_abandoned_request_was_not_a_499_or_the_reverse() {
+        let l = |status| client::Logged { status, sent_status: 200, total_ms: 1.0 };
+        let logged = std::collections::HashMap::from([
+            ("a".to_string(), l(499)),
+            ("b".to_string(), l(200)),
+            ("c".to_string(), l(499)),
+            ("d".to_string(), l(200)),
+        ]);
+        let outcomes = [
+            ("a".to_string(), ClientSaw::Abandoned),
+            ("b".to_string(), ClientSaw::Abandoned),
+            ("c".to_string(), ClientSaw::Complete),
+            ("d".to_string(), ClientSaw::Complete),
+            ("e".to_string(), ClientSaw::Abandoned),
+            ("f".to_string(), ClientSaw::Failed),
+        ];
+        let ids: Vec<_> = disagreements(&outcomes, &logged).into_iter().map(|d| (d.id, d.server)).collect();
+        assert_eq!(ids, [("b".into(), Some(l(200))), ("c".into(), Some(l(499))), ("e".into(), None)]);
     }
 
     #[test]
