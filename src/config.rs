@@ -158,8 +158,21 @@ pub enum DeviceKind {
 pub struct ModelEntry {
     /// The `model` name clients send.
     pub id: String,
-    /// GGUF file, HF directory, or directory with one GGUF.
+    /// GGUF file, HF directory, or directory with one GGUF (local models).
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// Where generation runs: this process's engine, or a remote
+    /// OpenAI-compatible engine (vLLM, SGLang, TGI, llama.cpp).
+    #[serde(default, skip_serializing_if = "BackendConfig::is_local")]
+    pub backend: BackendConfig,
+    /// A remote model's tokenizer (a GGUF, a `tokenizer.json` or an HF
+    /// directory), from which ponder renders the chat template and counts tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<PathBuf>,
+    /// A remote model's context length; when absent, read from the engine's
+    /// `/v1/models` (vLLM's `max_model_len`, llama.cpp's `n_ctx_train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_length: Option<usize>,
     #[serde(default)]
     pub weights: WeightFormat,
     /// One worker per device.
@@ -177,6 +190,51 @@ pub struct ModelEntry {
     /// Defaults of the request's `reasoning` object for this model.
     #[serde(default)]
     pub reasoning: ReasoningDefaults,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
+/// Where a model's generation runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BackendConfig {
+    /// ponder's own engine, on the model's `devices`.
+    #[default]
+    Local,
+    /// An engine that speaks OpenAI's `/v1/completions`.
+    Openai(RemoteEngine),
+}
+
+impl BackendConfig {
+    pub fn is_local(&self) -> bool {
+        matches!(self, BackendConfig::Local)
+    }
+}
+
+/// A remote OpenAI-compatible engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteEngine {
+    /// Base URL up to and including `/v1`, e.g. `http://host:8000/v1`.
+    pub url: String,
+    /// The engine's name for the model (vLLM's `--served-model-name`).
+    pub model: String,
+    /// Environment variable holding the engine's API key, sent as a bearer token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_env: Option<String>,
+    /// Longest wait for the engine's next bytes (a response head or a
+    /// streamed chunk) before the request fails with 504.
+    #[serde(default = "default_remote_timeout")]
+    pub timeout_secs: u64,
+    /// The key read from `api_key_env` at start-up; never printed.
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+fn default_remote_timeout() -> u64 {
+    600
 }
 
 fn default_devices() -> Vec<DeviceKind> {
@@ -204,6 +262,9 @@ impl Default for Config {
                 ModelEntry {
                     id: DEFAULT_MODEL_ID.into(),
                     path: DEFAULT_MODEL_PATH.into(),
+                    backend: BackendConfig::Local,
+                    tokenizer: None,
+                    context_length: None,
                     weights: WeightFormat::Auto,
                     devices: default_devices(),
                     prefill_chunk: default_prefill_chunk(),
@@ -214,6 +275,9 @@ impl Default for Config {
                 ModelEntry {
                     id: ARITH_MODEL_ID.into(),
                     path: ARITH_MODEL_PATH.into(),
+                    backend: BackendConfig::Local,
+                    tokenizer: None,
+                    context_length: None,
                     weights: WeightFormat::Auto,
                     devices: default_devices(),
                     prefill_chunk: default_prefill_chunk(),
@@ -268,9 +332,8 @@ impl Config {
             })?;
             merge(&mut table, from_file);
         }
-        let env: BTreeMap<String, String> =
-            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-        for (var, value) in &env {
+        let all_env: BTreeMap<String, String> = env.into_iter().collect();
+        for (var, value) in all_env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)) {
             apply_env(&mut table, var, value)?;
         }
         let mut cfg: Config = toml::Value::Table(table)
@@ -278,6 +341,7 @@ impl Config {
             .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
         cfg.apply(overrides);
         cfg.validate()?;
+        cfg.resolve_api_keys(&all_env)?;
         Ok(cfg)
     }
 
@@ -304,6 +368,9 @@ impl Config {
                 .map(|(id, path)| ModelEntry {
                     id: id.clone(),
                     path: path.clone(),
+                    backend: BackendConfig::Local,
+                    tokenizer: None,
+                    context_length: None,
                     weights: WeightFormat::Auto,
                     devices: default_devices(),
                     prefill_chunk: default_prefill_chunk(),
@@ -314,6 +381,22 @@ impl Config {
                 })
                 .collect();
         }
+    }
+
+    /// Reads each remote engine's key from the variable its `api_key_env` names.
+    fn resolve_api_keys(&mut self, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+        for m in &mut self.models {
+            if let BackendConfig::Openai(r) = &mut m.backend
+                && let Some(var) = &r.api_key_env
+            {
+                let key = env.get(var).filter(|k| !k.is_empty()).ok_or_else(|| ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("named by model {:?}'s backend.api_key_env, but unset or empty", m.id),
+                })?;
+                r.api_key = Some(key.clone());
+            }
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -329,6 +412,42 @@ impl Config {
         for m in &self.models {
             if m.id.is_empty() || m.devices.is_empty() || m.prefill_chunk == 0 {
                 return bad(format!("model {:?}: id, devices and prefill_chunk must be non-empty", m.id));
+            }
+            match &m.backend {
+                BackendConfig::Local if path_is_empty(&m.path) => {
+                    return bad(format!("model {:?}: `path` is required for a local model", m.id));
+                }
+                BackendConfig::Local => {}
+                BackendConfig::Openai(r) => {
+                    let url = r.url.trim_end_matches('/');
+                    if !url.starts_with("http://") {
+                        return bad(format!(
+                            "model {:?}: backend.url must be an http:// URL ending in /v1 (https is not supported; put a TLS proxy in front); got {:?}",
+                            m.id, r.url
+                        ));
+                    }
+                    if r.model.is_empty() || r.timeout_secs == 0 {
+                        return bad(format!(
+                            "model {:?}: backend.model and backend.timeout_secs must be non-empty",
+                            m.id
+                        ));
+                    }
+                    if m.tokenizer.is_none() {
+                        return bad(format!(
+                            "model {:?}: a remote model needs `tokenizer` (a GGUF, a tokenizer.json or an HF directory)",
+                            m.id
+                        ));
+                    }
+                    if matches!(m.prm, Some(PrmConfig::Head(_))) {
+                        return bad(format!(
+                            "model {:?}: a PRM head reads the policy's hidden states, which a remote engine does not return; use a separate PRM",
+                            m.id
+                        ));
+                    }
+                }
+            }
+            if m.context_length == Some(0) {
+                return bad(format!("model {:?}: context_length must be at least 1", m.id));
             }
             // The same ranges a request's values meet: a default no request could use stops start-up.
             crate::reasoning::knobs::check_defaults(&m.reasoning, self.queue.max_running).map_err(|e| {
@@ -374,7 +493,14 @@ impl Config {
                     hint: hint.into(),
                 });
             }
-            if !m.path.exists() {
+            if let Some(t) = m.tokenizer.as_ref().filter(|t| !t.exists()) {
+                return Err(ConfigError::MissingModel {
+                    id: m.id.clone(),
+                    path: t.display().to_string(),
+                    hint: " (the model's `tokenizer`)".into(),
+                });
+            }
+            if m.backend.is_local() && !m.path.exists() {
                 let hint = m.fetch.as_ref().map(|f| format!("; fetch it with `{f}`")).unwrap_or_default();
                 return Err(ConfigError::MissingModel {
                     id: m.id.clone(),
@@ -467,6 +593,38 @@ mod tests {
         assert_eq!(cfg.server.port, 9100);
         assert_eq!(cfg.server.api_keys, ["a", "b"]);
         assert!(!cfg.to_redacted_toml().contains("\"a\""), "keys never printed");
+    }
+
+    #[test]
+    fn a_remote_model_needs_an_http_url_and_a_tokenizer_and_reads_its_key_from_the_named_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        let load = |model: &str, env_pairs: &[(&str, &str)]| {
+            std::fs::write(&file, format!("[[models]]\nid = \"r\"\n{model}")).unwrap();
+            Config::load(Some(&file), env(env_pairs), &Overrides::default())
+        };
+        let backend = r#"backend = { kind = "openai", url = "http://gpu:8000/v1", model = "qwen", api_key_env = "ENGINE_KEY" }"#;
+        let ok = load(&format!("tokenizer = \"t.json\"\n{backend}\n"), &[("ENGINE_KEY", "s3cret")]).unwrap();
+        let m = ok.models.iter().find(|m| m.id == "r").unwrap();
+        let BackendConfig::Openai(r) = &m.backend else { panic!("a remote backend: {m:?}") };
+        assert_eq!((r.url.as_str(), r.model.as_str(), r.timeout_secs), ("http://gpu:8000/v1", "qwen", 600));
+        assert_eq!(r.api_key.as_deref(), Some("s3cret"));
+        assert!(!ok.to_redacted_toml().contains("s3cret"), "the key is never printed");
+        let err = load(&format!("tokenizer = \"t.json\"\n{backend}\n"), &[]).unwrap_err();
+        assert!(err.to_string().contains("ENGINE_KEY"), "{err}");
+        let err = load(&format!("{backend}\n"), &[("ENGINE_KEY", "k")]).unwrap_err();
+        assert!(err.to_string().contains("needs `tokenizer`"), "{err}");
+        let https = backend.replace("http://", "https://");
+        let err = load(&format!("tokenizer = \"t.json\"\n{https}\n"), &[("ENGINE_KEY", "k")]).unwrap_err();
+        assert!(err.to_string().contains("backend.url") && err.to_string().contains("https://gpu"), "{err}");
+        let err = load(
+            &format!("tokenizer = \"t.json\"\nprm = \"head.safetensors\"\n{backend}\n"),
+            &[("ENGINE_KEY", "k")],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("hidden states"), "{err}");
+        let err = load("tokenizer = \"t.json\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("`path` is required"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   │        │         ▲                     │             ├─► prm ──┘          └─► tokenizer
 //!   │        │         │                     └─► wire      └─► arith::task (answer extraction)
 //!   │        └─► wire, metrics, config
-//!   └─► worker ────────┘ (implements Backend; its scheduler drives reasoning::runtime and engine)
+//!   ├─► worker ────────┤ (implements Backend; its scheduler drives reasoning::runtime and engine)
+//!   └─► remote ────────┘ (implements Backend over an OpenAI-compatible engine; reqwest)
 //!
 //! config ─► prm::config, reasoning::knobs, model      metrics ─► reasoning, prm
 //! arith, calibrate, eval, bench, cli: offline commands over the same layers
@@ -23,8 +24,9 @@
 //!   request/response types.
 //! - [`backend`]: the one seam between HTTP and generation —
 //!   `schedule(request) -> EventStream` or a refusal — implemented by the
-//!   local [`worker::ModelPool`] and by [`backend::fake::FakeBackend`] (HTTP
-//!   tests without a model).
+//!   local [`worker::ModelPool`], by [`remote::RemoteBackend`] (a vLLM,
+//!   SGLang, TGI or llama.cpp engine over HTTP) and by
+//!   [`backend::fake::FakeBackend`] (HTTP tests without a model).
 //! - [`validation`]: wire requests become [`validation::ValidRequest`]s (token
 //!   ids, defaults resolved, limits checked) or an error naming the field.
 //! - [`worker`]: per model, admission counted in requests and supervised
@@ -89,6 +91,7 @@ pub mod metrics;
 pub mod model;
 pub mod prm;
 pub mod reasoning;
+pub mod remote;
 pub mod server;
 pub mod tokenizer;
 pub mod validation;

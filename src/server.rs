@@ -10,8 +10,10 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::backend::{Backend, BackendStatus};
+use crate::config::BackendConfig;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::remote::RemoteBackend;
 use crate::worker::{ModelPool, WorkerOptions};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +47,10 @@ pub async fn run_with(
         .models
         .iter()
         .map(|m| {
-            let pool: Arc<dyn Backend> = ModelPool::spawn(m, &config.queue, &metrics, options.clone());
+            let pool: Arc<dyn Backend> = match m.backend {
+                BackendConfig::Local => ModelPool::spawn(m, &config.queue, &metrics, options.clone()),
+                BackendConfig::Openai(_) => RemoteBackend::spawn(m, &config.queue, &metrics),
+            };
             (m.id.clone(), pool)
         })
         .collect();

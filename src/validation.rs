@@ -459,28 +459,65 @@ pub fn chat(
     build(Endpoint::Chat, req.model.clone(), vec![ids], "messages", text, question, c, model, rl)
 }
 
+/// The prompts' token ids and texts: text is tokenized, token ids are
+/// checked against the vocabulary and decoded (for a text-reading PRM).
+fn completion_prompts(
+    prompt: &PromptWire,
+    tok: &Tokenizer,
+) -> Result<(Vec<Vec<u32>>, Vec<String>), ValidationError> {
+    let empty = || ValidationError::new("prompt", "prompt must hold at least one string or token id");
+    let from_ids = |i: usize, ids: &[i64]| -> Result<(Vec<u32>, String), ValidationError> {
+        let vocab = tok.vocab_size() as i64;
+        let param = format!("prompt[{i}]");
+        if ids.is_empty() {
+            return Err(ValidationError::new(&param, "a token-id prompt must hold at least one token"));
+        }
+        let ids = ids
+            .iter()
+            .enumerate()
+            .map(|(j, &t)| {
+                if (0..vocab).contains(&t) {
+                    Ok(t as u32)
+                } else {
+                    Err(ValidationError::new(
+                        &param,
+                        format!("token id {t} at position {j} is outside the vocabulary (0..{vocab})"),
+                    ))
+                }
+            })
+            .collect::<Result<Vec<u32>, _>>()?;
+        let text = tok.decode_all(&ids).map_err(|e| ValidationError::new(&param, e.to_string()))?;
+        Ok((ids, text))
+    };
+    let encode = |t: &String| {
+        tok.encode(t, AddSpecial::Yes)
+            .map(|ids| (ids, t.clone()))
+            .map_err(|e| ValidationError::new("prompt", e.to_string()))
+    };
+    let pairs: Vec<(Vec<u32>, String)> = match prompt {
+        PromptWire::One(s) => vec![encode(s)?],
+        PromptWire::Many(v) if v.is_empty() => return Err(empty()),
+        PromptWire::Many(v) => v.iter().map(encode).collect::<Result<_, _>>()?,
+        PromptWire::Tokens(ids) => vec![from_ids(0, ids)?],
+        PromptWire::ManyTokens(v) if v.is_empty() => return Err(empty()),
+        PromptWire::ManyTokens(v) => {
+            v.iter().enumerate().map(|(i, ids)| from_ids(i, ids)).collect::<Result<_, _>>()?
+        }
+    };
+    Ok(pairs.into_iter().unzip())
+}
+
 pub fn completion(
     req: CompletionRequest,
     model: ModelView<'_>,
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
-    let texts = match &req.prompt {
-        PromptWire::One(s) => vec![s.clone()],
-        PromptWire::Many(v) if v.is_empty() => {
-            return Err(ValidationError::new("prompt", "prompt must hold at least one string"));
-        }
-        PromptWire::Many(v) => v.clone(),
-    };
+    let tok = model.tokenizer;
+    let (prompts, texts) = completion_prompts(&req.prompt, tok)?;
     let logprobs = match req.logprobs {
         None => None,
         Some(k) => Some(in_range_i("logprobs", k, 0, rl.limits.max_top_logprobs as i64)?),
     };
-    let tok = model.tokenizer;
-    let prompts = texts
-        .iter()
-        .map(|t| tok.encode(t, AddSpecial::Yes))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ValidationError::new("prompt", e.to_string()))?;
     let c = Common {
         max_tokens: req.max_tokens,
         max_tokens_param: "max_tokens",

@@ -159,6 +159,10 @@ request_with_sampling! {
 pub enum PromptWire {
     One(String),
     Many(Vec<String>),
+    /// One prompt as token ids (as OpenAI and vLLM accept).
+    Tokens(Vec<i64>),
+    /// Several prompts as token ids.
+    ManyTokens(Vec<Vec<i64>>),
 }
 
 request_with_sampling! {
@@ -364,6 +368,10 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// Prompt plus generated tokens fit in this many positions (as vLLM
+    /// reports it); absent while the model loads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -185,7 +185,7 @@ async fn malformed_bodies_get_400_never_500() {
         &[],
     )
     .await;
-    expect_400(&app, "/v1/completions", json!({"model": MODEL, "prompt": [1, 2, 3]}), Some("prompt"), &[])
+    expect_400(&app, "/v1/completions", json!({"model": MODEL, "prompt": [1, "two"]}), Some("prompt"), &[])
         .await;
     let r = call(&app, "POST", "/v1/completions", Some("[]"), Some(KEY)).await;
     assert_eq!(r.status, 400, "{}", r.text);
@@ -205,6 +205,17 @@ async fn message_and_prompt_problems_name_the_offending_element() {
     expect_400(&app, "/v1/completions", empty, Some("prompt"), &["at least one"]).await;
     let lp = json!({"model": MODEL, "prompt": "1", "logprobs": 21});
     expect_400(&app, "/v1/completions", lp, Some("logprobs"), &["20", "21"]).await;
+    // Token-id prompts (as OpenAI and vLLM take them) are checked against the vocabulary.
+    let vocab = tokenizer().vocab_size();
+    let outside = json!({"model": MODEL, "prompt": [[5, 6], [7, vocab]]});
+    let needle = format!("token id {vocab} at position 1");
+    expect_400(&app, "/v1/completions", outside, Some("prompt[1]"), &[&needle]).await;
+    let empty_ids = json!({"model": MODEL, "prompt": [[5], []]});
+    expect_400(&app, "/v1/completions", empty_ids, Some("prompt[1]"), &["at least one token"]).await;
+    let r =
+        post(&app, "/v1/completions", &json!({"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 2})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(app.fake.seen().last().unwrap().generation.prompts, vec![vec![5u32, 6, 7]]);
 }
 
 #[tokio::test]

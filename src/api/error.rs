@@ -27,6 +27,23 @@ pub enum ApiError {
     Restarting(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("the model's engine is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the model's engine failed the request")]
+    BadGateway,
+    #[error("the model's engine timed out")]
+    GatewayTimeout,
+    #[error("unsupported: {message}")]
+    Unsupported { param: &'static str, message: String },
+}
+
+impl From<crate::backend::UpstreamFailure> for ApiError {
+    fn from(f: crate::backend::UpstreamFailure) -> Self {
+        match f {
+            crate::backend::UpstreamFailure::BadGateway => ApiError::BadGateway,
+            crate::backend::UpstreamFailure::Timeout => ApiError::GatewayTimeout,
+        }
+    }
 }
 
 impl ApiError {
@@ -86,6 +103,34 @@ impl ApiError {
                 None,
                 "The server failed to complete the request.".into(),
             ),
+            ApiError::Unreachable(m) => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                None,
+                Some("engine_unreachable"),
+                format!("The engine serving `{m}` is unreachable; GET /health says when it is back."),
+            ),
+            ApiError::BadGateway => (
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                None,
+                Some("engine_error"),
+                "The model's engine failed to complete the request.".into(),
+            ),
+            ApiError::GatewayTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "server_error",
+                None,
+                Some("engine_timeout"),
+                "The model's engine did not answer in time.".into(),
+            ),
+            ApiError::Unsupported { param, message } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some(param.to_string()),
+                Some("unsupported"),
+                message.clone(),
+            ),
         }
     }
 
@@ -103,6 +148,8 @@ impl From<ScheduleError> for ApiError {
             ScheduleError::Loading(m) => ApiError::Loading(m),
             ScheduleError::Restarting(m) => ApiError::Restarting(m),
             ScheduleError::Closed => ApiError::Draining,
+            ScheduleError::Unreachable { model, .. } => ApiError::Unreachable(model),
+            ScheduleError::Unsupported { param, message } => ApiError::Unsupported { param, message },
         }
     }
 }

@@ -74,17 +74,32 @@ async fn run(
         s.prompt_tokens = valid.generation.prompts.iter().map(Vec::len).sum();
     });
     let scheduled = Scheduled { id: id.clone(), generation: valid.generation.clone(), received, meter };
-    let events = backend.schedule(scheduled)?;
+    let mut events = backend.schedule(scheduled)?;
     update(&summary, |s| {
         s.prompt = Some(valid.prompt_text.clone());
         s.streamed = matches!(valid.streaming, Streaming::On(_));
     });
     let ctx = StreamCtx { id, created: unix_now(), valid, summary };
     match ctx.valid.streaming {
-        Streaming::On(usage) => Ok(stream::sse(ctx, usage, events)),
+        Streaming::On(usage) => {
+            // A remote engine that fails before its first token gets the
+            // request a 502/504 status rather than a 200 stream holding an
+            // error; the wait is short so keep-alives still start in time.
+            if let Ok(first) = tokio::time::timeout(FIRST_EVENT_WAIT, events.next()).await {
+                match first {
+                    Some(GenEvent::Upstream(f)) => return Err(f.into()),
+                    Some(e) => events.put_back(e),
+                    None => return Err(ApiError::Internal(format!("worker failed request {}", ctx.id))),
+                }
+            }
+            Ok(stream::sse(ctx, usage, events))
+        }
         Streaming::Off => collect(ctx, events).await,
     }
 }
+
+/// How long a stream waits for its first event before sending its head.
+const FIRST_EVENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Everything the worker sent for one request.
 pub(crate) struct Collected {
@@ -137,6 +152,7 @@ async fn collect(ctx: StreamCtx, mut events: EventStream) -> Result<Response, Ap
             Some(GenEvent::Failed) | None => {
                 return Err(ApiError::Internal(format!("worker failed request {}", ctx.id)));
             }
+            Some(GenEvent::Upstream(f)) => return Err(f.into()),
         }
     };
     update(&ctx.summary, |s| {

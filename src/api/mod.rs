@@ -114,12 +114,13 @@ async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
             .config
             .models
             .iter()
-            .filter(|m| state.models.contains_key(&m.id))
-            .map(|m| ModelCard {
+            .filter_map(|m| state.models.get(&m.id).map(|b| (m, b)))
+            .map(|(m, b)| ModelCard {
                 id: m.id.clone(),
                 object: "model",
                 created: state.started,
                 owned_by: "ponder",
+                max_model_len: b.model_info().map(|i| i.context_length),
             })
             .collect(),
     })
@@ -135,17 +136,20 @@ async fn health(State(state): State<AppState>) -> Response {
                 BackendStatus::Ready => "ready".to_string(),
                 BackendStatus::Restarting => "restarting".to_string(),
                 BackendStatus::Failed(e) => format!("failed: {e}"),
+                BackendStatus::Unreachable(e) => format!("unreachable: {e}"),
             };
             (id.as_str(), s)
         })
         .collect();
     let all_ready = state.models.values().all(|p| p.status() == BackendStatus::Ready);
     let restarting = state.models.values().any(|p| p.status() == BackendStatus::Restarting);
-    let (code, status) = match (state.is_draining(), all_ready, restarting) {
-        (true, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        (false, true, _) => (StatusCode::OK, "ok"),
-        (false, false, true) => (StatusCode::SERVICE_UNAVAILABLE, "restarting"),
-        (false, false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    let unreachable = state.models.values().any(|p| matches!(p.status(), BackendStatus::Unreachable(_)));
+    let (code, status) = match (state.is_draining(), all_ready, restarting, unreachable) {
+        (true, ..) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, true, ..) => (StatusCode::OK, "ok"),
+        (false, false, true, _) => (StatusCode::SERVICE_UNAVAILABLE, "restarting"),
+        (false, false, false, true) => (StatusCode::SERVICE_UNAVAILABLE, "unreachable"),
+        (false, false, false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
     };
     (code, Json(serde_json::json!({ "status": status, "models": models }))).into_response()
 }

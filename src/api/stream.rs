@@ -218,6 +218,11 @@ impl State {
                     tracing::error!(request = %self.ctx.id, "worker failed a streaming request");
                     vec![data(&err.body()), Event::default().data("[DONE]")]
                 }
+                Some(GenEvent::Upstream(f)) => {
+                    self.phase = Phase::End;
+                    let err = ApiError::from(f);
+                    vec![data(&err.body()), Event::default().data("[DONE]")]
+                }
             },
             Phase::End => Vec::new(),
         }

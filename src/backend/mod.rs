@@ -1,7 +1,8 @@
 //! The one seam between HTTP and generation: a [`Backend`] takes a
 //! validated request and answers with a stream of [`GenEvent`]s, or refuses
-//! it at once. The local worker pool ([`crate::worker::ModelPool`]) and the
-//! test [`fake::FakeBackend`] implement it; the API layer knows nothing else
+//! it at once. The local worker pool ([`crate::worker::ModelPool`]), a remote
+//! OpenAI-compatible engine ([`crate::remote::RemoteBackend`]) and the test
+//! [`fake::FakeBackend`] implement it; the API layer knows nothing else
 //! about how text is generated.
 
 pub mod fake;
@@ -40,6 +41,8 @@ pub enum BackendStatus {
     Restarting,
     /// Loading failed for good; the message says why.
     Failed(String),
+    /// A remote engine does not answer; the message says how it failed.
+    Unreachable(String),
 }
 
 /// Why a backend refused a request before generating anything.
@@ -53,6 +56,22 @@ pub enum ScheduleError {
     Restarting(String),
     #[error("the backend accepts no new requests")]
     Closed,
+    /// A remote engine is not reachable now.
+    #[error("model {model:?}: the engine is unreachable: {why}")]
+    Unreachable { model: String, why: String },
+    /// The backend cannot run this kind of request; the message says why,
+    /// naming the request field.
+    #[error("{message}")]
+    Unsupported { param: &'static str, message: String },
+}
+
+/// How a remote engine failed a request that it had been sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Connection refused or reset, a 5xx, or an answer ponder cannot read.
+    BadGateway,
+    /// No bytes within the engine's timeout.
+    Timeout,
 }
 
 /// One request handed to a backend.
@@ -183,22 +202,34 @@ pub enum GenEvent {
     Done(JobStats),
     /// The backend could not complete the request; details are in its log.
     Failed,
+    /// A remote engine failed the request; details are in the log.
+    Upstream(UpstreamFailure),
 }
 
 /// The events of one request. Dropping it tells the backend the client left.
 #[derive(Debug)]
 pub struct EventStream {
     rx: mpsc::Receiver<GenEvent>,
+    /// An event looked at and put back.
+    pending: Option<GenEvent>,
 }
 
 impl EventStream {
     pub fn new(rx: mpsc::Receiver<GenEvent>) -> Self {
-        Self { rx }
+        Self { rx, pending: None }
+    }
+
+    /// Puts an event back; the next [`EventStream::next`] returns it.
+    pub fn put_back(&mut self, event: GenEvent) {
+        self.pending = Some(event);
     }
 
     /// The next event; `None` when the backend dropped the request without
     /// finishing it (a failed worker).
     pub async fn next(&mut self) -> Option<GenEvent> {
+        if let Some(e) = self.pending.take() {
+            return Some(e);
+        }
         self.rx.recv().await
     }
 }

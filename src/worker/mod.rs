@@ -170,7 +170,8 @@ impl Backend for ModelPool {
         match self.status() {
             BackendStatus::Ready => {}
             BackendStatus::Restarting => return Err(ScheduleError::Restarting(self.id.clone())),
-            BackendStatus::Loading | BackendStatus::Failed(_) => {
+            // A local pool is never unreachable; treated as not ready.
+            BackendStatus::Loading | BackendStatus::Failed(_) | BackendStatus::Unreachable(_) => {
                 self.metrics.rejected(&self.id, Rejection::Loading);
                 return Err(ScheduleError::Loading(self.id.clone()));
             }

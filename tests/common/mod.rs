@@ -77,7 +77,15 @@ impl TestServer {
     }
 
     /// [`start`](Self::start) with worker options (a fault hook).
-    pub fn start_with(mut config: Config, options: ponder::worker::WorkerOptions) -> Self {
+    pub fn start_with(config: Config, options: ponder::worker::WorkerOptions) -> Self {
+        let server = Self::start_unchecked(config, options);
+        server.wait_healthy();
+        server
+    }
+
+    /// Starts the server without waiting for /health to say 200 (a test of
+    /// an unhealthy server).
+    pub fn start_unchecked(mut config: Config, options: ponder::worker::WorkerOptions) -> Self {
         config.server.host = "127.0.0.1".into();
         config.server.port = 0;
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -96,9 +104,7 @@ impl TestServer {
             });
         });
         let addr = addr_rx.recv().unwrap();
-        let server = Self { base: format!("http://{addr}"), shutdown: Some(stop_tx), thread: Some(thread) };
-        server.wait_healthy();
-        server
+        Self { base: format!("http://{addr}"), shutdown: Some(stop_tx), thread: Some(thread) }
     }
 
     fn wait_healthy(&self) {
@@ -148,6 +154,27 @@ pub fn blocking_get(url: &str) -> std::io::Result<(u16, String)> {
 pub fn smollm_config() -> Config {
     let mut c = Config::default();
     c.models[0].path = smollm_path();
+    c
+}
+
+/// A config serving one model, `id`, from the remote engine at `url`
+/// (ending in /v1) under the engine's name `engine_model`, with SmolLM2's
+/// tokenizer.
+pub fn remote_config(id: &str, url: &str, engine_model: &str, timeout_secs: u64) -> Config {
+    let mut c = Config::default();
+    c.models.truncate(1);
+    let m = &mut c.models[0];
+    m.id = id.into();
+    m.path = PathBuf::new();
+    m.fetch = None;
+    m.tokenizer = Some(smollm_path());
+    m.backend = ponder::config::BackendConfig::Openai(ponder::config::RemoteEngine {
+        url: url.into(),
+        model: engine_model.into(),
+        api_key_env: None,
+        timeout_secs,
+        api_key: None,
+    });
     c
 }
 

@@ -1,0 +1,437 @@
+//! A model served by a remote OpenAI-compatible engine (vLLM, SGLang, TGI,
+//! llama.cpp's server), behind the same [`Backend`] seam as the local
+//! worker pool: ponder keeps the chat template, token counting, admission,
+//! limits, logs and metrics; the engine generates. Each prompt of a request
+//! becomes one streamed `/v1/completions` call with the prompt as token ids
+//! and the request's `n`, so the engine batches and caches prefixes as it
+//! does for any client. The engine's reachability is probed in the
+//! background and reported by `/health`; a client that leaves closes its
+//! upstream connections, which these engines take as an abort.
+
+pub mod upstream;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::backend::{
+    Backend, BackendStatus, EventStream, GenEvent, JobStats, ModelInfo, ScheduleError, Scheduled, TokenMeter,
+    TokenOut,
+};
+use crate::config::{BackendConfig, ModelEntry, QueueConfig};
+use crate::engine::FinishReason;
+use crate::metrics::{Metrics, ModelMetrics, Rejection};
+use crate::tokenizer::Tokenizer;
+use crate::validation::GenerationRequest;
+use crate::worker::{Admission, QueueFull, QueuePermit};
+use upstream::{CompletionCall, StreamOptionsCall, Upstream, UpstreamError};
+
+/// Events buffered between the relay task and one response.
+const EVENT_CHANNEL: usize = 64;
+/// Time between reachability probes.
+const PROBE_EVERY: Duration = Duration::from_secs(5);
+
+/// What the background probe last found.
+#[derive(Debug)]
+struct Shared {
+    status: Mutex<BackendStatus>,
+    info: OnceLock<ModelInfo>,
+}
+
+/// One served model whose engine is remote.
+#[derive(Debug)]
+pub struct RemoteBackend {
+    id: String,
+    upstream: Upstream,
+    shared: Arc<Shared>,
+    admission: Admission,
+    /// Sequences in flight upstream at once (`queue.max_running`).
+    running: Arc<Semaphore>,
+    max_running: usize,
+    retry_after_secs: u64,
+    metrics: Metrics,
+    mm: ModelMetrics,
+}
+
+impl RemoteBackend {
+    /// Loads the tokenizer and starts probing the engine; must run inside
+    /// a tokio runtime.
+    pub fn spawn(entry: &ModelEntry, queue: &QueueConfig, metrics: &Metrics) -> Arc<Self> {
+        let BackendConfig::Openai(engine) = &entry.backend else {
+            unreachable!("RemoteBackend::spawn is called for remote models only")
+        };
+        let shared = Arc::new(Shared { status: Mutex::new(BackendStatus::Loading), info: OnceLock::new() });
+        let backend = Arc::new(Self {
+            id: entry.id.clone(),
+            upstream: Upstream::new(engine),
+            shared: shared.clone(),
+            admission: Admission::new(queue.capacity + queue.max_running),
+            running: Arc::new(Semaphore::new(queue.max_running)),
+            max_running: queue.max_running,
+            retry_after_secs: queue.retry_after_secs,
+            metrics: metrics.clone(),
+            mm: metrics.for_model(&entry.id),
+        });
+        match load_tokenizer(entry) {
+            Ok(tokenizer) => {
+                // With the length configured, requests are validated (and
+                // refused with 502 while the engine is down) from the start.
+                if let Some(context_length) = entry.context_length {
+                    let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length });
+                }
+                tokio::spawn(probe_loop(
+                    backend.upstream.clone(),
+                    entry.id.clone(),
+                    entry.context_length,
+                    tokenizer,
+                    shared,
+                    metrics.clone(),
+                ));
+            }
+            Err(e) => {
+                let msg = format!("model {:?}: {e}", entry.id);
+                tracing::error!("{msg}");
+                *shared.status.lock().expect("no panics while holding the status lock") =
+                    BackendStatus::Failed(msg);
+            }
+        }
+        backend
+    }
+}
+
+fn load_tokenizer(entry: &ModelEntry) -> Result<Arc<Tokenizer>, String> {
+    let path = entry.tokenizer.as_ref().ok_or("a remote model needs `tokenizer`")?;
+    let t = if path.is_dir() {
+        Tokenizer::from_hf_dir(path)
+    } else if path.extension().is_some_and(|e| e == "gguf") {
+        Tokenizer::from_gguf_file(path)
+    } else {
+        Tokenizer::from_hf_dir(path.parent().unwrap_or(std::path::Path::new(".")))
+    };
+    t.map(Arc::new).map_err(|e| format!("tokenizer {}: {e}", path.display()))
+}
+
+/// Probes the engine every few seconds: `Ready` while it answers and
+/// serves the model, `Unreachable` otherwise. The context length comes
+/// from the config or the first answer that gives one.
+async fn probe_loop(
+    upstream: Upstream,
+    id: String,
+    configured: Option<usize>,
+    tokenizer: Arc<Tokenizer>,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+) {
+    let mut announced = false;
+    loop {
+        let status = match upstream.probe().await {
+            Ok(p) if !p.serves_model => BackendStatus::Unreachable(format!(
+                "the engine does not serve a model named {:?} (backend.model)",
+                upstream.model()
+            )),
+            Ok(p) => match configured.or(p.context_length) {
+                Some(context_length) => {
+                    let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length });
+                    BackendStatus::Ready
+                }
+                None => BackendStatus::Failed(format!(
+                    "model {id:?}: the engine does not say its context length; set `context_length`"
+                )),
+            },
+            Err(e) => BackendStatus::Unreachable(e.to_string()),
+        };
+        match &status {
+            BackendStatus::Ready if !announced => {
+                announced = true;
+                metrics.model_loaded();
+                tracing::info!(model = %id, engine = upstream.model(), "remote engine ready");
+            }
+            BackendStatus::Unreachable(why) => tracing::warn!(model = %id, %why, "remote engine unreachable"),
+            _ => {}
+        }
+        let failed = matches!(status, BackendStatus::Failed(_));
+        *shared.status.lock().expect("no panics while holding the status lock") = status;
+        if failed {
+            return;
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
+impl Backend for RemoteBackend {
+    fn status(&self) -> BackendStatus {
+        self.shared.status.lock().expect("no panics while holding the status lock").clone()
+    }
+
+    fn model_info(&self) -> Option<ModelInfo> {
+        self.shared.info.get().cloned()
+    }
+
+    fn schedule(&self, req: Scheduled) -> Result<EventStream, ScheduleError> {
+        match self.status() {
+            BackendStatus::Ready => {}
+            BackendStatus::Unreachable(why) => {
+                return Err(ScheduleError::Unreachable { model: self.id.clone(), why });
+            }
+            BackendStatus::Restarting => return Err(ScheduleError::Restarting(self.id.clone())),
+            BackendStatus::Loading | BackendStatus::Failed(_) => {
+                self.metrics.rejected(&self.id, Rejection::Loading);
+                return Err(ScheduleError::Loading(self.id.clone()));
+            }
+        }
+        if req.generation.reasoning.is_some() {
+            return Err(ScheduleError::Unsupported {
+                param: "reasoning",
+                message: format!(
+                    "model `{}` runs on a remote engine, over which ponder does not run reasoning strategies yet; send the request without `reasoning`",
+                    self.id
+                ),
+            });
+        }
+        let permit = self.admission.try_admit().map_err(|QueueFull| {
+            self.metrics.rejected(&self.id, Rejection::QueueFull);
+            ScheduleError::QueueFull { retry_after_secs: self.retry_after_secs }
+        })?;
+        let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+        let relay = Relay {
+            upstream: self.upstream.clone(),
+            running: self.running.clone(),
+            wants: req.generation.choices().min(self.max_running) as u32,
+            mm: self.mm.clone(),
+            tokenizer: self.model_info().expect("a ready remote model has its tokenizer").tokenizer,
+            _permit: permit,
+        };
+        tokio::spawn(relay.run(req, tx));
+        Ok(EventStream::new(rx))
+    }
+}
+
+/// One plain request on its way through the engine.
+struct Relay {
+    upstream: Upstream,
+    running: Arc<Semaphore>,
+    wants: u32,
+    mm: ModelMetrics,
+    tokenizer: Arc<Tokenizer>,
+    /// Held until the request ends: admission counts it.
+    _permit: QueuePermit,
+}
+
+/// A choice's progress through the relay.
+#[derive(Default, Clone)]
+struct ChoiceState {
+    tokens: usize,
+    last: Option<Instant>,
+}
+
+impl Relay {
+    async fn run(self, req: Scheduled, tx: mpsc::Sender<GenEvent>) {
+        let meter = req.meter.clone();
+        tokio::select! {
+            r = self.relay(&req, &tx) => {
+                if let Err(e) = r {
+                    tracing::error!(request = %req.id, error = %e, "remote engine failed the request");
+                    let _ = tx.send(GenEvent::Upstream(e.failure())).await;
+                }
+            }
+            // The client left: dropping the relay closes the upstream
+            // connections, and the engine aborts the generation.
+            _ = tx.closed() => {
+                if meter.claim_cancel() {
+                    self.mm.cancelled.inc();
+                }
+            }
+        }
+    }
+
+    async fn relay(&self, req: &Scheduled, tx: &mpsc::Sender<GenEvent>) -> Result<(), UpstreamError> {
+        let g = &req.generation;
+        let _slots = self.running.acquire_many(self.wants).await.expect("the semaphore is never closed");
+        let admitted = Instant::now();
+        let queue_secs = admitted.duration_since(req.received).as_secs_f64();
+        self.mm.queue_duration.observe(queue_secs);
+        self.mm.running.add(i64::from(self.wants));
+        let _running = RunningGuard { mm: self.mm.clone(), n: i64::from(self.wants) };
+        let mut streams = Vec::with_capacity(g.prompts.len());
+        for (i, prompt) in g.prompts.iter().enumerate() {
+            self.mm.prompt_tokens.inc_by(prompt.len() as u64);
+            let s = self.upstream.stream(&call(self.upstream.model(), g, prompt)).await?;
+            streams.push(s.map(move |c| (i, c)).boxed());
+        }
+        let mut merged = futures::stream::select_all(streams);
+        let mut choices = vec![ChoiceState::default(); g.choices()];
+        let mut usage = vec![None; g.prompts.len()];
+        let mut first_token = None;
+        while let Some((p, chunk)) = merged.next().await {
+            let chunk = chunk?;
+            if let Some(u) = chunk.usage {
+                usage[p] = Some(u.completion_tokens);
+            }
+            for c in chunk.choices {
+                let choice = p * g.n + c.index;
+                let Some(state) = choices.get_mut(choice) else {
+                    return Err(UpstreamError::Protocol {
+                        url: "completions".into(),
+                        message: format!("choice index {} is beyond n = {}", c.index, g.n),
+                    });
+                };
+                let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some());
+                let new = if c.logprobs.is_some() {
+                    c.logprobs.as_ref().map_or(0, |l| l.tokens.len())
+                } else {
+                    usize::from(!c.text.is_empty())
+                };
+                if new > 0 {
+                    let now = Instant::now();
+                    first_token.get_or_insert_with(|| {
+                        self.mm.ttft.observe(now.duration_since(req.received).as_secs_f64());
+                        now
+                    });
+                    if let Some(prev) = state.last.replace(now) {
+                        self.mm.itl.observe(now.duration_since(prev).as_secs_f64());
+                    }
+                    state.tokens += new;
+                    req.meter.add(new);
+                    self.mm.generated_tokens.inc_by(new as u64);
+                }
+                if (!c.text.is_empty() || !tokens.is_empty())
+                    && tx.send(GenEvent::Delta { choice, text: c.text, tokens }).await.is_err()
+                {
+                    return Ok(());
+                }
+                if let Some(reason) = c.finish_reason.as_deref() {
+                    let reason = finish_reason(reason, c.stop_reason.as_ref(), &g.stop);
+                    if tx.send(GenEvent::Finished { choice, reason }).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let completion_tokens = settle_counts(&choices, &usage, g.n, &req.meter, &self.mm);
+        let stats = JobStats {
+            prompt_tokens: g.prompts.iter().map(Vec::len).sum(),
+            completion_tokens,
+            queue_secs,
+            ttft_secs: first_token.map(|t| t.duration_since(req.received).as_secs_f64()),
+        };
+        let _ = tx.send(GenEvent::Done(stats)).await;
+        Ok(())
+    }
+
+    fn token_outs(&self, lp: Option<&upstream::ChunkLogprobs>, wanted: bool) -> Vec<TokenOut> {
+        let Some(lp) = lp.filter(|_| wanted) else { return Vec::new() };
+        lp.tokens
+            .iter()
+            .enumerate()
+            .map(|(k, text)| TokenOut {
+                id: self.tokenizer.token_id(text).unwrap_or(0),
+                text: text.clone(),
+                logprob: lp.token_logprobs.get(k).copied().flatten().unwrap_or(f32::NEG_INFINITY),
+                top: lp
+                    .top_logprobs
+                    .get(k)
+                    .and_then(Option::as_ref)
+                    .map(|m| {
+                        m.iter()
+                            .map(|(t, v)| (t.clone(), v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// The engine's own count (its `usage`) is the truth where it sent one:
+/// chunks can carry several tokens. Adds what the chunk count missed to the
+/// meter and the metric; returns the request's completion tokens.
+fn settle_counts(
+    choices: &[ChoiceState],
+    usage: &[Option<usize>],
+    n: usize,
+    meter: &TokenMeter,
+    mm: &ModelMetrics,
+) -> usize {
+    let mut total = 0;
+    for (p, u) in usage.iter().enumerate() {
+        let counted: usize = choices[p * n..(p + 1) * n].iter().map(|c| c.tokens).sum();
+        let real = u.unwrap_or(counted).max(counted);
+        if real > counted {
+            meter.add(real - counted);
+            mm.generated_tokens.inc_by((real - counted) as u64);
+        }
+        total += real;
+    }
+    total
+}
+
+/// Keeps `ponder_running_sequences` true however the relay ends.
+struct RunningGuard {
+    mm: ModelMetrics,
+    n: i64,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.mm.running.sub(self.n);
+    }
+}
+
+/// The upstream call for one prompt of a plain request.
+fn call(model: &str, g: &GenerationRequest, prompt: &[u32]) -> CompletionCall {
+    CompletionCall {
+        model: model.to_string(),
+        prompt: prompt.to_vec(),
+        n: g.n,
+        max_tokens: g.max_tokens,
+        temperature: g.sampling.temperature,
+        top_p: g.sampling.top_p,
+        top_k: (g.sampling.top_k > 0).then_some(g.sampling.top_k),
+        // Engines read the seed as a signed 64-bit integer (ponder's own API too).
+        seed: g.sampling.seed & (i64::MAX as u64),
+        stop: g.stop.clone(),
+        logprobs: g.logprobs,
+        stream: true,
+        stream_options: StreamOptionsCall { include_usage: true },
+    }
+}
+
+/// OpenAI's finish reason as ponder's: `stop` is the request's stop string
+/// that vLLM names in `stop_reason`, or the end-of-generation token.
+fn finish_reason(reason: &str, stop_reason: Option<&serde_json::Value>, stops: &[String]) -> FinishReason {
+    match reason {
+        "length" => FinishReason::Length,
+        _ => match stop_reason.and_then(|v| v.as_str()).and_then(|s| stops.iter().position(|x| x == s)) {
+            Some(index) => FinishReason::Stop { index },
+            None => FinishReason::Eos,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_reasons_name_the_matched_stop_string_when_the_engine_does() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        let end = serde_json::json!("END");
+        assert_eq!(finish_reason("stop", Some(&end), &stops), FinishReason::Stop { index: 1 });
+        assert_eq!(finish_reason("stop", None, &stops), FinishReason::Eos);
+        assert_eq!(finish_reason("stop", Some(&serde_json::json!(2)), &stops), FinishReason::Eos);
+        assert_eq!(finish_reason("length", None, &stops), FinishReason::Length);
+    }
+
+    #[test]
+    fn the_engines_usage_corrects_a_chunk_count_that_missed_tokens() {
+        let mm = Metrics::new().for_model("m");
+        let meter = TokenMeter::default();
+        let choices = [ChoiceState { tokens: 3, last: None }, ChoiceState { tokens: 2, last: None }];
+        // Five chunks seen, seven tokens generated (speculative decoding).
+        assert_eq!(settle_counts(&choices, &[Some(7)], 2, &meter, &mm), 7);
+        assert_eq!(meter.get(), 2, "only the missed tokens are added");
+        assert_eq!(settle_counts(&choices, &[None], 2, &TokenMeter::default(), &mm), 5);
+    }
+}

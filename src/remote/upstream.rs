@@ -1,0 +1,321 @@
+//! The HTTP client side of a remote OpenAI-compatible engine: the
+//! `/v1/completions` request ponder sends (prompt as token ids), the
+//! streamed chunks it reads back (server-sent events), the `/v1/models`
+//! probe, and how transport failures map to 502 or 504.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::UpstreamFailure;
+use crate::config::RemoteEngine;
+
+/// Longest wait for a TCP connection to the engine.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the `/v1/models` probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a call to the engine failed; the text goes to the log only.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect { url: String, source: reqwest::Error },
+    #[error("no answer from {url} within {secs} s")]
+    Timeout { url: String, secs: u64 },
+    #[error("{url} answered {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("{url}: {message}")]
+    Protocol { url: String, message: String },
+}
+
+impl UpstreamError {
+    /// What the client is told: 504 for a timeout, 502 otherwise.
+    pub fn failure(&self) -> UpstreamFailure {
+        match self {
+            UpstreamError::Timeout { .. } => UpstreamFailure::Timeout,
+            _ => UpstreamFailure::BadGateway,
+        }
+    }
+}
+
+/// vLLM's `/v1/completions` body, as ponder sends it. Fields the engine
+/// does not know are ignored by vLLM, SGLang, TGI and llama.cpp alike.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionCall {
+    pub model: String,
+    /// Token ids: the engine does not tokenize again, so ponder's counts hold.
+    pub prompt: Vec<u32>,
+    pub n: usize,
+    pub max_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    /// Absent when off: engines disagree on how to say "off" (-1 or 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    pub seed: u64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<usize>,
+    pub stream: bool,
+    pub stream_options: StreamOptionsCall,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StreamOptionsCall {
+    pub include_usage: bool,
+}
+
+/// One streamed `text_completion` chunk.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Chunk {
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    pub usage: Option<ChunkUsage>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChunkChoice {
+    #[serde(default)]
+    pub index: usize,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    /// vLLM: the stop string (or token id) that ended the choice.
+    #[serde(default)]
+    pub stop_reason: Option<serde_json::Value>,
+    #[serde(default)]
+    pub logprobs: Option<ChunkLogprobs>,
+}
+
+/// The completions API's logprobs object.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ChunkLogprobs {
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    #[serde(default)]
+    pub token_logprobs: Vec<Option<f32>>,
+    #[serde(default)]
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ChunkUsage {
+    #[serde(default)]
+    pub completion_tokens: usize,
+}
+
+/// What the engine's `/v1/models` says about the served model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Probe {
+    /// The model is among those it serves.
+    pub serves_model: bool,
+    pub context_length: Option<usize>,
+}
+
+/// A client for one engine.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    http: reqwest::Client,
+    base: String,
+    model: String,
+    api_key: Option<String>,
+    timeout_secs: u64,
+}
+
+impl Upstream {
+    pub fn new(engine: &RemoteEngine) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            // Between reads, not for the whole response: a long generation
+            // streams for minutes, but an engine silent for this long is stuck.
+            .read_timeout(Duration::from_secs(engine.timeout_secs))
+            .build()
+            .expect("a client without TLS needs no system resources to build");
+        Self {
+            http,
+            base: engine.url.trim_end_matches('/').to_string(),
+            model: engine.model.clone(),
+            api_key: engine.api_key.clone(),
+            timeout_secs: engine.timeout_secs,
+        }
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn authed(&self, r: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => r.bearer_auth(k),
+            None => r,
+        }
+    }
+
+    fn classify(&self, url: &str, e: reqwest::Error) -> UpstreamError {
+        if e.is_timeout() {
+            UpstreamError::Timeout { url: url.to_string(), secs: self.timeout_secs }
+        } else if e.is_connect() {
+            UpstreamError::Connect { url: url.to_string(), source: e }
+        } else {
+            UpstreamError::Protocol { url: url.to_string(), message: e.to_string() }
+        }
+    }
+
+    /// `GET /v1/models`: reachable, serving the model, and its context length.
+    pub async fn probe(&self) -> Result<Probe, UpstreamError> {
+        let url = self.url("/models");
+        let r = self.authed(self.http.get(&url)).timeout(PROBE_TIMEOUT).send().await;
+        let r = r.map_err(|e| self.classify(&url, e))?;
+        let status = r.status().as_u16();
+        let text = r.text().await.map_err(|e| self.classify(&url, e))?;
+        if status != 200 {
+            return Err(UpstreamError::Status { url, status, body: truncate(&text) });
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| UpstreamError::Protocol { url: url.clone(), message: format!("not JSON: {e}") })?;
+        Ok(read_models(&v, &self.model))
+    }
+
+    /// Sends a streamed completion and returns its chunks as they come.
+    pub async fn stream(
+        &self,
+        call: &CompletionCall,
+    ) -> Result<impl futures::Stream<Item = Result<Chunk, UpstreamError>> + Send + 'static, UpstreamError>
+    {
+        let url = self.url("/completions");
+        let r = self.authed(self.http.post(&url)).json(call).send().await;
+        let r = r.map_err(|e| self.classify(&url, e))?;
+        let status = r.status().as_u16();
+        if status != 200 {
+            let body = r.text().await.unwrap_or_default();
+            return Err(UpstreamError::Status { url, status, body: truncate(&body) });
+        }
+        let timeout_secs = self.timeout_secs;
+        let bytes = r.bytes_stream();
+        let state =
+            SseState { bytes: Box::pin(bytes), pending: String::new(), url, timeout_secs, done: false };
+        Ok(futures::stream::unfold(state, |mut st| async move {
+            let item = st.next_chunk().await?;
+            Some((item, st))
+        }))
+    }
+}
+
+type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>;
+
+/// Reads `data:` lines of server-sent events into chunks.
+struct SseState {
+    bytes: ByteStream,
+    pending: String,
+    url: String,
+    timeout_secs: u64,
+    done: bool,
+}
+
+impl SseState {
+    async fn next_chunk(&mut self) -> Option<Result<Chunk, UpstreamError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            while let Some(end) = self.pending.find('\n') {
+                let line: String = self.pending.drain(..=end).collect();
+                let line = line.trim_end_matches(['\r', '\n']);
+                let Some(data) = line.strip_prefix("data:") else { continue };
+                let data = data.trim_start();
+                if data == "[DONE]" {
+                    self.done = true;
+                    return None;
+                }
+                return Some(
+                    parse_chunk(data)
+                        .map_err(|message| UpstreamError::Protocol { url: self.url.clone(), message }),
+                );
+            }
+            match self.bytes.next().await {
+                Some(Ok(b)) => self.pending.push_str(&String::from_utf8_lossy(&b)),
+                Some(Err(e)) if e.is_timeout() => {
+                    self.done = true;
+                    return Some(Err(UpstreamError::Timeout {
+                        url: self.url.clone(),
+                        secs: self.timeout_secs,
+                    }));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(UpstreamError::Protocol {
+                        url: self.url.clone(),
+                        message: e.to_string(),
+                    }));
+                }
+                None => {
+                    self.done = true;
+                    return Some(Err(UpstreamError::Protocol {
+                        url: self.url.clone(),
+                        message: "the stream ended without [DONE]".into(),
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// One `data:` payload: a chunk, or an error object the engine sent mid-stream.
+fn parse_chunk(data: &str) -> Result<Chunk, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(data).map_err(|e| format!("a chunk is not JSON ({e}): {}", truncate(data)))?;
+    if let Some(err) = v.get("error") {
+        return Err(format!("the engine sent an error mid-stream: {err}"));
+    }
+    serde_json::from_value(v).map_err(|e| format!("unexpected chunk ({e}): {}", truncate(data)))
+}
+
+/// The served model's entry in a `/v1/models` answer: vLLM gives
+/// `max_model_len`, llama.cpp `meta.n_ctx_train`.
+fn read_models(v: &serde_json::Value, model: &str) -> Probe {
+    let entry = v["data"].as_array().and_then(|d| d.iter().find(|m| m["id"].as_str() == Some(model)));
+    let context_length = entry.and_then(|m| {
+        m["max_model_len"].as_u64().or_else(|| m["meta"]["n_ctx_train"].as_u64()).map(|n| n as usize)
+    });
+    Probe { serves_model: entry.is_some(), context_length }
+}
+
+fn truncate(s: &str) -> String {
+    const MAX: usize = 300;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_served_models_context_length_is_read_from_vllm_or_llama_cpp() {
+        let vllm = serde_json::json!({"data": [{"id": "other"}, {"id": "policy", "max_model_len": 4096}]});
+        assert_eq!(read_models(&vllm, "policy"), Probe { serves_model: true, context_length: Some(4096) });
+        let llama = serde_json::json!({"data": [{"id": "policy", "meta": {"n_ctx_train": 8192}}]});
+        assert_eq!(read_models(&llama, "policy").context_length, Some(8192));
+        assert_eq!(read_models(&vllm, "missing"), Probe { serves_model: false, context_length: None });
+    }
+
+    #[test]
+    fn chunks_and_mid_stream_errors_are_told_apart() {
+        let c = parse_chunk(r#"{"choices":[{"index":1,"text":"hi","finish_reason":null}]}"#).unwrap();
+        assert_eq!((c.choices[0].index, c.choices[0].text.as_str()), (1, "hi"));
+        let u = parse_chunk(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":7}}"#).unwrap();
+        assert_eq!(u.usage.map(|u| u.completion_tokens), Some(7));
+        assert!(parse_chunk(r#"{"error":{"message":"boom"}}"#).unwrap_err().contains("boom"));
+        assert!(parse_chunk("not json").is_err());
+    }
+}

@@ -1,0 +1,217 @@
+//! A model served by a remote OpenAI-compatible engine: ponder in front of
+//! another ponder (a real server speaking the completions API) gives the
+//! same greedy answers and token counts as the engine itself, streamed or
+//! not; reads the context length from the engine's /v1/models; counts the
+//! tokens in its own metrics; a client that leaves cancels the upstream
+//! request; and an engine that is down, fails or stalls gives 502, 502 or
+//! 504 in OpenAI's error JSON, never a hang, with /health saying so.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use common::{MODEL, TestServer, blocking_get, metric, remote_config, smollm_config, sse_data};
+use ponder::worker::WorkerOptions;
+use serde_json::{Value, json};
+
+const FRONT: &str = "remote-smol";
+
+fn engine() -> TestServer {
+    let mut c = smollm_config();
+    c.models.retain(|m| m.id == MODEL);
+    TestServer::start(c)
+}
+
+fn front(engine: &str, timeout_secs: u64) -> TestServer {
+    TestServer::start(remote_config(FRONT, &format!("{engine}/v1"), MODEL, timeout_secs))
+}
+
+async fn post_json(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+fn chat(model: &str, extra: Value) -> Value {
+    let mut b = json!({"model": model, "messages": [{"role": "user", "content": "Name three colours."}],
+                       "max_tokens": 24, "temperature": 0});
+    b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    b
+}
+
+async fn metrics_text(s: &TestServer) -> String {
+    reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test]
+async fn through_a_remote_engine_answers_and_counts_equal_the_engines_own() {
+    let engine = engine();
+    let front = front(&engine.base, 60);
+    let models: Value = reqwest::get(front.url("/v1/models")).await.unwrap().json().await.unwrap();
+    let card = &models["data"][0];
+    assert_eq!(card["id"], FRONT);
+    assert!(card["max_model_len"].as_u64().unwrap() >= 2048, "read from the engine's /v1/models: {card}");
+
+    let (s, direct) = post_json(&engine.url("/v1/chat/completions"), &chat(MODEL, json!({}))).await;
+    assert_eq!(s, 200, "{direct}");
+    let (s, relayed) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    assert_eq!(s, 200, "{relayed}");
+    assert_eq!(relayed["model"], FRONT);
+    assert_eq!(relayed["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"]);
+    assert_eq!(relayed["choices"][0]["finish_reason"], direct["choices"][0]["finish_reason"]);
+    assert_eq!(relayed["usage"], direct["usage"], "ponder's own template and tokenizer count the same");
+
+    // Streamed: the same text, chunk by chunk, and the usage chunk.
+    let body = chat(FRONT, json!({"stream": true, "stream_options": {"include_usage": true}}));
+    let text =
+        reqwest::Client::new().post(front.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(text.status(), 200);
+    let text = text.text().await.unwrap();
+    let events = sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let content: String =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect::<String>();
+    assert_eq!(content, direct["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(chunks.last().unwrap()["usage"], direct["usage"]);
+
+    // Several prompts with n: every choice in place, counted once each.
+    let body = json!({"model": FRONT, "prompt": ["The sky is", "Grass is"], "n": 2, "max_tokens": 6,
+                      "temperature": 0.8, "seed": 7});
+    let (s, v) = post_json(&front.url("/v1/completions"), &body).await;
+    assert_eq!(s, 200, "{v}");
+    let mut idx: Vec<u64> =
+        v["choices"].as_array().unwrap().iter().map(|c| c["index"].as_u64().unwrap()).collect();
+    idx.sort_unstable();
+    assert_eq!(idx, [0, 1, 2, 3]);
+
+    // ponder's metrics count what the engine generated for the front's requests.
+    let m = metrics_text(&front).await;
+    let series = format!("ponder_generated_tokens_total{{model=\"{FRONT}\"}}");
+    let expected = 2.0 * direct["usage"]["completion_tokens"].as_f64().unwrap()
+        + v["usage"]["completion_tokens"].as_f64().unwrap();
+    assert_eq!(metric(&m, &series), Some(expected), "{m}");
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_cancels_its_upstream_request() {
+    let engine = engine();
+    let front = front(&engine.base, 60);
+    let cancelled = |m: &str, model: &str| {
+        metric(m, &format!("ponder_cancelled_requests_total{{model=\"{model}\"}}")).unwrap_or(0.0)
+    };
+    let before = cancelled(&metrics_text(&engine).await, MODEL);
+    let body = chat(
+        FRONT,
+        json!({"stream": true, "max_tokens": 400, "temperature": 0.8,
+                                  "messages": [{"role": "user", "content": "Write a long story."}]}),
+    );
+    let mut resp =
+        reqwest::Client::new().post(front.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let _first = resp.chunk().await.unwrap();
+    drop(resp);
+    for _ in 0..100 {
+        let up = cancelled(&metrics_text(&engine).await, MODEL);
+        let here = cancelled(&metrics_text(&front).await, FRONT);
+        if up == before + 1.0 && here == 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the engine never cancelled: {}", metrics_text(&engine).await);
+}
+
+#[tokio::test]
+async fn an_engine_that_is_down_gives_502_and_health_says_unreachable() {
+    // A port that was bound and released: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = remote_config(FRONT, &format!("http://127.0.0.1:{port}/v1"), MODEL, 5);
+    let front = TestServer::start_unchecked(c, WorkerOptions::default());
+    let mut health = (0, String::new());
+    for _ in 0..100 {
+        health = blocking_get(&front.url("/health")).unwrap();
+        if health.1.contains("unreachable") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health.0, 503, "{}", health.1);
+    assert!(health.1.contains("unreachable"), "{}", health.1);
+    // No context length is known yet, so validation cannot run: 503.
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    assert_eq!((s, &v["error"]["code"]), (503, &json!("model_loading")), "{v}");
+    // With a configured length, requests are validated and get 502.
+    let mut c = remote_config(FRONT, &format!("http://127.0.0.1:{port}/v1"), MODEL, 5);
+    c.models[0].context_length = Some(2048);
+    drop(front);
+    let front = TestServer::start_unchecked(c, WorkerOptions::default());
+    for _ in 0..100 {
+        if blocking_get(&front.url("/health")).unwrap().1.contains("unreachable") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    assert_eq!(s, 502, "{v}");
+    assert_eq!(v["error"]["code"], "engine_unreachable", "{v}");
+}
+
+/// An engine that serves /v1/models but fails or stalls every completion.
+async fn broken_engine(kind: &'static str) -> String {
+    let models = || async { axum::Json(json!({"data": [{"id": MODEL, "max_model_len": 2048}]})) };
+    let completions = move || async move {
+        if kind == "stall" {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+        (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "engine exploded").into_response()
+    };
+    let app = Router::new().route("/v1/models", get(models)).route("/v1/completions", post(completions));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_fails_gives_502_and_one_that_stalls_gives_504() {
+    // A failure comes at once: streamed or not, the request gets its status.
+    let fails = front(&broken_engine("fail").await, 60);
+    for stream in [false, true] {
+        let (s, v) =
+            post_json(&fails.url("/v1/chat/completions"), &chat(FRONT, json!({"stream": stream}))).await;
+        assert_eq!(s, 502, "stream {stream}: {v}");
+        assert_eq!(v["error"]["code"], "engine_error", "{v}");
+        assert!(!v["error"]["message"].as_str().unwrap().contains("exploded"), "5xx bodies are generic: {v}");
+    }
+    let m = metrics_text(&fails).await;
+    let series = "ponder_http_requests_total{route=\"/v1/chat/completions\",status=\"502\"}";
+    assert_eq!(metric(&m, series), Some(2.0), "{m}");
+
+    // A stall is noticed after timeout_secs: 504, or in a stream whose head
+    // went out after a second, an error event before [DONE].
+    let stalls = front(&broken_engine("stall").await, 3);
+    let (s, v) = post_json(&stalls.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    assert_eq!((s, &v["error"]["code"]), (504, &json!("engine_timeout")), "{v}");
+    let body = chat(FRONT, json!({"stream": true}));
+    let r = reqwest::Client::new().post(stalls.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let events = sse_data(&r.text().await.unwrap());
+    assert!(events.iter().any(|e| e.contains("engine_timeout")), "{events:?}");
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+}
+
+#[tokio::test]
+async fn reasoning_over_a_remote_engine_is_refused_naming_the_field() {
+    let engine = engine();
+    let front = front(&engine.base, 60);
+    let body =
+        chat(FRONT, json!({"reasoning": {"strategy": "best_of_n", "adaptive": false, "select": "majority"}}));
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &body).await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(v["error"]["param"], "reasoning", "{v}");
+    assert_eq!(v["error"]["code"], "unsupported", "{v}");
+}
