@@ -30,6 +30,8 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     /// Logprob alternatives per token; `None` records no logprobs.
     pub logprobs: Option<usize>,
+    /// Whether choices carry their token ids (vLLM's `return_token_ids`).
+    pub token_ids: TokenIds,
     /// The question as text (what a text-reading PRM scores).
     pub question: String,
     /// Search with a PRM instead of plain sampling.
@@ -50,6 +52,13 @@ impl GenerationRequest {
     pub fn choices(&self) -> usize {
         self.prompts.len() * self.n
     }
+}
+
+/// Whether a completion's choices carry the ids of their tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenIds {
+    Omit,
+    Return,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +139,7 @@ struct Common<'a> {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     logprobs: Option<usize>,
+    token_ids: TokenIds,
     reasoning: Option<&'a ReasoningWire>,
 }
 
@@ -343,6 +353,7 @@ fn build(
             stop: stops(c.stop, limits)?,
             max_tokens,
             logprobs: c.logprobs,
+            token_ids: c.token_ids,
             question,
             reasoning,
         },
@@ -452,6 +463,7 @@ pub fn chat(
         stream: req.stream,
         stream_options: req.stream_options,
         logprobs,
+        token_ids: TokenIds::Omit,
         reasoning: req.reasoning.as_ref(),
     };
     let question =
@@ -530,6 +542,7 @@ pub fn completion(
         stream: req.stream,
         stream_options: req.stream_options,
         logprobs,
+        token_ids: if req.return_token_ids == Some(true) { TokenIds::Return } else { TokenIds::Omit },
         reasoning: req.reasoning.as_ref(),
     };
     let question = texts.join("\n");

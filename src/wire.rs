@@ -172,6 +172,9 @@ request_with_sampling! {
         /// Alternatives per token (0..=limit); absent means no logprobs.
         #[serde(default, deserialize_with = "integral")]
         pub logprobs: Option<i64>,
+        /// vLLM's extension: each choice carries its token ids.
+        #[serde(default)]
+        pub return_token_ids: Option<bool>,
     }
 }
 
@@ -347,6 +350,14 @@ pub struct CompletionChoice {
     pub text: String,
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<&'static str>,
+    /// As vLLM: the stop string that ended the choice (absent otherwise),
+    /// so a client can tell a stop string from the end of generation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
+    /// With `return_token_ids`: the ids of the choice's tokens (in a
+    /// stream, of this chunk's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -100,10 +100,11 @@ async fn through_a_remote_engine_answers_and_counts_equal_the_engines_own() {
 async fn a_client_that_leaves_cancels_its_upstream_request() {
     let engine = engine();
     let front = front(&engine.base, 60);
-    let cancelled = |m: &str, model: &str| {
-        metric(m, &format!("ponder_cancelled_requests_total{{model=\"{model}\"}}")).unwrap_or(0.0)
-    };
-    let before = cancelled(&metrics_text(&engine).await, MODEL);
+    let before = metric(
+        &metrics_text(&engine).await,
+        &format!("ponder_cancelled_requests_total{{model=\"{MODEL}\"}}"),
+    )
+    .unwrap_or(0.0);
     let body = chat(
         FRONT,
         json!({"stream": true, "max_tokens": 400, "temperature": 0.8,
@@ -114,15 +115,37 @@ async fn a_client_that_leaves_cancels_its_upstream_request() {
     assert_eq!(resp.status(), 200);
     let _first = resp.chunk().await.unwrap();
     drop(resp);
+    wait_for_cancels(&engine, &front, before + 1.0, 1.0).await;
+
+    // A reasoning request, left while it searches: its step calls are dropped too.
+    let reasoning = json!({"strategy": "best_of_n", "adaptive": false, "select": "majority", "max_samples": 8,
+                           "max_step_tokens": 200, "max_steps": 4});
+    let body = chat(
+        FRONT,
+        json!({"stream": true, "max_tokens": 400, "temperature": 0.8, "reasoning": reasoning,
+                                  "messages": [{"role": "user", "content": "Write a long story."}]}),
+    );
+    let resp =
+        reqwest::Client::new().post(front.url("/v1/chat/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    wait_for_cancels(&engine, &front, before + 2.0, 2.0).await;
+}
+
+/// Waits until the engine and the front have counted these cancellations.
+async fn wait_for_cancels(engine: &TestServer, front: &TestServer, upstream: f64, here: f64) {
+    let cancelled = |m: &str, model: &str| {
+        metric(m, &format!("ponder_cancelled_requests_total{{model=\"{model}\"}}")).unwrap_or(0.0)
+    };
+    let mut seen = (0.0, 0.0);
     for _ in 0..100 {
-        let up = cancelled(&metrics_text(&engine).await, MODEL);
-        let here = cancelled(&metrics_text(&front).await, FRONT);
-        if up == before + 1.0 && here == 1.0 {
+        seen = (cancelled(&metrics_text(engine).await, MODEL), cancelled(&metrics_text(front).await, FRONT));
+        if seen.0 >= upstream && seen.1 == here {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the engine never cancelled: {}", metrics_text(&engine).await);
+    panic!("cancellations (engine, front) {seen:?}, expected ({upstream}, {here})");
 }
 
 #[tokio::test]
@@ -205,13 +228,68 @@ async fn an_engine_that_fails_gives_502_and_one_that_stalls_gives_504() {
 }
 
 #[tokio::test]
-async fn reasoning_over_a_remote_engine_is_refused_naming_the_field() {
+async fn reasoning_without_a_prm_over_a_remote_engine_runs_fixed_best_of_n_with_majority_vote() {
     let engine = engine();
     let front = front(&engine.base, 60);
-    let body =
-        chat(FRONT, json!({"reasoning": {"strategy": "best_of_n", "adaptive": false, "select": "majority"}}));
+    let reasoning = json!({"strategy": "best_of_n", "adaptive": false, "select": "majority", "max_samples": 3,
+                           "max_step_tokens": 12, "max_steps": 2});
+    let body = chat(FRONT, json!({"temperature": 0.9, "seed": 3, "reasoning": reasoning, "max_tokens": 24}));
     let (s, v) = post_json(&front.url("/v1/chat/completions"), &body).await;
+    assert_eq!(s, 200, "{v}");
+    let p = &v["ponder"];
+    assert_eq!((p["samples"].as_u64(), p["adaptive"].as_bool()), (Some(3), Some(false)), "{v}");
+    assert!(p["tokens_generated"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], p["tokens_generated"], "{v}");
+    // Adaptive budgets need a PRM, as on the local engine.
+    let adaptive = chat(FRONT, json!({"reasoning": {"strategy": "best_of_n"}}));
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &adaptive).await;
     assert_eq!(s, 400, "{v}");
-    assert_eq!(v["error"]["param"], "reasoning", "{v}");
-    assert_eq!(v["error"]["code"], "unsupported", "{v}");
+    assert!(v["error"]["param"].as_str().unwrap().starts_with("reasoning"), "{v}");
+}
+
+#[tokio::test]
+async fn an_adaptive_best_of_n_request_reports_the_same_accounting_through_a_remote_engine() {
+    use ponder::config::{ModelPrmConfig, PrmConfig};
+    use ponder::prm::model_prm::HeadChoice;
+    // A separate (tiny, random) PRM reads text, so it scores a remote
+    // policy's steps as it scores the local one's.
+    let dir = tempfile::tempdir().unwrap();
+    common::write_prm(dir.path());
+    let prm =
+        PrmConfig::Model(ModelPrmConfig { model: dir.path().into(), head: HeadChoice::TwoClass, lora: None });
+    let mut local = smollm_config();
+    local.models.retain(|m| m.id == MODEL);
+    local.models[0].prm = Some(prm.clone());
+    let engine = TestServer::start(local);
+    let mut remote = remote_config(FRONT, &format!("{}/v1", engine.base), MODEL, 60);
+    remote.models[0].prm = Some(prm);
+    let front = TestServer::start(remote);
+
+    // Greedy, so that both sides draw the same samples.
+    let reasoning = json!({"strategy": "best_of_n", "max_samples": 4, "max_step_tokens": 16, "max_steps": 3});
+    let body = |model: &str| {
+        json!({"model": model, "messages": [{"role": "user", "content": "What is 7 + 5? Think step by step."}],
+               "max_tokens": 48, "temperature": 0, "reasoning": reasoning})
+    };
+    let (s, here) = post_json(&engine.url("/v1/chat/completions"), &body(MODEL)).await;
+    assert_eq!(s, 200, "{here}");
+    let (s, there) = post_json(&front.url("/v1/chat/completions"), &body(FRONT)).await;
+    assert_eq!(s, 200, "{there}");
+    for field in [
+        "adaptive",
+        "samples",
+        "fixed_samples",
+        "tokens_generated",
+        "fixed_tokens_estimate",
+        "tokens_saved",
+        "prm_evaluations",
+        "steps",
+    ] {
+        assert_eq!(here["ponder"][field], there["ponder"][field], "{field}: local {here} remote {there}");
+    }
+    assert_eq!(here["choices"][0]["message"]["content"], there["choices"][0]["message"]["content"]);
+    assert_eq!(here["usage"], there["usage"]);
+    let m = metrics_text(&front).await;
+    let series = format!("ponder_generated_tokens_total{{model=\"{FRONT}\"}}");
+    assert_eq!(metric(&m, &series), there["ponder"]["tokens_generated"].as_f64(), "{m}");
 }

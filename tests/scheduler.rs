@@ -108,6 +108,7 @@ fn submit_with(
             stop: Vec::new(),
             max_tokens,
             logprobs: None,
+            token_ids: ponder::validation::TokenIds::Omit,
             question: question.into(),
             reasoning,
         },

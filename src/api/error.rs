@@ -33,8 +33,6 @@ pub enum ApiError {
     BadGateway,
     #[error("the model's engine timed out")]
     GatewayTimeout,
-    #[error("unsupported: {message}")]
-    Unsupported { param: &'static str, message: String },
 }
 
 impl From<crate::backend::UpstreamFailure> for ApiError {
@@ -124,13 +122,6 @@ impl ApiError {
                 Some("engine_timeout"),
                 "The model's engine did not answer in time.".into(),
             ),
-            ApiError::Unsupported { param, message } => (
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                Some(param.to_string()),
-                Some("unsupported"),
-                message.clone(),
-            ),
         }
     }
 
@@ -149,7 +140,6 @@ impl From<ScheduleError> for ApiError {
             ScheduleError::Restarting(m) => ApiError::Restarting(m),
             ScheduleError::Closed => ApiError::Draining,
             ScheduleError::Unreachable { model, .. } => ApiError::Unreachable(model),
-            ScheduleError::Unsupported { param, message } => ApiError::Unsupported { param, message },
         }
     }
 }

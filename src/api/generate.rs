@@ -203,8 +203,17 @@ fn chat_body(ctx: &StreamCtx, c: Collected) -> ChatCompletion {
     }
 }
 
+/// The stop string that ended a choice.
+pub(crate) fn stop_string(stops: &[String], f: FinishReason) -> Option<String> {
+    match f {
+        FinishReason::Stop { index } => stops.get(index).cloned(),
+        _ => None,
+    }
+}
+
 fn completion_body(ctx: &StreamCtx, c: Collected) -> Completion {
     let want_logprobs = ctx.valid.generation.logprobs.is_some();
+    let want_ids = ctx.valid.generation.token_ids == crate::validation::TokenIds::Return;
     Completion {
         id: ctx.id.clone(),
         object: "text_completion",
@@ -221,6 +230,8 @@ fn completion_body(ctx: &StreamCtx, c: Collected) -> Completion {
                 text,
                 logprobs: want_logprobs.then(|| completion_logprobs(&tokens, 0)),
                 finish_reason: finish.map(FinishReason::openai),
+                stop_reason: finish.and_then(|f| stop_string(&ctx.valid.generation.stop, f)),
+                token_ids: want_ids.then(|| tokens.iter().map(|t| t.id).collect()),
             })
             .collect(),
         usage: Some(Some(usage(&c.stats, c.reasoning.as_deref()))),

@@ -139,6 +139,10 @@ impl State {
                     text,
                     logprobs,
                     finish_reason: finish.map(FinishReason::openai),
+                    stop_reason: finish
+                        .and_then(|f| super::generate::stop_string(&self.ctx.valid.generation.stop, f)),
+                    token_ids: (self.ctx.valid.generation.token_ids == crate::validation::TokenIds::Return)
+                        .then(|| tokens.iter().map(|t| t.id).collect()),
                 };
                 self.completion_chunk(vec![choice], None)
             }

@@ -59,10 +59,6 @@ pub enum ScheduleError {
     /// A remote engine is not reachable now.
     #[error("model {model:?}: the engine is unreachable: {why}")]
     Unreachable { model: String, why: String },
-    /// The backend cannot run this kind of request; the message says why,
-    /// naming the request field.
-    #[error("{message}")]
-    Unsupported { param: &'static str, message: String },
 }
 
 /// How a remote engine failed a request that it had been sent.
@@ -232,4 +228,40 @@ impl EventStream {
         }
         self.rx.recv().await
     }
+}
+
+/// The events that end a reasoning request: each selected answer as one
+/// delta, every choice's finish, the accounting, and the totals.
+pub fn outcome_events(
+    request: &GenerationRequest,
+    outcome: crate::reasoning::Outcome,
+    queue_secs: f64,
+    received: Instant,
+) -> Vec<GenEvent> {
+    let crate::reasoning::Outcome { answers, candidates, accounting } = outcome;
+    let answer_tokens: usize = answers.iter().map(|a| a.tokens).sum();
+    let mut out = Vec::new();
+    for (choice, a) in answers.iter().enumerate() {
+        out.push(GenEvent::Delta { choice, text: a.text.clone(), tokens: Vec::new() });
+        let reason = if a.ended { FinishReason::Eos } else { FinishReason::Length };
+        out.push(GenEvent::Finished { choice, reason });
+    }
+    // Fewer distinct answers than `n`: the remaining choices are empty.
+    for choice in answers.len()..request.choices() {
+        out.push(GenEvent::Finished { choice, reason: FinishReason::Eos });
+    }
+    let params = request.reasoning.expect("outcome events are for reasoning requests");
+    out.push(GenEvent::Reasoning(Box::new(ReasoningReport {
+        params,
+        accounting,
+        candidates,
+        answer_tokens,
+    })));
+    out.push(GenEvent::Done(JobStats {
+        prompt_tokens: request.prompts[0].len(),
+        completion_tokens: accounting.tokens_generated,
+        queue_secs,
+        ttft_secs: Some(received.elapsed().as_secs_f64()),
+    }));
+    out
 }

@@ -133,6 +133,11 @@ pub enum ReasoningError {
     Prm(#[from] crate::prm::PrmError),
     #[error("unknown trajectory {0}")]
     UnknownTrajectory(Traj),
+    /// A remote engine failed a step; its backend keeps the details.
+    #[error("the remote engine failed a step")]
+    Remote,
+    #[error("PRM scoring did not finish: {0}")]
+    Scoring(String),
 }
 
 /// The two calls strategies make, plus bookkeeping on trajectory handles.

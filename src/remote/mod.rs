@@ -6,8 +6,11 @@
 //! and the request's `n`, so the engine batches and caches prefixes as it
 //! does for any client. The engine's reachability is probed in the
 //! background and reported by `/health`; a client that leaves closes its
-//! upstream connections, which these engines take as an abort.
+//! upstream connections, which these engines take as an abort. Reasoning
+//! requests run the same strategies as on the local engine, over
+//! [`reasoning::RemoteTrajectories`], with the model's separate PRM.
 
+pub mod reasoning;
 pub mod upstream;
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -23,9 +26,11 @@ use crate::backend::{
 use crate::config::{BackendConfig, ModelEntry, QueueConfig};
 use crate::engine::FinishReason;
 use crate::metrics::{Metrics, ModelMetrics, Rejection};
+use crate::prm::Scorer;
 use crate::tokenizer::Tokenizer;
 use crate::validation::GenerationRequest;
 use crate::worker::{Admission, QueueFull, QueuePermit};
+use reasoning::{RemoteCtx, RemoteTrajectories};
 use upstream::{CompletionCall, StreamOptionsCall, Upstream, UpstreamError};
 
 /// Events buffered between the relay task and one response.
@@ -34,10 +39,20 @@ const EVENT_CHANNEL: usize = 64;
 const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// What the background probe last found.
-#[derive(Debug)]
 struct Shared {
     status: Mutex<BackendStatus>,
     info: OnceLock<ModelInfo>,
+    /// The model's separate PRM, once loaded (`None` inside: it has none).
+    prm: OnceLock<Option<Arc<dyn Scorer>>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("status", &self.status)
+            .field("prm", &self.prm.get().map(|p| p.is_some()))
+            .finish()
+    }
 }
 
 /// One served model whose engine is remote.
@@ -62,7 +77,11 @@ impl RemoteBackend {
         let BackendConfig::Openai(engine) = &entry.backend else {
             unreachable!("RemoteBackend::spawn is called for remote models only")
         };
-        let shared = Arc::new(Shared { status: Mutex::new(BackendStatus::Loading), info: OnceLock::new() });
+        let shared = Arc::new(Shared {
+            status: Mutex::new(BackendStatus::Loading),
+            info: OnceLock::new(),
+            prm: OnceLock::new(),
+        });
         let backend = Arc::new(Self {
             id: entry.id.clone(),
             upstream: Upstream::new(engine),
@@ -74,29 +93,7 @@ impl RemoteBackend {
             metrics: metrics.clone(),
             mm: metrics.for_model(&entry.id),
         });
-        match load_tokenizer(entry) {
-            Ok(tokenizer) => {
-                // With the length configured, requests are validated (and
-                // refused with 502 while the engine is down) from the start.
-                if let Some(context_length) = entry.context_length {
-                    let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length });
-                }
-                tokio::spawn(probe_loop(
-                    backend.upstream.clone(),
-                    entry.id.clone(),
-                    entry.context_length,
-                    tokenizer,
-                    shared,
-                    metrics.clone(),
-                ));
-            }
-            Err(e) => {
-                let msg = format!("model {:?}: {e}", entry.id);
-                tracing::error!("{msg}");
-                *shared.status.lock().expect("no panics while holding the status lock") =
-                    BackendStatus::Failed(msg);
-            }
-        }
+        tokio::spawn(start(backend.upstream.clone(), entry.clone(), shared, metrics.clone()));
         backend
     }
 }
@@ -111,6 +108,45 @@ fn load_tokenizer(entry: &ModelEntry) -> Result<Arc<Tokenizer>, String> {
         Tokenizer::from_hf_dir(path.parent().unwrap_or(std::path::Path::new(".")))
     };
     t.map(Arc::new).map_err(|e| format!("tokenizer {}: {e}", path.display()))
+}
+
+/// Loads the tokenizer and the PRM, then probes the engine; a load that
+/// fails marks the model failed, which stops start-up.
+async fn start(upstream: Upstream, entry: ModelEntry, shared: Arc<Shared>, metrics: Metrics) {
+    let loaded = tokio::task::spawn_blocking({
+        let entry = entry.clone();
+        move || -> Result<(Arc<Tokenizer>, Option<Arc<dyn Scorer>>), String> {
+            let tokenizer = load_tokenizer(&entry)?;
+            // A head on hidden states is refused by config validation: only separate PRMs here.
+            let prm = match &entry.prm {
+                None => None,
+                Some(c) => Some(
+                    crate::prm::load(c, 0, crate::prm::head::HeadOutput::Calibrated)
+                        .map_err(|e| format!("PRM: {e}"))?,
+                ),
+            };
+            Ok((tokenizer, prm))
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("loading panicked: {e}")));
+    let (tokenizer, prm) = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("model {:?}: {e}", entry.id);
+            tracing::error!("{msg}");
+            *shared.status.lock().expect("no panics while holding the status lock") =
+                BackendStatus::Failed(msg);
+            return;
+        }
+    };
+    let _ = shared.prm.set(prm);
+    // With the length configured, requests are validated (and refused with
+    // 502 while the engine is down) from the start.
+    if let Some(context_length) = entry.context_length {
+        let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length });
+    }
+    probe_loop(upstream, entry.id, entry.context_length, tokenizer, shared, metrics).await;
 }
 
 /// Probes the engine every few seconds: `Ready` while it answers and
@@ -181,30 +217,88 @@ impl Backend for RemoteBackend {
                 return Err(ScheduleError::Loading(self.id.clone()));
             }
         }
-        if req.generation.reasoning.is_some() {
-            return Err(ScheduleError::Unsupported {
-                param: "reasoning",
-                message: format!(
-                    "model `{}` runs on a remote engine, over which ponder does not run reasoning strategies yet; send the request without `reasoning`",
-                    self.id
-                ),
-            });
-        }
         let permit = self.admission.try_admit().map_err(|QueueFull| {
             self.metrics.rejected(&self.id, Rejection::QueueFull);
             ScheduleError::QueueFull { retry_after_secs: self.retry_after_secs }
         })?;
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
+        let tokenizer = self.model_info().expect("a ready remote model has its tokenizer").tokenizer;
+        if let Some(params) = req.generation.reasoning {
+            let ctx = RemoteCtx {
+                upstream: self.upstream.clone(),
+                tokenizer,
+                prm: self.shared.prm.get().cloned().flatten(),
+                running: self.running.clone(),
+                max_running: self.max_running,
+                mm: self.mm.clone(),
+                meter: req.meter.clone(),
+                events: tx.clone(),
+            };
+            tokio::spawn(run_reasoning(ctx, req, params, tx, permit));
+            return Ok(EventStream::new(rx));
+        }
         let relay = Relay {
             upstream: self.upstream.clone(),
             running: self.running.clone(),
             wants: req.generation.choices().min(self.max_running) as u32,
             mm: self.mm.clone(),
-            tokenizer: self.model_info().expect("a ready remote model has its tokenizer").tokenizer,
+            tokenizer,
             _permit: permit,
         };
         tokio::spawn(relay.run(req, tx));
         Ok(EventStream::new(rx))
+    }
+}
+
+/// Runs one reasoning request's strategy over the engine, then sends its
+/// answers and accounting as the local scheduler does.
+async fn run_reasoning(
+    ctx: RemoteCtx,
+    req: Scheduled,
+    params: crate::reasoning::ReasoningParams,
+    tx: mpsc::Sender<GenEvent>,
+    _permit: QueuePermit,
+) {
+    let mm = ctx.mm.clone();
+    let g = &req.generation;
+    let queue_secs = req.received.elapsed().as_secs_f64();
+    mm.prompt_tokens.inc_by(g.prompts[0].len() as u64);
+    let trajectories =
+        RemoteTrajectories::new(ctx, g.question.clone(), g.prompts[0].clone(), params, g.sampling);
+    let outcome = tokio::select! {
+        r = crate::reasoning::run(&trajectories, &params) => r,
+        // The client left: dropping the strategy drops its calls, closing
+        // their connections.
+        _ = tx.closed() => {
+            if req.meter.claim_cancel() {
+                mm.cancelled.inc();
+            }
+            return;
+        }
+    };
+    match outcome {
+        Ok(outcome) => {
+            mm.ttft.observe(req.received.elapsed().as_secs_f64());
+            mm.reasoning.record(params.strategy.name(), &outcome.accounting, params.budget_quantile);
+            for e in crate::backend::outcome_events(g, outcome, queue_secs, req.received) {
+                if tx.send(e).await.is_err() {
+                    return;
+                }
+            }
+        }
+        Err(e) => {
+            let event = match trajectories.take_failure() {
+                Some(up) => {
+                    tracing::error!(request = %req.id, error = %up, "remote engine failed a reasoning step");
+                    GenEvent::Upstream(up.failure())
+                }
+                None => {
+                    tracing::error!(request = %req.id, error = %e, "reasoning failed");
+                    GenEvent::Failed
+                }
+            };
+            let _ = tx.send(event).await;
+        }
     }
 }
 
@@ -394,7 +488,10 @@ fn call(model: &str, g: &GenerationRequest, prompt: &[u32]) -> CompletionCall {
         stop: g.stop.clone(),
         logprobs: g.logprobs,
         stream: true,
-        stream_options: StreamOptionsCall { include_usage: true },
+        stream_options: Some(StreamOptionsCall { include_usage: true }),
+        include_stop_str_in_output: false,
+        return_token_ids: false,
+        return_tokens: false,
     }
 }
 

@@ -59,7 +59,53 @@ pub struct CompletionCall {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<usize>,
     pub stream: bool,
-    pub stream_options: StreamOptionsCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptionsCall>,
+    /// vLLM: keep the matched stop string in the text (a reasoning step
+    /// ends with its delimiter). Engines that drop it anyway (llama.cpp)
+    /// name it in `stopping_word`, and ponder puts it back.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub include_stop_str_in_output: bool,
+    /// vLLM (0.10.2 and later): the generated token ids; llama.cpp's
+    /// equivalent is `return_tokens`. Without them ponder re-tokenizes the text.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub return_token_ids: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub return_tokens: bool,
+}
+
+/// A whole (not streamed) completion.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Completion {
+    #[serde(default)]
+    pub choices: Vec<CompletionChoice>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionChoice {
+    #[serde(default)]
+    pub index: usize,
+    #[serde(default)]
+    pub text: String,
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    /// vLLM and ponder: the stop string that ended the choice.
+    #[serde(default)]
+    pub stop_reason: Option<serde_json::Value>,
+    /// llama.cpp: the stop string that ended the choice.
+    #[serde(default)]
+    pub stopping_word: Option<String>,
+    /// vLLM's `token_ids`, llama.cpp's `tokens`.
+    #[serde(default, alias = "tokens")]
+    pub token_ids: Option<Vec<u32>>,
+}
+
+impl CompletionChoice {
+    /// Whether the choice ended on stop string `stop`.
+    pub fn stopped_on(&self, stop: &str) -> bool {
+        self.stop_reason.as_ref().and_then(|v| v.as_str()) == Some(stop)
+            || self.stopping_word.as_deref() == Some(stop)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -182,6 +228,22 @@ impl Upstream {
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| UpstreamError::Protocol { url: url.clone(), message: format!("not JSON: {e}") })?;
         Ok(read_models(&v, &self.model))
+    }
+
+    /// Sends a completion and reads the whole answer.
+    pub async fn complete(&self, call: &CompletionCall) -> Result<Completion, UpstreamError> {
+        let url = self.url("/completions");
+        let r = self.authed(self.http.post(&url)).json(call).send().await;
+        let r = r.map_err(|e| self.classify(&url, e))?;
+        let status = r.status().as_u16();
+        let text = r.text().await.map_err(|e| self.classify(&url, e))?;
+        if status != 200 {
+            return Err(UpstreamError::Status { url, status, body: truncate(&text) });
+        }
+        serde_json::from_str(&text).map_err(|e| UpstreamError::Protocol {
+            url,
+            message: format!("unexpected completion ({e}): {}", truncate(&text)),
+        })
     }
 
     /// Sends a streamed completion and returns its chunks as they come.

@@ -10,6 +10,7 @@ use crate::engine::{
     child_seed,
 };
 use crate::metrics::ModelMetrics;
+use crate::validation::TokenIds;
 
 use super::job::{Job, Outbox};
 
@@ -124,6 +125,7 @@ impl Plain {
                     metrics.itl.observe(now.duration_since(prev).as_secs_f64());
                 }
             }
+            let wants_ids = job.request.token_ids == TokenIds::Return;
             let token_out = match (update.token, seq.logprobs().last()) {
                 (Some(id), Some(lp)) if job.request.logprobs.is_some() => {
                     let tok = engine.tokenizer();
@@ -132,6 +134,15 @@ impl Plain {
                         text: tok.token_text(id),
                         logprob: lp.logprob,
                         top: lp.top.iter().map(|&(t, l)| (tok.token_text(t), l)).collect(),
+                    }]
+                }
+                // Ids only: no logprob was recorded, and none is shown.
+                (Some(id), _) if wants_ids => {
+                    vec![TokenOut {
+                        id,
+                        text: engine.tokenizer().token_text(id),
+                        logprob: f32::NAN,
+                        top: Vec::new(),
                     }]
                 }
                 _ => Vec::new(),

@@ -11,11 +11,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use crate::backend::{GenEvent, JobStats, ReasoningReport};
-use crate::engine::{Engine, EngineError, FinishReason, Sequence};
+use crate::backend::GenEvent;
+use crate::engine::{Engine, EngineError, Sequence};
 use crate::metrics::ModelMetrics;
 use crate::prm::Scorer;
-use crate::reasoning::Outcome;
 use crate::reasoning::runtime::{Grants, ReasoningJob, Runtime, TaskId};
 
 use super::admission::{Claim, allocate, keep};
@@ -453,7 +452,14 @@ impl Scheduler {
                             &outcome.accounting,
                             params.budget_quantile,
                         );
-                        answer_events(&mut t.outbox, &t.job, outcome, t.queue_secs);
+                        for e in crate::backend::outcome_events(
+                            &t.job.request,
+                            outcome,
+                            t.queue_secs,
+                            t.job.received,
+                        ) {
+                            t.outbox.push(e);
+                        }
                     }
                     Err(e) => {
                         tracing::error!(request = %t.job.id, error = %e, "reasoning failed");
@@ -496,32 +502,4 @@ impl Scheduler {
         self.metrics.running.set(self.running_sequences() as i64);
         self.metrics.kv_bytes.set(self.engine.model().kv_memory().live_bytes() as i64);
     }
-}
-
-/// The answers of a reasoning request as choice events, then its report.
-fn answer_events(outbox: &mut Outbox, job: &Job, outcome: Outcome, queue_secs: f64) {
-    let Outcome { answers, candidates, accounting } = outcome;
-    let answer_tokens: usize = answers.iter().map(|a| a.tokens).sum();
-    for (choice, a) in answers.iter().enumerate() {
-        outbox.push(GenEvent::Delta { choice, text: a.text.clone(), tokens: Vec::new() });
-        let reason = if a.ended { FinishReason::Eos } else { FinishReason::Length };
-        outbox.push(GenEvent::Finished { choice, reason });
-    }
-    // Fewer distinct answers than `n`: the remaining choices are empty.
-    for choice in answers.len()..job.request.choices() {
-        outbox.push(GenEvent::Finished { choice, reason: FinishReason::Eos });
-    }
-    let params = job.request.reasoning.expect("answer events are for reasoning jobs");
-    outbox.push(GenEvent::Reasoning(Box::new(ReasoningReport {
-        params,
-        accounting,
-        candidates,
-        answer_tokens,
-    })));
-    outbox.push(GenEvent::Done(JobStats {
-        prompt_tokens: job.request.prompts[0].len(),
-        completion_tokens: accounting.tokens_generated,
-        queue_secs,
-        ttft_secs: Some(job.received.elapsed().as_secs_f64()),
-    }));
 }
