@@ -13,7 +13,9 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::middleware::{SummaryCell, update};
 use super::stream::{self, StreamCtx};
-use crate::backend::{EventStream, GenEvent, JobStats, ReasoningReport, Scheduled, TokenMeter, TokenOut};
+use crate::backend::{
+    Delivery, EventStream, GenEvent, JobStats, ReasoningReport, Scheduled, TokenMeter, TokenOut,
+};
 use crate::engine::FinishReason;
 use crate::metrics::Rejection;
 use crate::validation::{self, Endpoint, Streaming, ValidRequest};
@@ -73,7 +75,12 @@ async fn run(
         s.meter = Some(meter.clone());
         s.prompt_tokens = valid.generation.prompts.iter().map(Vec::len).sum();
     });
-    let scheduled = Scheduled { id: id.clone(), generation: valid.generation.clone(), received, meter };
+    let delivery = match valid.streaming {
+        Streaming::On(_) => Delivery::Streamed,
+        Streaming::Off => Delivery::Whole,
+    };
+    let scheduled =
+        Scheduled { id: id.clone(), generation: valid.generation.clone(), received, meter, delivery };
     let mut events = backend.schedule(scheduled)?;
     update(&summary, |s| {
         s.prompt = Some(valid.prompt_text.clone());

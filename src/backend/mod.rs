@@ -80,6 +80,16 @@ pub struct Scheduled {
     /// Counts the tokens generated for the request as they are, so that a
     /// request whose client left is logged with what it did spend.
     pub meter: TokenMeter,
+    /// How the client takes the answer; a remote backend asks its engine
+    /// for a whole answer when the client does, saving a chunk per token.
+    pub delivery: Delivery,
+}
+
+/// Whether the client reads the answer as it is generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Streamed,
+    Whole,
 }
 
 /// Tokens generated for one request so far, shared by the backend (which

@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod engine;
+pub mod proxy;
 pub mod reasoning;
 pub mod server;
 pub mod soak;

@@ -1,7 +1,9 @@
 //! `ponder bench server`: starts `ponder serve` as a second process, drives
 //! it over loopback with a bounded number of requests in flight, and reports
 //! throughput and latency percentiles per concurrency, plus what the HTTP
-//! layer adds over running the same request on the engine directly.
+//! layer adds over running the same request on the engine directly. With
+//! `--backend URL` it measures ponder in front of a remote engine instead
+//! ([`super::proxy`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -21,9 +23,17 @@ use crate::tokenizer::AddSpecial;
 
 #[derive(Debug, Args)]
 pub struct ServerBenchArgs {
-    /// Model file or directory to serve.
+    /// Model file or directory to serve; with `--backend`, the engine's
+    /// model's tokenizer (its GGUF, `tokenizer.json` or HF directory).
     #[arg(long)]
     model: PathBuf,
+    /// Measure ponder in front of this OpenAI-compatible engine
+    /// (`http://host:port/v1`) against the engine alone, instead.
+    #[arg(long)]
+    backend: Option<String>,
+    /// The engine's name for its model (default: the first it lists).
+    #[arg(long, requires = "backend")]
+    backend_model: Option<String>,
     /// Concurrency levels (requests in flight), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     concurrency: Vec<usize>,
@@ -195,6 +205,22 @@ pub fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
         args.max_tokens >= 1 && args.requests >= 1,
         "--max-tokens and --requests must be at least 1"
     );
+    if let Some(backend) = &args.backend {
+        let report = super::proxy::run(super::proxy::ProxyArgs {
+            backend,
+            backend_model: args.backend_model.as_deref(),
+            tokenizer: &args.model,
+            concurrency: &args.concurrency,
+            requests: args.requests,
+            max_tokens: args.max_tokens,
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            super::proxy::print(&report);
+        }
+        return Ok(());
+    }
     let server = start_server(&args.model)?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let (levels, http_p50) = rt.block_on(async {

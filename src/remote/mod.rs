@@ -20,14 +20,14 @@ use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::backend::{
-    Backend, BackendStatus, EventStream, GenEvent, JobStats, ModelInfo, ScheduleError, Scheduled, TokenMeter,
-    TokenOut,
+    Backend, BackendStatus, Delivery, EventStream, GenEvent, JobStats, ModelInfo, ScheduleError, Scheduled,
+    TokenMeter, TokenOut,
 };
 use crate::config::{BackendConfig, ModelEntry, QueueConfig};
 use crate::engine::FinishReason;
 use crate::metrics::{Metrics, ModelMetrics, Rejection};
 use crate::prm::Scorer;
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{AddSpecial, Tokenizer};
 use crate::validation::GenerationRequest;
 use crate::worker::{Admission, QueueFull, QueuePermit};
 use reasoning::{RemoteCtx, RemoteTrajectories};
@@ -348,6 +348,9 @@ impl Relay {
         self.mm.queue_duration.observe(queue_secs);
         self.mm.running.add(i64::from(self.wants));
         let _running = RunningGuard { mm: self.mm.clone(), n: i64::from(self.wants) };
+        if req.delivery == Delivery::Whole {
+            return self.relay_whole(req, tx, queue_secs).await;
+        }
         let mut streams = Vec::with_capacity(g.prompts.len());
         for (i, prompt) in g.prompts.iter().enumerate() {
             self.mm.prompt_tokens.inc_by(prompt.len() as u64);
@@ -411,6 +414,65 @@ impl Relay {
             ttft_secs: first_token.map(|t| t.duration_since(req.received).as_secs_f64()),
         };
         let _ = tx.send(GenEvent::Done(stats)).await;
+        Ok(())
+    }
+
+    /// A client that reads the whole answer gets it from one whole answer
+    /// of the engine per prompt: no chunk per token on either side.
+    async fn relay_whole(
+        &self,
+        req: &Scheduled,
+        tx: &mpsc::Sender<GenEvent>,
+        queue_secs: f64,
+    ) -> Result<(), UpstreamError> {
+        let g = &req.generation;
+        let calls: Vec<CompletionCall> = g
+            .prompts
+            .iter()
+            .map(|p| {
+                self.mm.prompt_tokens.inc_by(p.len() as u64);
+                CompletionCall { stream: false, stream_options: None, ..call(self.upstream.model(), g, p) }
+            })
+            .collect();
+        let answers = futures::future::try_join_all(calls.iter().map(|c| self.upstream.complete(c))).await?;
+        let now = Instant::now();
+        self.mm.ttft.observe(now.duration_since(req.received).as_secs_f64());
+        let mut completion_tokens = 0;
+        let mut events = Vec::new();
+        for (p, answer) in answers.into_iter().enumerate() {
+            let tokens = answer.usage.map(|u| u.completion_tokens).unwrap_or_else(|| {
+                answer
+                    .choices
+                    .iter()
+                    .map(|c| self.tokenizer.encode(&c.text, AddSpecial::No).map_or(0, |t| t.len()))
+                    .sum()
+            });
+            completion_tokens += tokens;
+            req.meter.add(tokens);
+            self.mm.generated_tokens.inc_by(tokens as u64);
+            for c in answer.choices {
+                let choice = p * g.n + c.index;
+                let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some());
+                let reason = finish_reason(
+                    c.finish_reason.as_deref().unwrap_or("stop"),
+                    c.stop_reason.as_ref(),
+                    &g.stop,
+                );
+                events.push(GenEvent::Delta { choice, text: c.text, tokens });
+                events.push(GenEvent::Finished { choice, reason });
+            }
+        }
+        events.push(GenEvent::Done(JobStats {
+            prompt_tokens: g.prompts.iter().map(Vec::len).sum(),
+            completion_tokens,
+            queue_secs,
+            ttft_secs: Some(now.duration_since(req.received).as_secs_f64()),
+        }));
+        for e in events {
+            if tx.send(e).await.is_err() {
+                return Ok(());
+            }
+        }
         Ok(())
     }
 

@@ -79,6 +79,8 @@ pub struct CompletionCall {
 pub struct Completion {
     #[serde(default)]
     pub choices: Vec<CompletionChoice>,
+    #[serde(default)]
+    pub usage: Option<ChunkUsage>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,6 +100,8 @@ pub struct CompletionChoice {
     /// vLLM's `token_ids`, llama.cpp's `tokens`.
     #[serde(default, alias = "tokens")]
     pub token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    pub logprobs: Option<ChunkLogprobs>,
 }
 
 impl CompletionChoice {
