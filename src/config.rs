@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::model::WeightFormat;
-pub use crate::prm::config::{ModelPrmConfig, PrmConfig};
+pub use crate::prm::config::{ModelPrmConfig, PoolingFormat, PrmConfig, RemotePrmConfig};
 pub use crate::reasoning::knobs::ReasoningDefaults;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,23 @@ pub struct Config {
     pub queue: QueueConfig,
     pub logging: LoggingConfig,
     pub models: Vec<ModelEntry>,
+    /// Separate PRMs served on `POST /pooling` (vLLM's format), for other
+    /// ponder replicas to score with.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub prms: Vec<ServedPrm>,
+}
+
+/// A PRM in the Qwen2.5-Math-PRM format, served on `/pooling`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServedPrm {
+    /// The `model` name clients send.
+    pub id: String,
+    /// Its checkpoint directory.
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter merged in at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +275,7 @@ impl Default for Config {
             limits: Limits::default(),
             queue: QueueConfig::default(),
             logging: LoggingConfig::default(),
+            prms: Vec::new(),
             models: vec![
                 ModelEntry {
                     id: DEFAULT_MODEL_ID.into(),
@@ -401,8 +419,11 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if self.models.is_empty() {
-            return bad("no models configured".into());
+        if self.models.is_empty() && self.prms.is_empty() {
+            return bad("no models (and no prms) configured".into());
+        }
+        if let Some(p) = self.prms.iter().find(|p| p.id.is_empty()) {
+            return bad(format!("a [[prms]] entry ({}) has an empty id", p.model.display()));
         }
         let mut ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
         ids.sort_unstable();
@@ -481,6 +502,13 @@ impl Config {
     /// Stops start-up when a model's files are missing, naming the path and
     /// the command that fetches them.
     pub fn check_model_files(&self) -> Result<(), ConfigError> {
+        if let Some(p) = self.prms.iter().find(|p| !p.model.exists()) {
+            return Err(ConfigError::MissingModel {
+                id: p.id.clone(),
+                path: p.model.display().to_string(),
+                hint: " (a [[prms]] entry)".into(),
+            });
+        }
         for m in &self.models {
             if let Some(prm) = m.prm.iter().flat_map(PrmConfig::paths).find(|p| !p.exists()) {
                 let hint = match m.prm {
@@ -625,6 +653,29 @@ mod tests {
         assert!(err.to_string().contains("hidden states"), "{err}");
         let err = load("tokenizer = \"t.json\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("`path` is required"), "{err}");
+    }
+
+    #[test]
+    fn a_remote_prm_is_a_table_naming_its_url_and_a_mistyped_one_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.toml");
+        let load = |prm: &str| {
+            std::fs::write(&file, format!("[[models]]\nid = \"m\"\npath = \"x.gguf\"\nprm = {prm}\n"))
+                .unwrap();
+            Config::load(Some(&file), [], &Overrides::default())
+        };
+        let c = load(r#"{ remote = "http://prm:8001", model = "qwen-prm" }"#).unwrap();
+        let want = RemotePrmConfig {
+            remote: "http://prm:8001".into(),
+            format: PoolingFormat::VllmPooling,
+            model: "qwen-prm".into(),
+            timeout_secs: 120,
+        };
+        assert_eq!(c.models[0].prm, Some(PrmConfig::Remote(want)));
+        let err = load(r#"{ remote = "http://prm:8001", modle = "qwen-prm" }"#).unwrap_err();
+        assert!(err.to_string().contains("modle"), "{err}");
+        let err = load(r#"{ remote = "http://prm:8001", model = "p", format = "grpc" }"#).unwrap_err();
+        assert!(err.to_string().contains("grpc"), "{err}");
     }
 
     #[test]

@@ -10,9 +10,10 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::backend::{Backend, BackendStatus};
-use crate::config::BackendConfig;
 use crate::config::Config;
+use crate::config::{BackendConfig, ServedPrm};
 use crate::metrics::Metrics;
+use crate::prm::model_prm::{HeadChoice, ModelPrm, ModelPrmOptions};
 use crate::remote::RemoteBackend;
 use crate::worker::{ModelPool, WorkerOptions};
 
@@ -54,8 +55,9 @@ pub async fn run_with(
             (m.id.clone(), pool)
         })
         .collect();
+    let prms = load_prms(&config.prms).await?;
     let drain = Duration::from_secs(config.server.drain_timeout_secs);
-    let state = AppState::new(Arc::new(config), metrics, pools);
+    let state = AppState::new(Arc::new(config), metrics, pools).with_prms(prms);
     let app = api::router(state.clone());
     tracing::info!("listening on http://{}", listener.local_addr()?);
 
@@ -85,6 +87,25 @@ pub async fn run_with(
     // Workers finish what they hold and exit once every job sender is gone.
     drop(state);
     result
+}
+
+/// Loads the PRMs served on `/pooling` (before the server answers).
+async fn load_prms(prms: &[ServedPrm]) -> Result<BTreeMap<String, Arc<ModelPrm>>, ServerError> {
+    let prms = prms.to_vec();
+    tokio::task::spawn_blocking(move || {
+        prms.iter()
+            .map(|p| {
+                let opts = ModelPrmOptions { head: HeadChoice::TwoClass, lora: p.lora.clone() };
+                let prm = ModelPrm::load(&p.model, &opts).map_err(|e| {
+                    ServerError::ModelLoad(format!("PRM {:?} ({}): {e}", p.id, p.model.display()))
+                })?;
+                tracing::info!(prm = %p.id, "PRM loaded for /pooling");
+                Ok((p.id.clone(), Arc::new(prm)))
+            })
+            .collect()
+    })
+    .await
+    .map_err(|e| ServerError::ModelLoad(format!("loading PRMs: {e}")))?
 }
 
 /// Resolves with the message of the first model that fails to load.

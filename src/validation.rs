@@ -476,6 +476,7 @@ pub fn chat(
 fn completion_prompts(
     prompt: &PromptWire,
     tok: &Tokenizer,
+    add_special: AddSpecial,
 ) -> Result<(Vec<Vec<u32>>, Vec<String>), ValidationError> {
     let empty = || ValidationError::new("prompt", "prompt must hold at least one string or token id");
     let from_ids = |i: usize, ids: &[i64]| -> Result<(Vec<u32>, String), ValidationError> {
@@ -502,7 +503,7 @@ fn completion_prompts(
         Ok((ids, text))
     };
     let encode = |t: &String| {
-        tok.encode(t, AddSpecial::Yes)
+        tok.encode(t, add_special)
             .map(|ids| (ids, t.clone()))
             .map_err(|e| ValidationError::new("prompt", e.to_string()))
     };
@@ -525,7 +526,7 @@ pub fn completion(
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
     let tok = model.tokenizer;
-    let (prompts, texts) = completion_prompts(&req.prompt, tok)?;
+    let (prompts, texts) = completion_prompts(&req.prompt, tok, AddSpecial::Yes)?;
     let logprobs = match req.logprobs {
         None => None,
         Some(k) => Some(in_range_i("logprobs", k, 0, rl.limits.max_top_logprobs as i64)?),
@@ -557,4 +558,42 @@ pub fn completion(
         model,
         rl,
     )
+}
+
+/// A `/pooling` request: the PRM's name and each input's token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidPooling {
+    pub model: String,
+    pub inputs: Vec<Vec<u32>>,
+}
+
+/// Tasks `/pooling` answers: vLLM's current and older names for per-token
+/// classification.
+const POOLING_TASKS: [&str; 2] = ["token_classify", "reward"];
+
+pub fn pooling(
+    req: crate::wire::PoolingRequest,
+    tok: &Tokenizer,
+    limits: &Limits,
+) -> Result<ValidPooling, ValidationError> {
+    if let Some(task) = req.task.as_deref().filter(|t| !POOLING_TASKS.contains(t)) {
+        return Err(ValidationError::new(
+            "task",
+            format!("task must be one of {POOLING_TASKS:?} (a PRM's per-step scores); got {task:?}"),
+        ));
+    }
+    // Inputs come formatted by the client, template and tags included.
+    let (inputs, _) = completion_prompts(&req.input, tok, AddSpecial::No)
+        .map_err(|e| ValidationError { param: e.param.map(|p| p.replacen("prompt", "input", 1)), ..e })?;
+    if let Some((i, ids)) = inputs.iter().enumerate().find(|(_, ids)| ids.len() > limits.max_prompt_tokens) {
+        return Err(ValidationError::new(
+            &format!("input[{i}]"),
+            format!(
+                "input {i} is {} tokens; the limit is limits.max_prompt_tokens = {}",
+                ids.len(),
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
+    Ok(ValidPooling { model: req.model, inputs })
 }

@@ -426,3 +426,38 @@ mod tests {
         assert!(chat(r#", "n": "2""#).is_err());
     }
 }
+
+/// vLLM's `POST /pooling` request, as ponder answers it for its PRMs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PoolingRequest {
+    pub model: String,
+    /// Formatted text (with `<extra_0>` step tags) or token ids, one or many.
+    pub input: PromptWire,
+    /// `token_classify` (vLLM's current name) or `reward` (its older one).
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolingItem {
+    pub index: usize,
+    pub object: &'static str,
+    /// `[p_bad, p_good]` at each step tag.
+    pub data: Vec<[f32; 2]>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolingUsage {
+    pub prompt_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolingResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub data: Vec<PoolingItem>,
+    pub usage: PoolingUsage,
+}

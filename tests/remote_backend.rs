@@ -293,3 +293,71 @@ async fn an_adaptive_best_of_n_request_reports_the_same_accounting_through_a_rem
     let series = format!("ponder_generated_tokens_total{{model=\"{FRONT}\"}}");
     assert_eq!(metric(&m, &series), there["ponder"]["tokens_generated"].as_f64(), "{m}");
 }
+
+#[tokio::test]
+async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_locally() {
+    use ponder::config::{ModelPrmConfig, PrmConfig, RemotePrmConfig, ServedPrm};
+    use ponder::prm::model_prm::HeadChoice;
+    let dir = tempfile::tempdir().unwrap();
+    common::write_prm(dir.path());
+    // A ponder that only serves the PRM, in vLLM's pooling format.
+    let mut prm_only = ponder::config::Config::default();
+    prm_only.models.clear();
+    prm_only.prms = vec![ServedPrm { id: "tiny-prm".into(), model: dir.path().into(), lora: None }];
+    let prm_server = TestServer::start(prm_only);
+    let pooling = |body: Value| {
+        let url = prm_server.url("/pooling");
+        async move { post_json(&url, &body).await }
+    };
+    let text = ponder::prm::remote::prompt("What is 2 + 2?", &["2 + 2 = 4".into(), "The answer is 4".into()]);
+    let (s, v) =
+        pooling(json!({"model": "tiny-prm", "task": "token_classify", "input": [text.clone(), text]})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    let rows = v["data"][0]["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "one row per step tag: {v}");
+    for r in rows {
+        let (bad, good) = (r[0].as_f64().unwrap(), r[1].as_f64().unwrap());
+        assert!((bad + good - 1.0).abs() < 1e-5 && (0.0..=1.0).contains(&good), "{r}");
+    }
+    let (s, v) = pooling(json!({"model": "tiny-prm", "input": "no tags here"})).await;
+    assert_eq!((s, &v["error"]["param"]), (400, &json!("input[0]")), "{v}");
+    let (s, v) = pooling(json!({"model": "tiny-prm", "task": "embed", "input": "x<extra_0>"})).await;
+    assert_eq!((s, &v["error"]["param"]), (400, &json!("task")), "{v}");
+    let (s, _) = pooling(json!({"model": "nope", "input": "x<extra_0>"})).await;
+    assert_eq!(s, 404);
+
+    // The same adaptive request: the local engine with the PRM in process,
+    // and ponder over that engine with the PRM on the pooling server.
+    let mut local = smollm_config();
+    local.models.retain(|m| m.id == MODEL);
+    local.models[0].prm = Some(PrmConfig::Model(ModelPrmConfig {
+        model: dir.path().into(),
+        head: HeadChoice::TwoClass,
+        lora: None,
+    }));
+    let engine = TestServer::start(local);
+    let mut remote = remote_config(FRONT, &format!("{}/v1", engine.base), MODEL, 60);
+    remote.models[0].prm = Some(PrmConfig::Remote(RemotePrmConfig {
+        remote: prm_server.base.clone(),
+        format: Default::default(),
+        model: "tiny-prm".into(),
+        timeout_secs: 30,
+    }));
+    let front = TestServer::start(remote);
+    let reasoning = json!({"strategy": "best_of_n", "max_samples": 4, "max_step_tokens": 16, "max_steps": 3});
+    let body = |model: &str| {
+        json!({"model": model, "messages": [{"role": "user", "content": "What is 7 + 5? Think step by step."}],
+               "max_tokens": 48, "temperature": 0, "reasoning": reasoning})
+    };
+    let (s, here) = post_json(&engine.url("/v1/chat/completions"), &body(MODEL)).await;
+    assert_eq!(s, 200, "{here}");
+    let (s, there) = post_json(&front.url("/v1/chat/completions"), &body(FRONT)).await;
+    assert_eq!(s, 200, "{there}");
+    for field in ["samples", "fixed_samples", "tokens_generated", "tokens_saved", "prm_evaluations", "steps"]
+    {
+        assert_eq!(here["ponder"][field], there["ponder"][field], "{field}: local {here} remote {there}");
+    }
+    let start = |v: &Value| v["ponder"]["success_probability_start"]["q50"].as_f64().unwrap();
+    assert!((start(&here) - start(&there)).abs() < 1e-4, "the same PRM score: {here} {there}");
+}

@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod generate;
 pub mod middleware;
+mod pooling;
 mod stream;
 
 use std::collections::BTreeMap;
@@ -24,6 +25,7 @@ pub use error::ApiError;
 use crate::backend::{Backend, BackendStatus, ModelInfo};
 use crate::config::{Config, MetricsAuth};
 use crate::metrics::{Metrics, Rejection};
+use crate::prm::model_prm::ModelPrm;
 use crate::reasoning::knobs::ReasoningDefaults;
 use crate::validation::RequestLimits;
 use crate::wire::{ModelCard, ModelList};
@@ -35,6 +37,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    ("POST", "/pooling"),
     ("GET", "/health"),
     ("GET", "/metrics"),
     ("GET", "/openapi.yaml"),
@@ -48,6 +51,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub metrics: Metrics,
     pub models: Arc<BTreeMap<String, Arc<dyn Backend>>>,
+    /// The PRMs served on `/pooling`.
+    pub prms: Arc<BTreeMap<String, Arc<ModelPrm>>>,
     draining: Arc<AtomicBool>,
     started: u64,
     /// Reasoning defaults for a model the configuration does not list.
@@ -60,10 +65,17 @@ impl AppState {
             config,
             metrics,
             models: Arc::new(models),
+            prms: Arc::new(BTreeMap::new()),
             draining: Arc::new(AtomicBool::new(false)),
             started: generate::unix_now(),
             fallback_reasoning: ReasoningDefaults::default(),
         }
+    }
+
+    /// Serves these PRMs on `/pooling`.
+    pub fn with_prms(mut self, prms: BTreeMap<String, Arc<ModelPrm>>) -> Self {
+        self.prms = Arc::new(prms);
+        self
     }
 
     /// New requests get 503 from now on.
@@ -175,6 +187,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("POST", "/v1/chat/completions") => post(generate::chat),
         ("POST", "/v1/completions") => post(generate::completions),
         ("GET", "/v1/models") => get(list_models),
+        ("POST", "/pooling") => post(pooling::pooling),
         ("GET", "/health") => get(health),
         ("GET", "/metrics") => get(metrics),
         ("GET", "/openapi.yaml") => get(openapi),

@@ -91,6 +91,11 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
             Target::Model(ModelPrmConfig { model: dir.clone(), head: HeadChoice::Converted, lora: None })
         }
         (None, Some(PrmConfig::Model(m))) => Target::Model(m),
+        (None, Some(PrmConfig::Remote(r))) => anyhow::bail!(
+            "model {:?} scores with the remote PRM at {}; calibrating a remote PRM is not supported yet (pass --prm-model DIR for a local copy)",
+            args.model,
+            r.remote
+        ),
         (None, _) => Target::Head,
     };
     anyhow::ensure!(path.is_dir(), "{}: calibration writes beside an HF model directory", path.display());

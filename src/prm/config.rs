@@ -15,6 +15,39 @@ pub enum PrmConfig {
     /// `prm = { model = "dir", head = "converted", lora = "dir" }`: a
     /// separate PRM in the Qwen2.5-Math-PRM format.
     Model(ModelPrmConfig),
+    /// `prm = { remote = "http://host:8001", format = "vllm_pooling",
+    /// model = "name" }`: a Qwen2.5-Math-PRM-format PRM served elsewhere
+    /// (vLLM's pooling runner, or another ponder).
+    Remote(RemotePrmConfig),
+}
+
+/// How a remote PRM is asked for step scores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolingFormat {
+    /// `POST /pooling` with `task = "token_classify"`: `[p_bad, p_good]`
+    /// per `<extra_0>` step tag.
+    #[default]
+    VllmPooling,
+}
+
+/// A PRM behind an HTTP endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemotePrmConfig {
+    /// The server's base URL (`http://host:port`; `/pooling` is appended).
+    pub remote: String,
+    #[serde(default)]
+    pub format: PoolingFormat,
+    /// The server's name for the PRM.
+    pub model: String,
+    /// Longest wait for one scoring call, in seconds.
+    #[serde(default = "default_prm_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_prm_timeout() -> u64 {
+    120
 }
 
 /// A separate PRM model and how its steps are scored.
@@ -37,6 +70,7 @@ impl PrmConfig {
     pub fn paths(&self) -> Vec<&Path> {
         match self {
             Self::Head(p) => vec![p],
+            Self::Remote(_) => Vec::new(),
             Self::Model(m) => {
                 let mut v: Vec<&Path> = vec![&m.model];
                 v.extend(m.lora.as_deref());
@@ -58,14 +92,22 @@ impl<'de> Deserialize<'de> for PrmConfig {
         impl<'de> serde::de::Visitor<'de> for Visit {
             type Value = PrmConfig;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a PRM head path, or a table { model = \"dir\", head, lora }")
+                f.write_str("a PRM head path, a table { model = \"dir\", head, lora }, or { remote = \"url\", model }")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PrmConfig, E> {
                 Ok(PrmConfig::Head(v.into()))
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<PrmConfig, A::Error> {
-                ModelPrmConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(PrmConfig::Model)
+                use serde::de::Error;
+                // Read once, then parsed as the table its keys name.
+                let table = toml::Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let value = toml::Value::Table(table);
+                let remote = value.as_table().is_some_and(|t| t.contains_key("remote"));
+                if remote {
+                    value.try_into().map(PrmConfig::Remote).map_err(|e| A::Error::custom(e.message()))
+                } else {
+                    value.try_into().map(PrmConfig::Model).map_err(|e| A::Error::custom(e.message()))
+                }
             }
         }
         d.deserialize_any(Visit)

@@ -7,10 +7,13 @@
 //!   at the end of each step (the default; scoring costs almost nothing
 //!   beyond generating).
 //! - [`model_prm::ModelPrm`]: a separate model in the Qwen2.5-Math-PRM format.
+//! - [`remote::RemotePrm`]: such a model served elsewhere (vLLM's pooling
+//!   API, or another ponder's `/pooling`).
 
 pub mod config;
 pub mod head;
 pub mod model_prm;
+pub mod remote;
 
 use std::sync::Arc;
 
@@ -114,6 +117,7 @@ pub fn load(
             };
             Ok(Arc::new(ModelPrm::load(&m.model, &ModelPrmOptions { head, lora: m.lora.clone() })?))
         }
+        PrmConfig::Remote(r) => Ok(Arc::new(remote::RemotePrm::new(r)?)),
     }
 }
 
@@ -135,6 +139,8 @@ pub enum PrmError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("remote PRM: {0}")]
+    Remote(String),
 }
 
 #[cfg(test)]

@@ -178,6 +178,25 @@ impl ModelPrm {
         Ok(self.tokenizer.encode(&text, AddSpecial::No)?)
     }
 
+    /// The PRM's tokenizer (what `/pooling` inputs are read with).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The 2-class head's P(good) at every `<extra_0>` of an already
+    /// formatted input, as vLLM's pooling runner answers `token_classify`.
+    pub fn step_probabilities(&self, ids: &[u32]) -> Result<Vec<f32>, PrmError> {
+        let positions: Vec<u32> =
+            ids.iter().enumerate().filter(|(_, t)| **t == self.step_token).map(|(i, _)| i as u32).collect();
+        if positions.is_empty() {
+            return Err(PrmError::NoStepToken);
+        }
+        let hidden = self.backbone.hidden_states(ids)?;
+        let at = hidden.index_select(&Tensor::new(positions.as_slice(), hidden.device())?, 0)?;
+        let logits = self.relu_layer(&at)?.matmul(&self.classes.0.t()?)?.broadcast_add(&self.classes.1)?;
+        Ok(candle_nn::ops::softmax(&logits, D::Minus1)?.i((.., 1))?.to_vec1::<f32>()?)
+    }
+
     /// One score per step (the question alone when `steps` is empty).
     pub fn step_scores(&self, question: &str, steps: &[String]) -> Result<Vec<PrmScore>, PrmError> {
         let ids = self.encode(question, steps)?;

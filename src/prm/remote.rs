@@ -1,0 +1,127 @@
+//! A PRM served over HTTP in vLLM's pooling format: each prefix becomes the
+//! Qwen2.5-Math-PRM prompt (ChatML: the model card's system prompt, the
+//! question, the steps joined and ended by `<extra_0>`), all prefixes of a
+//! call go in one `POST /pooling` with `task = "token_classify"`, and the
+//! score of a prefix is P(good) at its last step tag. The client runs on a
+//! thread of its own with its own small runtime, so that scoring can be
+//! called from a worker thread or a blocking task alike, and nothing async
+//! is ever dropped inside another runtime.
+
+use std::sync::Mutex;
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use super::config::RemotePrmConfig;
+use super::model_prm::{STEP_TOKEN, SYSTEM_PROMPT};
+use super::{PrmError, PrmScore, Quantiles, ScoreItem, Scorer};
+
+type Reply = std_mpsc::Sender<Result<Vec<f32>, String>>;
+
+/// A remote PRM; dropping it ends its client thread.
+pub struct RemotePrm {
+    calls: Mutex<std_mpsc::Sender<(Vec<String>, Reply)>>,
+}
+
+impl RemotePrm {
+    pub fn new(config: &RemotePrmConfig) -> Result<Self, PrmError> {
+        let url = format!("{}/pooling", config.remote.trim_end_matches('/'));
+        let model = config.model.clone();
+        let timeout = Duration::from_secs(config.timeout_secs.max(1));
+        let (tx, rx) = std_mpsc::channel::<(Vec<String>, Reply)>();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PrmError::Remote(format!("runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("prm-client".into())
+            .spawn(move || {
+                let http = reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(timeout)
+                    .build()
+                    .expect("a client without TLS needs no system resources to build");
+                while let Ok((inputs, reply)) = rx.recv() {
+                    let r = rt.block_on(pool(&http, &url, &model, inputs));
+                    let _ = reply.send(r);
+                }
+            })
+            .map_err(|e| PrmError::Remote(format!("thread: {e}")))?;
+        Ok(Self { calls: Mutex::new(tx) })
+    }
+}
+
+/// The Qwen2.5-Math-PRM prompt of a prefix (its chat template's output).
+pub fn prompt(question: &str, steps: &[String]) -> String {
+    let mut answer = steps.join(STEP_TOKEN);
+    answer.push_str(STEP_TOKEN);
+    format!(
+        "<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+    )
+}
+
+/// One pooling call: P(good) at the last step tag of each input.
+async fn pool(
+    http: &reqwest::Client,
+    url: &str,
+    model: &str,
+    inputs: Vec<String>,
+) -> Result<Vec<f32>, String> {
+    let body = serde_json::json!({"model": model, "task": "token_classify", "input": inputs});
+    let r = http.post(url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
+    let status = r.status().as_u16();
+    let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
+    if status != 200 {
+        return Err(format!("{url} answered {status}: {}", text.chars().take(300).collect::<String>()));
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON: {e}"))?;
+    let data = v["data"].as_array().ok_or_else(|| format!("{url}: no `data` array"))?;
+    let mut out = vec![None; inputs.len()];
+    for d in data {
+        let i = d["index"].as_u64().unwrap_or(0) as usize;
+        // The last row is the last step tag's [p_bad, p_good].
+        let last = d["data"].as_array().and_then(|rows| rows.last()).and_then(|r| r.as_array());
+        let good = last.and_then(|r| r.get(1)).and_then(|p| p.as_f64());
+        if let (Some(slot), Some(p)) = (out.get_mut(i), good) {
+            *slot = Some(p as f32);
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, p)| p.ok_or_else(|| format!("{url}: no score for input {i}")))
+        .collect()
+}
+
+impl Scorer for RemotePrm {
+    /// P(good) of each prefix's last step, as a point estimate: a remote
+    /// PRM's raw score is uncalibrated.
+    fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inputs = items.iter().map(|i| prompt(i.question, i.steps)).collect();
+        let (tx, rx) = std_mpsc::channel();
+        self.calls
+            .lock()
+            .expect("no panics while holding the call lock")
+            .send((inputs, tx))
+            .map_err(|_| PrmError::Remote("the PRM client thread has stopped".into()))?;
+        let scores = rx.recv().map_err(|_| PrmError::Remote("the PRM client thread has stopped".into()))?;
+        let scores = scores.map_err(PrmError::Remote)?;
+        Ok(scores.into_iter().map(|p| PrmScore { quantiles: Quantiles::point(p), raw: Some(p) }).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_becomes_the_qwen_prm_prompt_with_a_tag_after_every_step() {
+        let p = prompt("1+1?", &["two".into(), "so 2".into()]);
+        assert!(p.ends_with("<|im_start|>assistant\ntwo<extra_0>so 2<extra_0><|im_end|>\n"), "{p}");
+        assert!(
+            prompt("q", &[]).contains("assistant\n<extra_0><|im_end|>"),
+            "the question alone has one tag"
+        );
+    }
+}
