@@ -265,28 +265,9 @@ async fn an_adaptive_best_of_n_request_reports_the_same_accounting_through_a_rem
     remote.models[0].prm = Some(prm);
     let front = TestServer::start(remote);
 
-    // Greedy, so that both sides draw the same samples.
-    let reasoning = json!({"strategy": "best_of_n", "max_samples": 4, "max_step_tokens": 16, "max_steps": 3});
-    let body = |model: &str| {
-        json!({"model": model, "messages": [{"role": "user", "content": "What is 7 + 5? Think step by step."}],
-               "max_tokens": 48, "temperature": 0, "reasoning": reasoning})
-    };
-    let (s, here) = post_json(&engine.url("/v1/chat/completions"), &body(MODEL)).await;
-    assert_eq!(s, 200, "{here}");
-    let (s, there) = post_json(&front.url("/v1/chat/completions"), &body(FRONT)).await;
-    assert_eq!(s, 200, "{there}");
-    for field in [
-        "adaptive",
-        "samples",
-        "fixed_samples",
-        "tokens_generated",
-        "fixed_tokens_estimate",
-        "tokens_saved",
-        "prm_evaluations",
-        "steps",
-    ] {
-        assert_eq!(here["ponder"][field], there["ponder"][field], "{field}: local {here} remote {there}");
-    }
+    let (here, there) = same_request_both_ways(&engine, &front).await;
+    assert_eq!(here["ponder"]["adaptive"], there["ponder"]["adaptive"]);
+    assert_eq!(here["ponder"]["fixed_tokens_estimate"], there["ponder"]["fixed_tokens_estimate"]);
     assert_eq!(here["choices"][0]["message"]["content"], there["choices"][0]["message"]["content"]);
     assert_eq!(here["usage"], there["usage"]);
     let m = metrics_text(&front).await;
@@ -345,6 +326,37 @@ async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_loca
         timeout_secs: 30,
     }));
     let front = TestServer::start(remote);
+    let (here, there) = same_request_both_ways(&engine, &front).await;
+    let start = |v: &Value| v["ponder"]["success_probability_start"]["q50"].as_f64().unwrap();
+    assert!((start(&here) - start(&there)).abs() < 1e-4, "the same PRM score: {here} {there}");
+}
+
+#[tokio::test]
+async fn the_engines_api_key_is_sent_as_a_bearer_token() {
+    let mut c = smollm_config();
+    c.models.retain(|m| m.id == MODEL);
+    c.server.api_keys = vec!["engine-secret".into()];
+    let engine = TestServer::start(c);
+    let mut without = remote_config(FRONT, &format!("{}/v1", engine.base), MODEL, 60);
+    without.models[0].context_length = Some(2048);
+    let front = TestServer::start_unchecked(without, WorkerOptions::default());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    assert_eq!(s, 502, "the engine refuses a request without its key: {v}");
+    let mut with = remote_config(FRONT, &format!("{}/v1", engine.base), MODEL, 60);
+    if let ponder::config::BackendConfig::Openai(r) = &mut with.models[0].backend {
+        r.api_key = Some("engine-secret".into());
+    }
+    let front = TestServer::start(with);
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    assert_eq!(s, 200, "{v}");
+}
+
+/// The same greedy adaptive best-of-N request to the engine itself (its
+/// model `MODEL`) and through `front` (its model `FRONT`); asserts that the
+/// accounting agrees and returns both answers.
+async fn same_request_both_ways(engine: &TestServer, front: &TestServer) -> (Value, Value) {
+    // Greedy, so that both sides draw the same samples.
     let reasoning = json!({"strategy": "best_of_n", "max_samples": 4, "max_step_tokens": 16, "max_steps": 3});
     let body = |model: &str| {
         json!({"model": model, "messages": [{"role": "user", "content": "What is 7 + 5? Think step by step."}],
@@ -358,6 +370,5 @@ async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_loca
     {
         assert_eq!(here["ponder"][field], there["ponder"][field], "{field}: local {here} remote {there}");
     }
-    let start = |v: &Value| v["ponder"]["success_probability_start"]["q50"].as_f64().unwrap();
-    assert!((start(&here) - start(&there)).abs() < 1e-4, "the same PRM score: {here} {there}");
+    (here, there)
 }

@@ -25,11 +25,11 @@ use crate::backend::{
 };
 use crate::config::{BackendConfig, ModelEntry, QueueConfig};
 use crate::engine::FinishReason;
-use crate::metrics::{Metrics, ModelMetrics, Rejection};
+use crate::metrics::{Metrics, ModelMetrics};
 use crate::prm::Scorer;
 use crate::tokenizer::{AddSpecial, Tokenizer};
 use crate::validation::GenerationRequest;
-use crate::worker::{Admission, QueueFull, QueuePermit};
+use crate::worker::{Admission, QueuePermit};
 use reasoning::{RemoteCtx, RemoteTrajectories};
 use upstream::{CompletionCall, StreamOptionsCall, Upstream, UpstreamError};
 
@@ -206,21 +206,7 @@ impl Backend for RemoteBackend {
     }
 
     fn schedule(&self, req: Scheduled) -> Result<EventStream, ScheduleError> {
-        match self.status() {
-            BackendStatus::Ready => {}
-            BackendStatus::Unreachable(why) => {
-                return Err(ScheduleError::Unreachable { model: self.id.clone(), why });
-            }
-            BackendStatus::Restarting => return Err(ScheduleError::Restarting(self.id.clone())),
-            BackendStatus::Loading | BackendStatus::Failed(_) => {
-                self.metrics.rejected(&self.id, Rejection::Loading);
-                return Err(ScheduleError::Loading(self.id.clone()));
-            }
-        }
-        let permit = self.admission.try_admit().map_err(|QueueFull| {
-            self.metrics.rejected(&self.id, Rejection::QueueFull);
-            ScheduleError::QueueFull { retry_after_secs: self.retry_after_secs }
-        })?;
+        let permit = self.admission.admit(self.status(), &self.id, &self.metrics, self.retry_after_secs)?;
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
         let tokenizer = self.model_info().expect("a ready remote model has its tokenizer").tokenizer;
         if let Some(params) = req.generation.reasoning {

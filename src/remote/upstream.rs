@@ -74,7 +74,7 @@ pub struct CompletionCall {
     pub return_tokens: bool,
 }
 
-/// A whole (not streamed) completion.
+/// A completion: a whole one, or one streamed chunk of it (the same shape).
 #[derive(Debug, Clone, Deserialize)]
 pub struct Completion {
     #[serde(default)]
@@ -91,7 +91,7 @@ pub struct CompletionChoice {
     pub text: String,
     #[serde(default)]
     pub finish_reason: Option<String>,
-    /// vLLM and ponder: the stop string that ended the choice.
+    /// vLLM and ponder: the stop string (or token id) that ended the choice.
     #[serde(default)]
     pub stop_reason: Option<serde_json::Value>,
     /// llama.cpp: the stop string that ended the choice.
@@ -115,30 +115,6 @@ impl CompletionChoice {
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct StreamOptionsCall {
     pub include_usage: bool,
-}
-
-/// One streamed `text_completion` chunk.
-#[derive(Debug, Clone, Deserialize)]
-pub struct Chunk {
-    #[serde(default)]
-    pub choices: Vec<ChunkChoice>,
-    #[serde(default)]
-    pub usage: Option<ChunkUsage>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChunkChoice {
-    #[serde(default)]
-    pub index: usize,
-    #[serde(default)]
-    pub text: String,
-    #[serde(default)]
-    pub finish_reason: Option<String>,
-    /// vLLM: the stop string (or token id) that ended the choice.
-    #[serde(default)]
-    pub stop_reason: Option<serde_json::Value>,
-    #[serde(default)]
-    pub logprobs: Option<ChunkLogprobs>,
 }
 
 /// The completions API's logprobs object.
@@ -254,7 +230,7 @@ impl Upstream {
     pub async fn stream(
         &self,
         call: &CompletionCall,
-    ) -> Result<impl futures::Stream<Item = Result<Chunk, UpstreamError>> + Send + 'static, UpstreamError>
+    ) -> Result<impl futures::Stream<Item = Result<Completion, UpstreamError>> + Send + 'static, UpstreamError>
     {
         let url = self.url("/completions");
         let r = self.authed(self.http.post(&url)).json(call).send().await;
@@ -287,7 +263,7 @@ struct SseState {
 }
 
 impl SseState {
-    async fn next_chunk(&mut self) -> Option<Result<Chunk, UpstreamError>> {
+    async fn next_chunk(&mut self) -> Option<Result<Completion, UpstreamError>> {
         loop {
             if self.done {
                 return None;
@@ -335,7 +311,7 @@ impl SseState {
 }
 
 /// One `data:` payload: a chunk, or an error object the engine sent mid-stream.
-fn parse_chunk(data: &str) -> Result<Chunk, String> {
+fn parse_chunk(data: &str) -> Result<Completion, String> {
     let v: serde_json::Value =
         serde_json::from_str(data).map_err(|e| format!("a chunk is not JSON ({e}): {}", truncate(data)))?;
     if let Some(err) = v.get("error") {

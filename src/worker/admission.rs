@@ -11,6 +11,8 @@
 
 use std::sync::Arc;
 
+use crate::backend::{BackendStatus, ScheduleError};
+use crate::metrics::{Metrics, Rejection};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 #[derive(Debug, Clone)]
@@ -40,6 +42,32 @@ impl Admission {
             Ok(permit) => Ok(QueuePermit { _permit: permit }),
             Err(TryAcquireError::NoPermits) | Err(TryAcquireError::Closed) => Err(QueueFull),
         }
+    }
+
+    /// Admits a request to a backend in `status`, or says why not: a
+    /// refusal it counts in the metrics where it is one.
+    pub fn admit(
+        &self,
+        status: BackendStatus,
+        model: &str,
+        metrics: &Metrics,
+        retry_after_secs: u64,
+    ) -> Result<QueuePermit, ScheduleError> {
+        match status {
+            BackendStatus::Ready => {}
+            BackendStatus::Unreachable(why) => {
+                return Err(ScheduleError::Unreachable { model: model.to_string(), why });
+            }
+            BackendStatus::Restarting => return Err(ScheduleError::Restarting(model.to_string())),
+            BackendStatus::Loading | BackendStatus::Failed(_) => {
+                metrics.rejected(model, Rejection::Loading);
+                return Err(ScheduleError::Loading(model.to_string()));
+            }
+        }
+        self.try_admit().map_err(|QueueFull| {
+            metrics.rejected(model, Rejection::QueueFull);
+            ScheduleError::QueueFull { retry_after_secs }
+        })
     }
 
     /// Requests admitted and not yet ended.

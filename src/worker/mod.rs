@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use crate::backend::{Backend, BackendStatus, EventStream, ModelInfo, ScheduleError, Scheduled};
 use crate::config::{DeviceKind, ModelEntry, QueueConfig};
 use crate::engine::{Engine, EngineOptions};
-use crate::metrics::{Metrics, ModelMetrics, Rejection};
+use crate::metrics::{Metrics, ModelMetrics};
 
 pub use admission::{Admission, QueueFull, QueuePermit};
 pub use job::Job;
@@ -167,19 +167,7 @@ impl Backend for ModelPool {
     }
 
     fn schedule(&self, req: Scheduled) -> Result<EventStream, ScheduleError> {
-        match self.status() {
-            BackendStatus::Ready => {}
-            BackendStatus::Restarting => return Err(ScheduleError::Restarting(self.id.clone())),
-            // A local pool is never unreachable; treated as not ready.
-            BackendStatus::Loading | BackendStatus::Failed(_) | BackendStatus::Unreachable(_) => {
-                self.metrics.rejected(&self.id, Rejection::Loading);
-                return Err(ScheduleError::Loading(self.id.clone()));
-            }
-        }
-        let permit = self.admission.try_admit().map_err(|QueueFull| {
-            self.metrics.rejected(&self.id, Rejection::QueueFull);
-            ScheduleError::QueueFull { retry_after_secs: self.retry_after_secs }
-        })?;
+        let permit = self.admission.admit(self.status(), &self.id, &self.metrics, self.retry_after_secs)?;
         let (tx, rx) = mpsc::channel(EVENT_CHANNEL);
         let job = Job {
             id: req.id,
