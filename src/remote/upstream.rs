@@ -195,16 +195,27 @@ impl Upstream {
         }
     }
 
+    /// Sends a request with the key; a transport failure or an answer
+    /// other than 200 (its body kept for the log) is an error.
+    async fn send(
+        &self,
+        url: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let r = self.authed(req).send().await.map_err(|e| self.classify(url, e))?;
+        let status = r.status().as_u16();
+        if status != 200 {
+            let body = r.text().await.unwrap_or_default();
+            return Err(UpstreamError::Status { url: url.to_string(), status, body: truncate(&body) });
+        }
+        Ok(r)
+    }
+
     /// `GET /v1/models`: reachable, serving the model, and its context length.
     pub async fn probe(&self) -> Result<Probe, UpstreamError> {
         let url = self.url("/models");
-        let r = self.authed(self.http.get(&url)).timeout(PROBE_TIMEOUT).send().await;
-        let r = r.map_err(|e| self.classify(&url, e))?;
-        let status = r.status().as_u16();
+        let r = self.send(&url, self.http.get(&url).timeout(PROBE_TIMEOUT)).await?;
         let text = r.text().await.map_err(|e| self.classify(&url, e))?;
-        if status != 200 {
-            return Err(UpstreamError::Status { url, status, body: truncate(&text) });
-        }
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| UpstreamError::Protocol { url: url.clone(), message: format!("not JSON: {e}") })?;
         Ok(read_models(&v, &self.model))
@@ -213,13 +224,8 @@ impl Upstream {
     /// Sends a completion and reads the whole answer.
     pub async fn complete(&self, call: &CompletionCall) -> Result<Completion, UpstreamError> {
         let url = self.url("/completions");
-        let r = self.authed(self.http.post(&url)).json(call).send().await;
-        let r = r.map_err(|e| self.classify(&url, e))?;
-        let status = r.status().as_u16();
+        let r = self.send(&url, self.http.post(&url).json(call)).await?;
         let text = r.text().await.map_err(|e| self.classify(&url, e))?;
-        if status != 200 {
-            return Err(UpstreamError::Status { url, status, body: truncate(&text) });
-        }
         serde_json::from_str(&text).map_err(|e| UpstreamError::Protocol {
             url,
             message: format!("unexpected completion ({e}): {}", truncate(&text)),
@@ -233,13 +239,7 @@ impl Upstream {
     ) -> Result<impl futures::Stream<Item = Result<Completion, UpstreamError>> + Send + 'static, UpstreamError>
     {
         let url = self.url("/completions");
-        let r = self.authed(self.http.post(&url)).json(call).send().await;
-        let r = r.map_err(|e| self.classify(&url, e))?;
-        let status = r.status().as_u16();
-        if status != 200 {
-            let body = r.text().await.unwrap_or_default();
-            return Err(UpstreamError::Status { url, status, body: truncate(&body) });
-        }
+        let r = self.send(&url, self.http.post(&url).json(call)).await?;
         let timeout_secs = self.timeout_secs;
         let bytes = r.bytes_stream();
         let state =
