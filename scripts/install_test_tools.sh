@@ -4,15 +4,22 @@
 #     deploy/prometheus.yml with promtool and scrapes a live ponder with it;
 #   - Debian's `docker-compose`: it checks docker/compose.yaml (no Docker
 #     engine needed for `config`);
-#   - a venv with scripts/test-tools.txt (llama.cpp's server for
-#     tests/llama_cpp.rs, kubernetes-validate for the manifests) under
-#     $PONDER_TOOLS (default ~/.cache/ponder/tools), outside the repository
-#     so that a machine that keeps its home keeps the llama.cpp build.
-# Prints nothing when everything is already there.
+#   - a venv with scripts/test-tools.txt (kubernetes-validate for the
+#     manifests; cmake and ninja);
+#   - llama.cpp's `llama-server` for tests/llama_cpp.rs, built from the
+#     llama.cpp sources inside PyPI's llama-cpp-python sdist (about 8
+#     minutes cold on 2 vCPU).
+# Everything but the Debian packages goes under $PONDER_TOOLS (default
+# ~/.cache/ponder/tools), outside the repository, so a machine that keeps
+# its home keeps the build. Prints nothing when everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="${PONDER_TOOLS:-$HOME/.cache/ponder/tools}"
 PYTHON="${PYTHON:-python3}"
+
+LLAMA_CPP_PYTHON=0.3.36
+LLAMA_SDIST_URL="https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/llama_cpp_python-$LLAMA_CPP_PYTHON.tar.gz"
+LLAMA_SDIST_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 
 missing=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
@@ -29,12 +36,40 @@ fi
 want="$(grep -v '^#' scripts/test-tools.txt | sed '/^$/d')"
 stamp="$TOOLS/venv/.ponder-requirements"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "install_test_tools: pip install into $TOOLS/venv (llama-cpp-python builds llama.cpp: minutes)" >&2
-  start=$(date +%s)
+  echo "install_test_tools: pip install into $TOOLS/venv" >&2
   rm -rf "$TOOLS/venv"
   mkdir -p "$TOOLS"
   "$PYTHON" -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/python" -m pip install --quiet --disable-pip-version-check -r scripts/test-tools.txt >&2
   printf '%s' "$want" > "$stamp"
-  echo "install_test_tools: done in $(( $(date +%s) - start )) s" >&2
 fi
+
+# llama-server, linked into the venv's bin/ where the tests look.
+server="$TOOLS/llama.cpp-$LLAMA_CPP_PYTHON/bin/llama-server"
+if [ ! -x "$server" ]; then
+  echo "install_test_tools: building llama.cpp's llama-server (from llama-cpp-python $LLAMA_CPP_PYTHON; minutes)" >&2
+  start=$(date +%s)
+  work="$TOOLS/llama.cpp-$LLAMA_CPP_PYTHON.build"
+  rm -rf "$work"
+  mkdir -p "$work"
+  "$TOOLS/venv/bin/python" - "$LLAMA_SDIST_URL" "$LLAMA_SDIST_SHA256" "$work/sdist.tar.gz" <<'PY'
+import hashlib, sys, urllib.request
+url, sha, out = sys.argv[1:]
+data = urllib.request.urlopen(url, timeout=300).read()
+got = hashlib.sha256(data).hexdigest()
+if got != sha:
+    sys.exit(f"{url}: sha256 {got}, expected {sha}")
+open(out, "wb").write(data)
+PY
+  tar -xzf "$work/sdist.tar.gz" -C "$work"
+  src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+  "$TOOLS/venv/bin/cmake" -S "$src" -B "$work/build" -G Ninja \
+    -DCMAKE_MAKE_PROGRAM="$TOOLS/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+  "$TOOLS/venv/bin/cmake" --build "$work/build" --target llama-server -j "$(nproc)" >&2
+  mkdir -p "$(dirname "$server")"
+  cp "$work/build/bin/llama-server" "$server"
+  rm -rf "$work"
+  echo "install_test_tools: llama-server built in $(( $(date +%s) - start )) s" >&2
+fi
+ln -sf "$server" "$TOOLS/venv/bin/llama-server"

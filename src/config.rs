@@ -245,9 +245,42 @@ pub struct RemoteEngine {
     /// streamed chunk) before the request fails with 504.
     #[serde(default = "default_remote_timeout")]
     pub timeout_secs: u64,
+    /// Which server it is: what a request asks beyond OpenAI's fields, and
+    /// how the answer names its tokens and the stop string it met.
+    #[serde(default)]
+    pub server: EngineServer,
+    /// Most choices one call asks for; more are split over calls with
+    /// shifted seeds. Default: unlimited for vLLM, 1 for llama.cpp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_n: Option<usize>,
     /// The key read from `api_key_env` at start-up; never printed.
     #[serde(skip)]
     pub api_key: Option<String>,
+}
+
+impl RemoteEngine {
+    /// Choices per upstream call.
+    pub fn choices_per_call(&self) -> usize {
+        self.max_n.unwrap_or(match self.server {
+            EngineServer::Vllm => usize::MAX,
+            // Its answer to n > 1 carries the first choice's usage and
+            // stop details only, so each choice is a call of its own.
+            EngineServer::LlamaCpp => 1,
+        })
+    }
+}
+
+/// The server behind a remote backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineServer {
+    /// vLLM, and servers that speak its extensions (SGLang, ponder):
+    /// `include_stop_str_in_output`, `return_token_ids`, `stop_reason`.
+    #[default]
+    Vllm,
+    /// llama.cpp's `llama-server`: `return_tokens` and `verbose`, whose
+    /// `__verbose` object gives the tokens and the stopping word.
+    LlamaCpp,
 }
 
 fn default_remote_timeout() -> u64 {
@@ -446,6 +479,9 @@ impl Config {
                             "model {:?}: backend.url must be an http:// URL ending in /v1 (https is not supported; put a TLS proxy in front); got {:?}",
                             m.id, r.url
                         ));
+                    }
+                    if r.max_n == Some(0) {
+                        return bad(format!("model {:?}: backend.max_n must be at least 1", m.id));
                     }
                     if r.model.is_empty() || r.timeout_secs == 0 {
                         return bad(format!(
@@ -670,6 +706,7 @@ mod tests {
             format: PoolingFormat::VllmPooling,
             model: "qwen-prm".into(),
             timeout_secs: 120,
+            calibration: None,
         };
         assert_eq!(c.models[0].prm, Some(PrmConfig::Remote(want)));
         let err = load(r#"{ remote = "http://prm:8001", modle = "qwen-prm" }"#).unwrap_err();

@@ -574,6 +574,7 @@ const POOLING_TASKS: [&str; 2] = ["token_classify", "reward"];
 pub fn pooling(
     req: crate::wire::PoolingRequest,
     tok: &Tokenizer,
+    context_length: usize,
     limits: &Limits,
 ) -> Result<ValidPooling, ValidationError> {
     if let Some(task) = req.task.as_deref().filter(|t| !POOLING_TASKS.contains(t)) {
@@ -593,6 +594,12 @@ pub fn pooling(
                 ids.len(),
                 limits.max_prompt_tokens
             ),
+        ));
+    }
+    if let Some((i, ids)) = inputs.iter().enumerate().find(|(_, ids)| ids.len() > context_length) {
+        return Err(ValidationError::new(
+            &format!("input[{i}]"),
+            format!("input {i} is {} tokens; the PRM's context is {context_length}", ids.len()),
         ));
     }
     Ok(ValidPooling { model: req.model, inputs })

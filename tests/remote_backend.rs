@@ -307,6 +307,10 @@ async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_loca
     assert_eq!((s, &v["error"]["param"]), (400, &json!("task")), "{v}");
     let (s, _) = pooling(json!({"model": "nope", "input": "x<extra_0>"})).await;
     assert_eq!(s, 404);
+    let long = format!("{}<extra_0>", "x ".repeat(600));
+    let (s, v) = pooling(json!({"model": "tiny-prm", "input": [text.clone(), long]})).await;
+    assert_eq!((s, &v["error"]["param"]), (400, &json!("input[1]")), "beyond the PRM's context: {v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("the PRM's context is 512"), "{v}");
 
     // The same adaptive request: the local engine with the PRM in process,
     // and ponder over that engine with the PRM on the pooling server.
@@ -324,6 +328,7 @@ async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_loca
         format: Default::default(),
         model: "tiny-prm".into(),
         timeout_secs: 30,
+        calibration: None,
     }));
     let front = TestServer::start(remote);
     let (here, there) = same_request_both_ways(&engine, &front).await;

@@ -23,7 +23,7 @@ pub async fn pooling(
     update(&summary, |s| s.model = Some(req.model.clone()));
     let prm =
         state.prms.get(&req.model).cloned().ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?;
-    let valid = validation::pooling(req, prm.tokenizer(), &state.config.limits)?;
+    let valid = validation::pooling(req, prm.tokenizer(), prm.context_length(), &state.config.limits)?;
     let prompt_tokens: usize = valid.inputs.iter().map(Vec::len).sum();
     update(&summary, |s| s.prompt_tokens = prompt_tokens);
     let inputs = valid.inputs;

@@ -108,7 +108,7 @@ fn rollout_stop(cfg: &LabelConfig, used: usize) -> StopCriteria {
     }
 }
 
-fn qhash(id: &str) -> u64 {
+pub(super) fn qhash(id: &str) -> u64 {
     id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
@@ -248,7 +248,7 @@ fn row(p: &Problem, k: usize, prefix: Vec<String>, seq: &Sequence) -> LabelRow {
     }
 }
 
-fn split_of(id: &str) -> Split {
+pub(super) fn split_of(id: &str) -> Split {
     match id.split('-').next() {
         Some("train") => Split::Train,
         Some("calib") => Split::Calib,
@@ -271,10 +271,27 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<LabelRow>> {
         .collect()
 }
 
+/// Where the policy generates the labels' trajectories and continuations.
+pub enum Source<'a> {
+    /// This process's engine, in batched steps.
+    Local(&'a Engine),
+    /// The model's remote engine, over `/v1/completions`.
+    Remote(&'a super::remote_labels::RemoteLabeler),
+}
+
+impl Source<'_> {
+    fn label_batch(&self, problems: &[Problem], cfg: &LabelConfig) -> anyhow::Result<Vec<LabelRow>> {
+        match self {
+            Source::Local(engine) => label_batch(engine, problems, cfg),
+            Source::Remote(labeler) => labeler.label_batch(problems, cfg),
+        }
+    }
+}
+
 /// Labels every problem not yet in `path`, appending per batch of
 /// `concurrent` questions. Returns all rows in the file.
 pub fn collect(
-    engine: &Engine,
+    source: &Source<'_>,
     problems: &[Problem],
     cfg: &LabelConfig,
     path: &Path,
@@ -294,7 +311,7 @@ pub fn collect(
     bar.inc(done.len() as u64);
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     for chunk in todo.chunks(concurrent.max(1)) {
-        let rows = label_batch(engine, chunk, cfg)?;
+        let rows = source.label_batch(chunk, cfg)?;
         let mut buf = String::new();
         for r in &rows {
             buf.push_str(&serde_json::to_string(r)?);

@@ -6,6 +6,8 @@ mod fitted;
 pub mod labels;
 pub mod metrics;
 mod model_prm;
+mod remote_labels;
+mod remote_prm;
 pub mod report;
 pub mod run;
 pub mod train;

@@ -1,8 +1,9 @@
 //! `ponder calibrate`: Monte-Carlo labels on the calibration split and on
-//! held-out questions, the raw and quantile PRM heads, the baselines, and
-//! the report — one command, resumable at the label stage.
+//! held-out questions (through the local engine or the model's remote one),
+//! the raw and quantile PRM heads (or a remote PRM's quantile map), the
+//! baselines, and the report — one command, resumable at the label stage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,11 +11,14 @@ use clap::Args;
 
 use super::baselines::{Histogram, Isotonic, Platt};
 use super::fitted::{Fitted, Rows, Scored};
-use super::labels::{self, LabelConfig, LabelRow};
+use super::labels::{self, LabelConfig, LabelRow, Source};
+use super::remote_labels::RemoteLabeler;
 use super::report::{self, MethodReport, Predictions};
 use super::train::{self, Data, FitConfig};
 use crate::arith::task::{self, Split};
-use crate::config::{ModelPrmConfig, PrmConfig};
+use crate::config::{
+    BackendConfig, Config, ModelEntry, ModelPrmConfig, Overrides, PrmConfig, RemotePrmConfig,
+};
 use crate::engine::{Engine, EngineOptions};
 use crate::model::Llama;
 use crate::prm::head::HeadPrm;
@@ -23,6 +27,8 @@ use crate::prm::model_prm::HeadChoice;
 #[derive(Debug, Args)]
 pub struct CalibrateArgs {
     /// A model id from the configuration, or a model path (an HF directory).
+    /// A configured model on a remote engine is labelled through that
+    /// engine; a remote PRM gets a quantile map of its P(good).
     #[arg(long)]
     model: String,
     #[arg(long)]
@@ -55,11 +61,13 @@ pub struct CalibrateArgs {
     units: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Directory for labels and the report (default: MODEL_DIR/calibration).
+    /// Directory for labels and the report (default: MODEL_DIR/calibration,
+    /// or calibration/MODEL_ID for a remote model).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where the trained heads go (default: MODEL_DIR/prm_head.safetensors
-    /// for a head PRM, OUT/prm_quantile_head.safetensors for a model PRM).
+    /// for a head PRM, OUT/prm_quantile_head.safetensors for a model PRM,
+    /// OUT/prm_quantile_map.json for a remote PRM).
     #[arg(long)]
     head: Option<PathBuf>,
     /// Calibrate this separate PRM (a Qwen2.5-Math-PRM-format directory)
@@ -81,31 +89,87 @@ enum Target {
     Head,
     /// A separate PRM whose 2-class head becomes a trained quantile head.
     Model(ModelPrmConfig),
+    /// A PRM served elsewhere, calibrated by a quantile map of its P(good).
+    Remote(RemotePrmConfig),
 }
 
-pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let (path, weights, configured) = crate::eval::resolve_entry(&args.model, args.config.as_deref())?;
-    let target = match (&args.prm_model, configured) {
+/// The model to calibrate: a configured entry, or a model path.
+fn resolve(args: &CalibrateArgs) -> anyhow::Result<ModelEntry> {
+    let cfg = Config::load(args.config.as_deref(), std::iter::empty(), &Overrides::default())?;
+    Ok(match cfg.models.into_iter().find(|m| m.id == args.model) {
+        Some(m) => m,
+        None => ModelEntry {
+            id: args.model.clone(),
+            path: PathBuf::from(&args.model),
+            ..Config::default().models[0].clone()
+        },
+    })
+}
+
+/// Where the policy runs for the labels.
+enum Policy {
+    Local(Engine),
+    Remote(RemoteLabeler),
+}
+
+/// What the labelled prefixes will be scored with.
+fn target(args: &CalibrateArgs, entry: &ModelEntry) -> Target {
+    match (&args.prm_model, entry.prm.clone()) {
         (Some(dir), _) => {
             Target::Model(ModelPrmConfig { model: dir.clone(), head: HeadChoice::Converted, lora: None })
         }
         (None, Some(PrmConfig::Model(m))) => Target::Model(m),
-        (None, Some(PrmConfig::Remote(r))) => anyhow::bail!(
-            "model {:?} scores with the remote PRM at {}; calibrating a remote PRM is not supported yet (pass --prm-model DIR for a local copy)",
-            args.model,
-            r.remote
-        ),
+        (None, Some(PrmConfig::Remote(r))) => Target::Remote(RemotePrmConfig { calibration: None, ..r }),
         (None, _) => Target::Head,
-    };
-    anyhow::ensure!(path.is_dir(), "{}: calibration writes beside an HF model directory", path.display());
-    let out = args.out.clone().unwrap_or_else(|| path.join("calibration"));
+    }
+}
+
+/// The policy, the default output directory, and the model as the report
+/// names it.
+fn policy(entry: &ModelEntry, target: &Target) -> anyhow::Result<(Policy, PathBuf, PathBuf)> {
+    match &entry.backend {
+        BackendConfig::Local => {
+            let path = &entry.path;
+            anyhow::ensure!(
+                path.is_dir(),
+                "{}: calibration writes beside an HF model directory",
+                path.display()
+            );
+            let engine =
+                Engine::load(path, entry.weights, &candle_core::Device::Cpu, EngineOptions::default())?;
+            Ok((Policy::Local(engine), path.join("calibration"), path.clone()))
+        }
+        BackendConfig::Openai(engine) => {
+            anyhow::ensure!(
+                !matches!(target, Target::Head),
+                "model {:?} runs on a remote engine, which gives no hidden states for a PRM head: configure a separate PRM (prm = {{ model = ... }} or {{ remote = ... }}) or pass --prm-model",
+                entry.id
+            );
+            let tokenizer = crate::remote::load_tokenizer(entry).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Ok((
+                Policy::Remote(RemoteLabeler::new(engine, tokenizer)?),
+                PathBuf::from("calibration").join(&entry.id),
+                PathBuf::from(format!("{} at {}", engine.model, engine.url)),
+            ))
+        }
+    }
+}
+
+pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let entry = resolve(&args)?;
+    let target = target(&args, &entry);
+    let (policy, out, path) = policy(&entry, &target)?;
+    let out = args.out.clone().unwrap_or(out);
     std::fs::create_dir_all(&out)?;
-    let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())?;
+    let source = match &policy {
+        Policy::Local(engine) => Source::Local(engine),
+        Policy::Remote(labeler) => Source::Remote(labeler),
+    };
     let fit_problems = task::generate(args.split, args.per_level);
     let eval_problems = task::generate(args.eval_split, args.eval_per_level);
-    let fit_rows = collect_labels(&args, &engine, &fit_problems, args.split, &out)?;
-    let eval_rows = collect_labels(&args, &engine, &eval_problems, args.eval_split, &out)?;
+    let fit_rows = collect_labels(&args, &source, &fit_problems, args.split, &out)?;
+    let eval_rows = collect_labels(&args, &source, &eval_problems, args.eval_split, &out)?;
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;
 
     // Heads learn from every row; calibration is fitted and reported on
@@ -126,16 +190,24 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         args.n_mc
     );
     let rows = Rows { train: &train_rows, val: &val_rows, fit: &fit_rows, eval: &eval_rows };
-    let fitted = match &target {
-        Target::Head => {
+    let questions = || -> HashMap<String, String> {
+        fit_problems.iter().chain(&eval_problems).map(|p| (p.id.clone(), p.question.clone())).collect()
+    };
+    let fitted = match (&target, &policy) {
+        (Target::Head, Policy::Local(engine)) => {
             let head_path = args.head.clone().unwrap_or_else(|| path.join("prm_head.safetensors"));
             fit_head(engine.model(), &rows, &args, &head_path, &notes)?
         }
-        Target::Model(m) => {
+        (Target::Head, Policy::Remote(_)) => {
+            unreachable!("refused above: a remote policy has no hidden states")
+        }
+        (Target::Model(m), _) => {
             let head_path = args.head.clone().unwrap_or_else(|| out.join("prm_quantile_head.safetensors"));
-            let questions =
-                fit_problems.iter().chain(&eval_problems).map(|p| (p.id.clone(), p.question.clone()));
-            super::model_prm::fit(m, &questions.collect(), &rows, &args.fit_config(), &head_path)?
+            super::model_prm::fit(m, &questions(), &rows, &args.fit_config(), &head_path)?
+        }
+        (Target::Remote(r), _) => {
+            let map_path = args.head.clone().unwrap_or_else(|| out.join("prm_quantile_map.json"));
+            super::remote_prm::fit(r, &questions(), &rows, &map_path, notes.clone())?
         }
     };
     let (methods, baselines) = evaluate(&fitted.fit, &fit_rows, &fitted.eval, &eval_rows, args.n_mc);
@@ -150,14 +222,26 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let minutes = facts.minutes.1;
     write_report(&out, &json, &context, &methods)?;
     println!("wrote {} and {} in {minutes:.1} minutes", out.display(), fitted.head_path.display());
-    if let Target::Model(m) = &target {
-        println!(
+    print_serve_line(&target, &fitted.head_path);
+    Ok(())
+}
+
+/// How to serve what was written.
+fn print_serve_line(target: &Target, written: &Path) {
+    match target {
+        Target::Model(m) => println!(
             "serve it with: prm = {{ model = {:?}, head = {{ trained = {:?} }} }}",
             m.model.display().to_string(),
-            fitted.head_path.display().to_string()
-        );
+            written.display().to_string()
+        ),
+        Target::Remote(r) => println!(
+            "serve it with: prm = {{ remote = {:?}, model = {:?}, calibration = {:?} }}",
+            r.remote,
+            r.model,
+            written.display().to_string()
+        ),
+        Target::Head => {}
     }
-    Ok(())
 }
 
 /// What a run did, for the report.
@@ -336,7 +420,7 @@ fn write_report(
 /// `labels_<split>.jsonl` under `out`.
 fn collect_labels(
     args: &CalibrateArgs,
-    engine: &Engine,
+    source: &Source<'_>,
     problems: &[task::Problem],
     split: Split,
     out: &std::path::Path,
@@ -350,7 +434,7 @@ fn collect_labels(
         ..Default::default()
     };
     labels::collect(
-        engine,
+        source,
         problems,
         &cfg,
         &out.join(format!("labels_{}.jsonl", split.name())),

@@ -44,6 +44,10 @@ pub struct RemotePrmConfig {
     /// Longest wait for one scoring call, in seconds.
     #[serde(default = "default_prm_timeout")]
     pub timeout_secs: u64,
+    /// A quantile map written by `ponder calibrate` (its
+    /// `prm_quantile_map.json`); without one, P(good) is a point estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<PathBuf>,
 }
 
 fn default_prm_timeout() -> u64 {
@@ -70,7 +74,7 @@ impl PrmConfig {
     pub fn paths(&self) -> Vec<&Path> {
         match self {
             Self::Head(p) => vec![p],
-            Self::Remote(_) => Vec::new(),
+            Self::Remote(r) => r.calibration.iter().map(PathBuf::as_path).collect(),
             Self::Model(m) => {
                 let mut v: Vec<&Path> = vec![&m.model];
                 v.extend(m.lora.as_deref());

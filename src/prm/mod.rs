@@ -8,11 +8,13 @@
 //!   beyond generating).
 //! - [`model_prm::ModelPrm`]: a separate model in the Qwen2.5-Math-PRM format.
 //! - [`remote::RemotePrm`]: such a model served elsewhere (vLLM's pooling
-//!   API, or another ponder's `/pooling`).
+//!   API, or another ponder's `/pooling`), calibrated by a
+//!   [`quantile_map::QuantileMap`] of its P(good).
 
 pub mod config;
 pub mod head;
 pub mod model_prm;
+pub mod quantile_map;
 pub mod remote;
 
 use std::sync::Arc;
@@ -117,7 +119,7 @@ pub fn load(
             };
             Ok(Arc::new(ModelPrm::load(&m.model, &ModelPrmOptions { head, lora: m.lora.clone() })?))
         }
-        PrmConfig::Remote(r) => Ok(Arc::new(remote::RemotePrm::new(r)?)),
+        PrmConfig::Remote(r) => Ok(Arc::new(remote::RemotePrm::new(r, output)?)),
     }
 }
 

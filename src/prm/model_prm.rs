@@ -183,6 +183,11 @@ impl ModelPrm {
         &self.tokenizer
     }
 
+    /// Longest input it scores, in tokens (its `max_position_embeddings`).
+    pub fn context_length(&self) -> usize {
+        self.backbone.max_position()
+    }
+
     /// The 2-class head's P(good) at every `<extra_0>` of an already
     /// formatted input, as vLLM's pooling runner answers `token_classify`.
     pub fn step_probabilities(&self, ids: &[u32]) -> Result<Vec<f32>, PrmError> {

@@ -12,7 +12,9 @@ use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use super::config::RemotePrmConfig;
+use super::head::HeadOutput;
 use super::model_prm::{STEP_TOKEN, SYSTEM_PROMPT};
+use super::quantile_map::QuantileMap;
 use super::{PrmError, PrmScore, Quantiles, ScoreItem, Scorer};
 
 type Reply = std_mpsc::Sender<Result<Vec<f32>, String>>;
@@ -20,10 +22,18 @@ type Reply = std_mpsc::Sender<Result<Vec<f32>, String>>;
 /// A remote PRM; dropping it ends its client thread.
 pub struct RemotePrm {
     calls: Mutex<std_mpsc::Sender<(Vec<String>, Reply)>>,
+    /// Applied to P(good) when answering calibrated quantiles.
+    map: Option<QuantileMap>,
 }
 
 impl RemotePrm {
-    pub fn new(config: &RemotePrmConfig) -> Result<Self, PrmError> {
+    /// A client for the configured server; answering with `output`: the
+    /// configured quantile map's quantiles, or the raw P(good).
+    pub fn new(config: &RemotePrmConfig, output: HeadOutput) -> Result<Self, PrmError> {
+        let map = match (&config.calibration, output) {
+            (Some(path), HeadOutput::Calibrated) => Some(QuantileMap::load(path)?),
+            _ => None,
+        };
         let url = format!("{}/pooling", config.remote.trim_end_matches('/'));
         let model = config.model.clone();
         let timeout = Duration::from_secs(config.timeout_secs.max(1));
@@ -46,7 +56,7 @@ impl RemotePrm {
                 }
             })
             .map_err(|e| PrmError::Remote(format!("thread: {e}")))?;
-        Ok(Self { calls: Mutex::new(tx) })
+        Ok(Self { calls: Mutex::new(tx), map })
     }
 }
 
@@ -74,26 +84,31 @@ async fn pool(
         return Err(format!("{url} answered {status}: {}", text.chars().take(300).collect::<String>()));
     }
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON: {e}"))?;
-    let data = v["data"].as_array().ok_or_else(|| format!("{url}: no `data` array"))?;
-    let mut out = vec![None; inputs.len()];
+    read_pooling(&v, inputs.len()).map_err(|e| format!("{url}: {e}"))
+}
+
+/// P(good) at the last step tag of each of `n` inputs, from a pooling
+/// response: `{"data": [{"index", "data": [[p_bad, p_good] per step tag]}]}`.
+fn read_pooling(v: &serde_json::Value, n: usize) -> Result<Vec<f32>, String> {
+    let data = v["data"].as_array().ok_or("no `data` array")?;
+    let mut out = vec![None; n];
     for d in data {
-        let i = d["index"].as_u64().unwrap_or(0) as usize;
+        let i = d["index"].as_u64().ok_or("an entry without `index`")? as usize;
         // The last row is the last step tag's [p_bad, p_good].
         let last = d["data"].as_array().and_then(|rows| rows.last()).and_then(|r| r.as_array());
-        let good = last.and_then(|r| r.get(1)).and_then(|p| p.as_f64());
-        if let (Some(slot), Some(p)) = (out.get_mut(i), good) {
-            *slot = Some(p as f32);
+        let good = last.filter(|r| r.len() == 2).and_then(|r| r[1].as_f64());
+        match (out.get_mut(i), good) {
+            (Some(slot), Some(p)) => *slot = Some(p as f32),
+            (None, _) => return Err(format!("index {i} for {n} inputs")),
+            (Some(_), None) => return Err(format!("input {i}: no [p_bad, p_good] row")),
         }
     }
-    out.into_iter()
-        .enumerate()
-        .map(|(i, p)| p.ok_or_else(|| format!("{url}: no score for input {i}")))
-        .collect()
+    out.into_iter().enumerate().map(|(i, p)| p.ok_or_else(|| format!("no score for input {i}"))).collect()
 }
 
 impl Scorer for RemotePrm {
-    /// P(good) of each prefix's last step, as a point estimate: a remote
-    /// PRM's raw score is uncalibrated.
+    /// P(good) of each prefix's last step, through the quantile map where
+    /// one is configured, else as a point estimate.
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -107,13 +122,43 @@ impl Scorer for RemotePrm {
             .map_err(|_| PrmError::Remote("the PRM client thread has stopped".into()))?;
         let scores = rx.recv().map_err(|_| PrmError::Remote("the PRM client thread has stopped".into()))?;
         let scores = scores.map_err(PrmError::Remote)?;
-        Ok(scores.into_iter().map(|p| PrmScore { quantiles: Quantiles::point(p), raw: Some(p) }).collect())
+        Ok(scores
+            .into_iter()
+            .map(|p| {
+                let quantiles = self.map.as_ref().map_or(Quantiles::point(p), |m| m.apply(p));
+                PrmScore { quantiles, raw: Some(p) }
+            })
+            .collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vllms_documented_pooling_response_gives_p_good_at_each_inputs_last_step_tag() {
+        // The shape of vLLM's PoolingResponse (vllm/entrypoints/pooling/pooling/protocol.py;
+        // vllm/entrypoints/openai/protocol.py before 0.11):
+        // id, object "list", created, model, data of PoolingResponseData
+        // {index, object "pooling", data}, usage; for token_classify on a
+        // PRM, `data` holds one [p_bad, p_good] row per <extra_0>. Entries
+        // may come in any order.
+        let v = serde_json::json!({
+            "id": "pool-0c1f", "object": "list", "created": 1733000000,
+            "model": "Qwen/Qwen2.5-Math-PRM-7B",
+            "data": [
+                {"index": 1, "object": "pooling", "data": [[0.25, 0.75]]},
+                {"index": 0, "object": "pooling", "data": [[0.1, 0.9], [0.6, 0.4]]}
+            ],
+            "usage": {"prompt_tokens": 96, "total_tokens": 96, "completion_tokens": 0, "prompt_tokens_details": null}
+        });
+        assert_eq!(read_pooling(&v, 2).unwrap(), vec![0.4, 0.75]);
+        assert!(read_pooling(&v, 3).unwrap_err().contains("no score for input 2"));
+        assert!(read_pooling(&v, 1).unwrap_err().contains("index 1 for 1 inputs"));
+        let flat = serde_json::json!({"data": [{"index": 0, "data": [0.3, 0.7]}]});
+        assert!(read_pooling(&flat, 1).is_err(), "a pooled vector is not a per-step answer");
+    }
 
     #[test]
     fn a_prefix_becomes_the_qwen_prm_prompt_with_a_tag_after_every_step() {

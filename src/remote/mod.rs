@@ -98,7 +98,9 @@ impl RemoteBackend {
     }
 }
 
-fn load_tokenizer(entry: &ModelEntry) -> Result<Arc<Tokenizer>, String> {
+/// A remote model's tokenizer, from its `tokenizer` path (a GGUF, a
+/// `tokenizer.json` or an HF directory).
+pub fn load_tokenizer(entry: &ModelEntry) -> Result<Arc<Tokenizer>, String> {
     let path = entry.tokenizer.as_ref().ok_or("a remote model needs `tokenizer`")?;
     let t = if path.is_dir() {
         Tokenizer::from_hf_dir(path)
@@ -337,29 +339,34 @@ impl Relay {
         if req.delivery == Delivery::Whole {
             return self.relay_whole(req, tx, queue_secs).await;
         }
-        let mut streams = Vec::with_capacity(g.prompts.len());
-        for (i, prompt) in g.prompts.iter().enumerate() {
+        for prompt in &g.prompts {
             self.mm.prompt_tokens.inc_by(prompt.len() as u64);
-            let s = self.upstream.stream(&call(self.upstream.model(), g, prompt)).await?;
+        }
+        let parts = parts(&self.upstream, g, true);
+        let mut streams = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let s = self.upstream.stream(&part.call).await?;
             streams.push(s.map(move |c| (i, c)).boxed());
         }
         let mut merged = futures::stream::select_all(streams);
         let mut choices = vec![ChoiceState::default(); g.choices()];
-        let mut usage = vec![None; g.prompts.len()];
+        let mut usage = vec![None; parts.len()];
         let mut first_token = None;
-        while let Some((p, chunk)) = merged.next().await {
+        while let Some((i, chunk)) = merged.next().await {
             let chunk = chunk?;
             if let Some(u) = chunk.usage {
-                usage[p] = Some(u.completion_tokens);
+                usage[i] = Some(u.completion_tokens);
             }
             for c in chunk.choices {
-                let choice = p * g.n + c.index;
-                let Some(state) = choices.get_mut(choice) else {
+                let part = &parts[i];
+                let Some(state) = choices.get_mut(part.first + c.index).filter(|_| c.index < part.call.n)
+                else {
                     return Err(UpstreamError::Protocol {
                         url: "completions".into(),
-                        message: format!("choice index {} is beyond n = {}", c.index, g.n),
+                        message: format!("choice index {} is beyond n = {}", c.index, part.call.n),
                     });
                 };
+                let choice = part.first + c.index;
                 let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some());
                 let new = if c.logprobs.is_some() {
                     c.logprobs.as_ref().map_or(0, |l| l.tokens.len())
@@ -379,20 +386,21 @@ impl Relay {
                     req.meter.add(new);
                     self.mm.generated_tokens.inc_by(new as u64);
                 }
+                let reason = c.finish_reason.as_deref().map(|r| finish_reason(r, c.stop_string(), &g.stop));
                 if (!c.text.is_empty() || !tokens.is_empty())
                     && tx.send(GenEvent::Delta { choice, text: c.text, tokens }).await.is_err()
                 {
                     return Ok(());
                 }
-                if let Some(reason) = c.finish_reason.as_deref() {
-                    let reason = finish_reason(reason, c.stop_reason.as_ref(), &g.stop);
+                if let Some(reason) = reason {
                     if tx.send(GenEvent::Finished { choice, reason }).await.is_err() {
                         return Ok(());
                     }
                 }
             }
         }
-        let completion_tokens = settle_counts(&choices, &usage, g.n, &req.meter, &self.mm);
+        let spans: Vec<(usize, usize)> = parts.iter().map(|p| (p.first, p.call.n)).collect();
+        let completion_tokens = settle_counts(&choices, &spans, &usage, &req.meter, &self.mm);
         let stats = JobStats {
             prompt_tokens: g.prompts.iter().map(Vec::len).sum(),
             completion_tokens,
@@ -412,20 +420,17 @@ impl Relay {
         queue_secs: f64,
     ) -> Result<(), UpstreamError> {
         let g = &req.generation;
-        let calls: Vec<CompletionCall> = g
-            .prompts
-            .iter()
-            .map(|p| {
-                self.mm.prompt_tokens.inc_by(p.len() as u64);
-                CompletionCall { stream: false, stream_options: None, ..call(self.upstream.model(), g, p) }
-            })
-            .collect();
-        let answers = futures::future::try_join_all(calls.iter().map(|c| self.upstream.complete(c))).await?;
+        for prompt in &g.prompts {
+            self.mm.prompt_tokens.inc_by(prompt.len() as u64);
+        }
+        let parts = parts(&self.upstream, g, false);
+        let answers =
+            futures::future::try_join_all(parts.iter().map(|p| self.upstream.complete(&p.call))).await?;
         let now = Instant::now();
         self.mm.ttft.observe(now.duration_since(req.received).as_secs_f64());
         let mut completion_tokens = 0;
         let mut events = Vec::new();
-        for (p, answer) in answers.into_iter().enumerate() {
+        for (part, answer) in parts.iter().zip(answers) {
             let tokens = answer.usage.map(|u| u.completion_tokens).unwrap_or_else(|| {
                 answer
                     .choices
@@ -437,13 +442,16 @@ impl Relay {
             req.meter.add(tokens);
             self.mm.generated_tokens.inc_by(tokens as u64);
             for c in answer.choices {
-                let choice = p * g.n + c.index;
+                if c.index >= part.call.n {
+                    return Err(UpstreamError::Protocol {
+                        url: "completions".into(),
+                        message: format!("choice index {} is beyond n = {}", c.index, part.call.n),
+                    });
+                }
+                let choice = part.first + c.index;
                 let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some());
-                let reason = finish_reason(
-                    c.finish_reason.as_deref().unwrap_or("stop"),
-                    c.stop_reason.as_ref(),
-                    &g.stop,
-                );
+                let reason =
+                    finish_reason(c.finish_reason.as_deref().unwrap_or("stop"), c.stop_string(), &g.stop);
                 events.push(GenEvent::Delta { choice, text: c.text, tokens });
                 events.push(GenEvent::Finished { choice, reason });
             }
@@ -491,14 +499,14 @@ impl Relay {
 /// meter and the metric; returns the request's completion tokens.
 fn settle_counts(
     choices: &[ChoiceState],
+    spans: &[(usize, usize)],
     usage: &[Option<usize>],
-    n: usize,
     meter: &TokenMeter,
     mm: &ModelMetrics,
 ) -> usize {
     let mut total = 0;
-    for (p, u) in usage.iter().enumerate() {
-        let counted: usize = choices[p * n..(p + 1) * n].iter().map(|c| c.tokens).sum();
+    for (&(first, n), u) in spans.iter().zip(usage) {
+        let counted: usize = choices[first..first + n].iter().map(|c| c.tokens).sum();
         let real = u.unwrap_or(counted).max(counted);
         if real > counted {
             meter.add(real - counted);
@@ -521,18 +529,44 @@ impl Drop for RunningGuard {
     }
 }
 
-/// The upstream call for one prompt of a plain request.
-fn call(model: &str, g: &GenerationRequest, prompt: &[u32]) -> CompletionCall {
+/// One upstream call of a plain request: some of one prompt's choices.
+struct Part {
+    /// The request's choice index of the call's choice 0.
+    first: usize,
+    call: CompletionCall,
+}
+
+/// The calls of a plain request: each prompt's `n` choices, split where the
+/// engine takes fewer per call (seeds shifted by the choices before, as an
+/// engine shifts them within one call).
+fn parts(upstream: &Upstream, g: &GenerationRequest, stream: bool) -> Vec<Part> {
+    let mut out = Vec::new();
+    for (p, prompt) in g.prompts.iter().enumerate() {
+        for (offset, count) in upstream.split_n(g.n) {
+            let mut call = call(upstream.model(), g, prompt, count, offset as u64);
+            if !stream {
+                call.stream = false;
+                call.stream_options = None;
+            }
+            out.push(Part { first: p * g.n + offset, call });
+        }
+    }
+    out
+}
+
+/// The upstream call for `n` choices of one prompt of a plain request.
+fn call(model: &str, g: &GenerationRequest, prompt: &[u32], n: usize, seed_offset: u64) -> CompletionCall {
     CompletionCall {
         model: model.to_string(),
         prompt: prompt.to_vec(),
-        n: g.n,
+        n,
         max_tokens: g.max_tokens,
         temperature: g.sampling.temperature,
         top_p: g.sampling.top_p,
         top_k: (g.sampling.top_k > 0).then_some(g.sampling.top_k),
+        min_p: None,
         // Engines read the seed as a signed 64-bit integer (ponder's own API too).
-        seed: g.sampling.seed & (i64::MAX as u64),
+        seed: g.sampling.seed.wrapping_add(seed_offset) & (i64::MAX as u64),
         stop: g.stop.clone(),
         logprobs: g.logprobs,
         stream: true,
@@ -540,15 +574,17 @@ fn call(model: &str, g: &GenerationRequest, prompt: &[u32]) -> CompletionCall {
         include_stop_str_in_output: false,
         return_token_ids: false,
         return_tokens: false,
+        verbose: false,
     }
 }
 
 /// OpenAI's finish reason as ponder's: `stop` is the request's stop string
-/// that vLLM names in `stop_reason`, or the end-of-generation token.
-fn finish_reason(reason: &str, stop_reason: Option<&serde_json::Value>, stops: &[String]) -> FinishReason {
+/// that the engine names (vLLM's `stop_reason`, llama.cpp's
+/// `stopping_word`), or the end-of-generation token.
+fn finish_reason(reason: &str, stop_string: Option<&str>, stops: &[String]) -> FinishReason {
     match reason {
         "length" => FinishReason::Length,
-        _ => match stop_reason.and_then(|v| v.as_str()).and_then(|s| stops.iter().position(|x| x == s)) {
+        _ => match stop_string.and_then(|s| stops.iter().position(|x| x == s)) {
             Some(index) => FinishReason::Stop { index },
             None => FinishReason::Eos,
         },
@@ -562,10 +598,9 @@ mod tests {
     #[test]
     fn finish_reasons_name_the_matched_stop_string_when_the_engine_does() {
         let stops = vec!["\n\n".to_string(), "END".to_string()];
-        let end = serde_json::json!("END");
-        assert_eq!(finish_reason("stop", Some(&end), &stops), FinishReason::Stop { index: 1 });
+        assert_eq!(finish_reason("stop", Some("END"), &stops), FinishReason::Stop { index: 1 });
         assert_eq!(finish_reason("stop", None, &stops), FinishReason::Eos);
-        assert_eq!(finish_reason("stop", Some(&serde_json::json!(2)), &stops), FinishReason::Eos);
+        assert_eq!(finish_reason("stop", Some("other"), &stops), FinishReason::Eos);
         assert_eq!(finish_reason("length", None, &stops), FinishReason::Length);
     }
 
@@ -575,8 +610,13 @@ mod tests {
         let meter = TokenMeter::default();
         let choices = [ChoiceState { tokens: 3, last: None }, ChoiceState { tokens: 2, last: None }];
         // Five chunks seen, seven tokens generated (speculative decoding).
-        assert_eq!(settle_counts(&choices, &[Some(7)], 2, &meter, &mm), 7);
+        assert_eq!(settle_counts(&choices, &[(0, 2)], &[Some(7)], &meter, &mm), 7);
         assert_eq!(meter.get(), 2, "only the missed tokens are added");
-        assert_eq!(settle_counts(&choices, &[None], 2, &TokenMeter::default(), &mm), 5);
+        assert_eq!(settle_counts(&choices, &[(0, 2)], &[None], &TokenMeter::default(), &mm), 5);
+        // Choices split over two calls, each with its own usage.
+        assert_eq!(
+            settle_counts(&choices, &[(0, 1), (1, 1)], &[Some(4), None], &TokenMeter::default(), &mm),
+            6
+        );
     }
 }

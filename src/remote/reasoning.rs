@@ -112,60 +112,40 @@ impl RemoteTrajectories {
         let mut calls = Vec::with_capacity(groups.len());
         for (ids, members) in groups {
             let left = self.params.max_tokens.saturating_sub(ids.len());
-            let seed = self.sampling.seed.wrapping_add(st.draws) & (i64::MAX as u64);
-            st.draws += members.len() as u64;
+            let max_tokens = self.params.max_step_tokens.min(left).max(1);
             let mut prompt = self.prompt.clone();
             prompt.extend_from_slice(&ids);
-            let call = CompletionCall {
-                model: self.ctx.upstream.model().to_string(),
-                prompt,
-                n: members.len(),
-                max_tokens: self.params.max_step_tokens.min(left).max(1),
-                temperature: self.sampling.temperature,
-                top_p: self.sampling.top_p,
-                top_k: (self.sampling.top_k > 0).then_some(self.sampling.top_k),
-                seed,
-                stop: vec![STEP_DELIMITER.to_string()],
-                logprobs: None,
-                stream: false,
-                stream_options: None,
-                include_stop_str_in_output: true,
-                return_token_ids: true,
-                return_tokens: true,
-            };
-            calls.push((members, call));
+            // Engines that take fewer choices per call get several calls.
+            for (offset, count) in self.ctx.upstream.split_n(members.len()) {
+                let seed = self.sampling.seed.wrapping_add(st.draws);
+                st.draws += count as u64;
+                let model = self.ctx.upstream.model();
+                let call = step_call(model, prompt.clone(), count, max_tokens, &self.sampling, seed);
+                calls.push((members[offset..offset + count].to_vec(), call));
+            }
         }
         calls
     }
 
     /// Appends one generated step to a path.
     fn apply(&self, p: &mut Path, c: CompletionChoice) -> usize {
-        let on_delimiter = c.stopped_on(STEP_DELIMITER);
-        let mut text = c.text.clone();
-        if on_delimiter && !text.ends_with(STEP_DELIMITER) {
-            text.push_str(STEP_DELIMITER);
+        let step = read_step(c, &self.ctx.tokenizer);
+        let trimmed = step.text.trim_end();
+        if !trimmed.is_empty() {
+            p.steps.push(trimmed.to_string());
         }
-        // Re-tokenized when the engine does not say which tokens it drew.
-        let ids = match c.token_ids {
-            Some(ids) if !ids.is_empty() || text.is_empty() => ids,
-            _ => self.ctx.tokenizer.encode(&text, AddSpecial::No).unwrap_or_default(),
-        };
-        let step = text.trim_end();
-        if !step.is_empty() {
-            p.steps.push(step.to_string());
-        }
-        p.text.push_str(&text);
-        p.ids.extend_from_slice(&ids);
-        match c.finish_reason.as_deref() {
+        p.text.push_str(&step.text);
+        p.ids.extend_from_slice(&step.ids);
+        match step.end {
+            StepEnd::Delimiter => {}
             // A step cut at its length limit ends the path, as on the local engine.
-            Some("length") => p.finished = true,
-            Some(_) if !on_delimiter => {
+            StepEnd::Length => p.finished = true,
+            StepEnd::Answer => {
                 p.finished = true;
                 p.ended = true;
             }
-            _ => {}
         }
-        ids.len()
+        step.ids.len()
     }
 
     async fn send_progress(&self) {
@@ -182,6 +162,80 @@ impl RemoteTrajectories {
         };
         let _ = self.ctx.events.send(GenEvent::Progress(p)).await;
     }
+}
+
+/// The call that extends one prefix (the prompt and its steps, as token
+/// ids) by one step, `n` times: stop on the step delimiter and keep it.
+pub fn step_call(
+    model: &str,
+    prompt: Vec<u32>,
+    n: usize,
+    max_tokens: usize,
+    sampling: &SamplingParams,
+    seed: u64,
+) -> CompletionCall {
+    CompletionCall {
+        model: model.to_string(),
+        prompt,
+        n,
+        max_tokens,
+        temperature: sampling.temperature,
+        top_p: sampling.top_p,
+        top_k: (sampling.top_k > 0).then_some(sampling.top_k),
+        min_p: None,
+        seed: seed & (i64::MAX as u64),
+        stop: vec![STEP_DELIMITER.to_string()],
+        logprobs: None,
+        stream: false,
+        stream_options: None,
+        include_stop_str_in_output: true,
+        return_token_ids: true,
+        return_tokens: true,
+        verbose: false,
+    }
+}
+
+/// How a generated step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    /// On the step delimiter: the trajectory goes on.
+    Delimiter,
+    /// At the step's token limit.
+    Length,
+    /// On the end-of-generation token: the answer is complete.
+    Answer,
+}
+
+/// One step as the engine generated it.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The text, ending with the delimiter when it stopped there (put back
+    /// where the engine dropped it).
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub end: StepEnd,
+}
+
+/// Reads one choice of a [`step_call`].
+pub fn read_step(c: CompletionChoice, tokenizer: &Tokenizer) -> Step {
+    let on_delimiter = c.stopped_on(STEP_DELIMITER);
+    let mut text = c.text;
+    if on_delimiter && !text.ends_with(STEP_DELIMITER) {
+        text.push_str(STEP_DELIMITER);
+    }
+    // Re-tokenized when the engine does not say which tokens it drew.
+    let ids = match c.token_ids {
+        Some(ids) if !ids.is_empty() || text.is_empty() => ids,
+        _ => tokenizer.encode(&text, AddSpecial::No).unwrap_or_default(),
+    };
+    let end = match c.finish_reason.as_deref() {
+        Some("length") => StepEnd::Length,
+        _ if on_delimiter => StepEnd::Delimiter,
+        Some(_) => StepEnd::Answer,
+        // No finish reason: treated as a step that goes on.
+        None => StepEnd::Delimiter,
+    };
+    Step { text, ids, end }
 }
 
 impl Trajectories for RemoteTrajectories {

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::UpstreamFailure;
-use crate::config::RemoteEngine;
+use crate::config::{EngineServer, RemoteEngine};
 
 /// Longest wait for a TCP connection to the engine.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,6 +53,10 @@ pub struct CompletionCall {
     /// Absent when off: engines disagree on how to say "off" (-1 or 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top_k: Option<usize>,
+    /// llama.cpp only: 0, since its default (0.05) would filter tokens the
+    /// request did not ask to filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
     pub seed: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
@@ -72,6 +76,9 @@ pub struct CompletionCall {
     pub return_token_ids: bool,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub return_tokens: bool,
+    /// llama.cpp: add `__verbose` (tokens, stopping word) to the answer.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub verbose: bool,
 }
 
 /// A completion: a whole one, or one streamed chunk of it (the same shape).
@@ -81,6 +88,35 @@ pub struct Completion {
     pub choices: Vec<CompletionChoice>,
     #[serde(default)]
     pub usage: Option<ChunkUsage>,
+    /// llama.cpp's native result beside the OpenAI one (asked with
+    /// `verbose`); of the first choice only, so calls ask for one.
+    #[serde(default, rename = "__verbose")]
+    verbose: Option<LlamaVerbose>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct LlamaVerbose {
+    #[serde(default)]
+    tokens: Vec<u32>,
+    #[serde(default)]
+    stopping_word: String,
+}
+
+impl Completion {
+    /// Moves what llama.cpp's `__verbose` says of a lone choice into the
+    /// fields vLLM uses: its tokens (the stop string's included) and the
+    /// stop string it met, which its text leaves out.
+    fn normalized(mut self) -> Self {
+        if let (Some(v), [c]) = (self.verbose.take(), self.choices.as_mut_slice()) {
+            if c.token_ids.is_none() && !v.tokens.is_empty() {
+                c.token_ids = Some(v.tokens);
+            }
+            if c.stopping_word.is_none() && !v.stopping_word.is_empty() {
+                c.stopping_word = Some(v.stopping_word);
+            }
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -107,8 +143,13 @@ pub struct CompletionChoice {
 impl CompletionChoice {
     /// Whether the choice ended on stop string `stop`.
     pub fn stopped_on(&self, stop: &str) -> bool {
-        self.stop_reason.as_ref().and_then(|v| v.as_str()) == Some(stop)
-            || self.stopping_word.as_deref() == Some(stop)
+        self.stop_string() == Some(stop)
+    }
+
+    /// The stop string that ended the choice, as vLLM (`stop_reason`) or
+    /// llama.cpp (`stopping_word`) names it.
+    pub fn stop_string(&self) -> Option<&str> {
+        self.stop_reason.as_ref().and_then(|v| v.as_str()).or(self.stopping_word.as_deref())
     }
 }
 
@@ -150,6 +191,8 @@ pub struct Upstream {
     model: String,
     api_key: Option<String>,
     timeout_secs: u64,
+    server: EngineServer,
+    per_call: usize,
 }
 
 impl Upstream {
@@ -167,11 +210,40 @@ impl Upstream {
             model: engine.model.clone(),
             api_key: engine.api_key.clone(),
             timeout_secs: engine.timeout_secs,
+            server: engine.server,
+            per_call: engine.choices_per_call(),
         }
     }
 
     pub fn model(&self) -> &str {
         &self.model
+    }
+
+    /// `n` choices as calls of at most `max_n` each: `(offset, count)`,
+    /// the offset also shifting each call's seed.
+    pub fn split_n(&self, n: usize) -> Vec<(usize, usize)> {
+        let per = self.per_call.max(1);
+        (0..n).step_by(per).map(|offset| (offset, per.min(n - offset))).collect()
+    }
+
+    /// The call in this server's words: vLLM's extensions, or llama.cpp's.
+    fn adapt(&self, call: &CompletionCall) -> CompletionCall {
+        let mut c = call.clone();
+        match self.server {
+            EngineServer::Vllm => c.return_tokens = false,
+            EngineServer::LlamaCpp => {
+                c.return_tokens = c.return_token_ids;
+                c.return_token_ids = false;
+                // It drops the stop string whatever is asked, and names it in `__verbose`.
+                c.include_stop_str_in_output = false;
+                c.verbose = true;
+                // Its sampler defaults to top-k 40 and min-p 0.05; OpenAI's
+                // request means neither unless it says so (0 turns them off).
+                c.top_k = Some(c.top_k.unwrap_or(0));
+                c.min_p = Some(0.0);
+            }
+        }
+        c
     }
 
     fn url(&self, path: &str) -> String {
@@ -224,11 +296,13 @@ impl Upstream {
     /// Sends a completion and reads the whole answer.
     pub async fn complete(&self, call: &CompletionCall) -> Result<Completion, UpstreamError> {
         let url = self.url("/completions");
-        let r = self.send(&url, self.http.post(&url).json(call)).await?;
+        let r = self.send(&url, self.http.post(&url).json(&self.adapt(call))).await?;
         let text = r.text().await.map_err(|e| self.classify(&url, e))?;
-        serde_json::from_str(&text).map_err(|e| UpstreamError::Protocol {
-            url,
-            message: format!("unexpected completion ({e}): {}", truncate(&text)),
+        serde_json::from_str::<Completion>(&text).map(Completion::normalized).map_err(|e| {
+            UpstreamError::Protocol {
+                url,
+                message: format!("unexpected completion ({e}): {}", truncate(&text)),
+            }
         })
     }
 
@@ -239,7 +313,7 @@ impl Upstream {
     ) -> Result<impl futures::Stream<Item = Result<Completion, UpstreamError>> + Send + 'static, UpstreamError>
     {
         let url = self.url("/completions");
-        let r = self.send(&url, self.http.post(&url).json(call)).await?;
+        let r = self.send(&url, self.http.post(&url).json(&self.adapt(call))).await?;
         let timeout_secs = self.timeout_secs;
         let bytes = r.bytes_stream();
         let state =
@@ -317,15 +391,22 @@ fn parse_chunk(data: &str) -> Result<Completion, String> {
     if let Some(err) = v.get("error") {
         return Err(format!("the engine sent an error mid-stream: {err}"));
     }
-    serde_json::from_value(v).map_err(|e| format!("unexpected chunk ({e}): {}", truncate(data)))
+    serde_json::from_value::<Completion>(v)
+        .map(Completion::normalized)
+        .map_err(|e| format!("unexpected chunk ({e}): {}", truncate(data)))
 }
 
 /// The served model's entry in a `/v1/models` answer: vLLM gives
-/// `max_model_len`, llama.cpp `meta.n_ctx_train`.
+/// `max_model_len`; llama.cpp `meta.n_ctx`, the context of one of its
+/// slots (its `-c` over `--parallel`), which is less than `n_ctx_train`.
 fn read_models(v: &serde_json::Value, model: &str) -> Probe {
     let entry = v["data"].as_array().and_then(|d| d.iter().find(|m| m["id"].as_str() == Some(model)));
     let context_length = entry.and_then(|m| {
-        m["max_model_len"].as_u64().or_else(|| m["meta"]["n_ctx_train"].as_u64()).map(|n| n as usize)
+        m["max_model_len"]
+            .as_u64()
+            .or_else(|| m["meta"]["n_ctx"].as_u64())
+            .or_else(|| m["meta"]["n_ctx_train"].as_u64())
+            .map(|n| n as usize)
     });
     Probe { serves_model: entry.is_some(), context_length }
 }
@@ -346,9 +427,42 @@ mod tests {
     fn the_served_models_context_length_is_read_from_vllm_or_llama_cpp() {
         let vllm = serde_json::json!({"data": [{"id": "other"}, {"id": "policy", "max_model_len": 4096}]});
         assert_eq!(read_models(&vllm, "policy"), Probe { serves_model: true, context_length: Some(4096) });
-        let llama = serde_json::json!({"data": [{"id": "policy", "meta": {"n_ctx_train": 8192}}]});
-        assert_eq!(read_models(&llama, "policy").context_length, Some(8192));
+        let llama =
+            serde_json::json!({"data": [{"id": "policy", "meta": {"n_ctx": 2048, "n_ctx_train": 8192}}]});
+        assert_eq!(read_models(&llama, "policy").context_length, Some(2048), "a slot's context");
+        let older = serde_json::json!({"data": [{"id": "policy", "meta": {"n_ctx_train": 8192}}]});
+        assert_eq!(read_models(&older, "policy").context_length, Some(8192));
         assert_eq!(read_models(&vllm, "missing"), Probe { serves_model: false, context_length: None });
+    }
+
+    #[test]
+    fn llama_cpps_verbose_answer_gives_a_lone_choice_its_tokens_and_stopping_word() {
+        let v = r#"{"choices":[{"text":"1. Red","index":0,"finish_reason":"stop"}],
+            "__verbose":{"content":"1. Red","tokens":[33,30,3950,198],"stop_type":"word","stopping_word":"\n"}}"#;
+        let c = parse_chunk(v).unwrap();
+        assert_eq!(c.choices[0].token_ids.as_deref(), Some(&[33, 30, 3950, 198][..]));
+        assert!(c.choices[0].stopped_on("\n"));
+        let eos = r#"{"choices":[{"text":"Hi","index":0,"finish_reason":"stop"}],
+            "__verbose":{"tokens":[5],"stop_type":"eos","stopping_word":""}}"#;
+        assert_eq!(parse_chunk(eos).unwrap().choices[0].stop_string(), None);
+    }
+
+    #[test]
+    fn n_is_split_into_calls_of_at_most_max_n_choices() {
+        let engine = |max_n| RemoteEngine {
+            url: "http://e/v1".into(),
+            model: "m".into(),
+            api_key_env: None,
+            timeout_secs: 1,
+            server: EngineServer::Vllm,
+            max_n,
+            api_key: None,
+        };
+        assert_eq!(Upstream::new(&engine(None)).split_n(5), vec![(0, 5)]);
+        assert_eq!(Upstream::new(&engine(Some(2))).split_n(5), vec![(0, 2), (2, 2), (4, 1)]);
+        let llama = RemoteEngine { server: EngineServer::LlamaCpp, ..engine(None) };
+        assert_eq!(Upstream::new(&llama).split_n(2), vec![(0, 1), (1, 1)]);
+        assert!(Upstream::new(&llama).split_n(0).is_empty());
     }
 
     #[test]

@@ -173,6 +173,8 @@ pub fn remote_config(id: &str, url: &str, engine_model: &str, timeout_secs: u64)
         model: engine_model.into(),
         api_key_env: None,
         timeout_secs,
+        server: Default::default(),
+        max_n: None,
         api_key: None,
     });
     c
