@@ -7,23 +7,11 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::TestServer;
+use common::{TestServer, ponder_cli as ponder};
 use ponder::config::{Config, Overrides, PrmConfig, ServedPrm};
+use ponder::prm::ScoreItem;
 use ponder::prm::head::HeadOutput;
 use ponder::prm::quantile_map::QuantileMap;
-use ponder::prm::{ScoreItem, Scorer};
-
-fn ponder(args: &[&str]) -> (bool, String, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_ponder")).args(args).env("RAYON_NUM_THREADS", "1").output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 #[test]
 fn a_remote_prm_is_calibrated_on_labels_drawn_through_the_remote_engine() {

@@ -4,15 +4,7 @@ mod common;
 
 use std::process::Command;
 
-fn ponder(args: &[&str]) -> (bool, String, String) {
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_ponder")).args(args).env("RAYON_NUM_THREADS", "1").output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
+use common::ponder_cli as ponder;
 
 #[test]
 fn generate_prints_n_completions_and_the_token_rates() {

@@ -3,9 +3,11 @@
 //! entry. Both head trainers (`run` for heads on the policy's hidden
 //! states, `model_prm` for separate PRMs) produce these.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use super::labels::LabelRow;
+use crate::prm::ScoreItem;
 
 /// The labelled prefixes: the fitting questions split into training and
 /// validation (every row), and the calibration rows of the fitting and the
@@ -48,4 +50,20 @@ pub(crate) struct Fitted {
     pub summary: String,
     pub fit: Scored,
     pub eval: Scored,
+}
+
+/// What a separate PRM reads of each labelled prefix: its question's text
+/// and its steps.
+pub(crate) fn score_items<'a>(
+    questions: &'a HashMap<String, String>,
+    rows: &'a [LabelRow],
+) -> anyhow::Result<Vec<ScoreItem<'a>>> {
+    rows.iter()
+        .map(|r| {
+            let question = questions
+                .get(&r.question_id)
+                .ok_or_else(|| anyhow::anyhow!("label row of unknown question {}", r.question_id))?;
+            Ok(ScoreItem { question, steps: &r.prefix, hidden: None, logprobs: &[] })
+        })
+        .collect()
 }

@@ -9,11 +9,10 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::fitted::{Fitted, Rows, Scored};
+use super::fitted::{Fitted, Rows, Scored, score_items};
 use super::labels::LabelRow;
 use super::train::{self, Data, FitConfig};
 use crate::config::ModelPrmConfig;
-use crate::prm::ScoreItem;
 use crate::prm::model_prm::{HeadChoice, ModelPrm, ModelPrmOptions};
 
 /// Prefixes per PRM forward pass.
@@ -27,15 +26,7 @@ fn features(
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(CHUNK) {
-        let items: Vec<ScoreItem<'_>> = chunk
-            .iter()
-            .map(|r| {
-                let question = questions
-                    .get(&r.question_id)
-                    .ok_or_else(|| anyhow::anyhow!("label row of unknown question {}", r.question_id))?;
-                Ok(ScoreItem { question, steps: &r.prefix, hidden: None, logprobs: &[] })
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let items = score_items(questions, chunk)?;
         out.extend(prm.features(&items)?.to_vec2::<f32>()?);
     }
     Ok(out)

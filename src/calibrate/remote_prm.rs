@@ -7,13 +7,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::fitted::{Fitted, Rows, Scored};
+use super::fitted::{Fitted, Rows, Scored, score_items};
 use super::labels::LabelRow;
 use crate::config::RemotePrmConfig;
 use crate::prm::head::HeadOutput;
 use crate::prm::quantile_map::QuantileMap;
 use crate::prm::remote::RemotePrm;
-use crate::prm::{BETAS, ScoreItem, Scorer};
+use crate::prm::{BETAS, Scorer};
 
 /// Prefixes per pooling call.
 const CHUNK: usize = 32;
@@ -25,15 +25,7 @@ fn raw_scores(
 ) -> anyhow::Result<Vec<f64>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(CHUNK) {
-        let items: Vec<ScoreItem<'_>> = chunk
-            .iter()
-            .map(|r| {
-                let question = questions
-                    .get(&r.question_id)
-                    .ok_or_else(|| anyhow::anyhow!("label row of unknown question {}", r.question_id))?;
-                Ok(ScoreItem { question, steps: &r.prefix, hidden: None, logprobs: &[] })
-            })
-            .collect::<anyhow::Result<_>>()?;
+        let items = score_items(questions, chunk)?;
         let scores = prm.score(&items).map_err(|e| anyhow::anyhow!("{e}"))?;
         out.extend(scores.iter().map(|s| f64::from(s.raw.expect("a remote PRM gives its P(good)"))));
     }

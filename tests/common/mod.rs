@@ -308,3 +308,17 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+/// Runs the `ponder` binary with one compute thread: (success, stdout, stderr).
+pub fn ponder_cli(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ponder"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
