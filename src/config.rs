@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::device::DeviceKind;
 use crate::model::WeightFormat;
 pub use crate::prm::config::{ModelPrmConfig, PoolingFormat, PrmConfig, RemotePrmConfig};
 pub use crate::reasoning::knobs::ReasoningDefaults;
@@ -162,12 +163,6 @@ impl Default for LoggingConfig {
     fn default() -> Self {
         Self { format: LogFormat::Text, level: "info".into(), prompts: PromptLogging::Off }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeviceKind {
-    Cpu,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -467,6 +462,9 @@ impl Config {
             if m.id.is_empty() || m.devices.is_empty() || m.prefill_chunk == 0 {
                 return bad(format!("model {:?}: id, devices and prefill_chunk must be non-empty", m.id));
             }
+            if let Some(Err(why)) = m.devices.iter().map(DeviceKind::supported).find(Result::is_err) {
+                return bad(format!("model {:?}: devices: {why}", m.id));
+            }
             match &m.backend {
                 BackendConfig::Local if path_is_empty(&m.path) => {
                     return bad(format!("model {:?}: `path` is required for a local model", m.id));
@@ -689,6 +687,29 @@ mod tests {
         assert!(err.to_string().contains("hidden states"), "{err}");
         let err = load("tokenizer = \"t.json\"\n", &[]).unwrap_err();
         assert!(err.to_string().contains("`path` is required"), "{err}");
+    }
+
+    #[test]
+    fn devices_parse_as_cpu_or_cuda_and_a_build_without_cuda_refuses_a_gpu_at_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d.toml");
+        let load = |devices: &str| {
+            std::fs::write(
+                &file,
+                format!("[[models]]\nid = \"m\"\npath = \"x.gguf\"\ndevices = {devices}\n"),
+            )
+            .unwrap();
+            Config::load(Some(&file), [], &Overrides::default())
+        };
+        assert_eq!(load(r#"["cpu", "cpu"]"#).unwrap().models[0].devices, [DeviceKind::Cpu, DeviceKind::Cpu]);
+        assert!(load(r#"["gpu0"]"#).unwrap_err().to_string().contains("\"cuda:N\""));
+        let gpu = load(r#"["cuda:0", "cuda:1"]"#);
+        if cfg!(feature = "cuda") {
+            assert_eq!(gpu.unwrap().models[0].devices, [DeviceKind::Cuda(0), DeviceKind::Cuda(1)]);
+        } else {
+            let err = gpu.unwrap_err().to_string();
+            assert!(err.contains("devices") && err.contains("make build-cuda"), "{err}");
+        }
     }
 
     #[test]

@@ -60,6 +60,7 @@
 //!   share prefixes instead of copying them.
 //! - [`tokenizer`]: `tokenizer.json` or a tokenizer built from GGUF metadata,
 //!   the chat template (minijinja), end-of-generation ids.
+//! - [`device`]: `"cpu"` or `"cuda:N"` (the `cuda` feature), one worker each.
 //! - [`metrics`]: the Prometheus registry; [`cli`] and [`bench`](mod@bench): the command.
 //!
 //! # Path of one request
@@ -90,6 +91,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod cli;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod eval;
 pub mod metrics;

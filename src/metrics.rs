@@ -145,13 +145,23 @@ impl Metrics {
             ),
             prompt_tokens: counter(&r, PROMPT_TOKENS_TOTAL, "Prompt tokens prefilled", &["model"]),
             generated_tokens: counter(&r, GENERATED_TOKENS_TOTAL, "Tokens generated", &["model"]),
-            queue_depth: gauge(&r, QUEUE_DEPTH, "Admitted sequences waiting for a worker", &["model"]),
-            running: gauge(&r, RUNNING_SEQUENCES, "Sequences in a worker's running batch", &["model"]),
+            queue_depth: gauge(
+                &r,
+                QUEUE_DEPTH,
+                "Admitted sequences waiting for a worker",
+                &["model", "device"],
+            ),
+            running: gauge(
+                &r,
+                RUNNING_SEQUENCES,
+                "Sequences in a worker's running batch",
+                &["model", "device"],
+            ),
             batch_size: histogram(
                 &r,
                 BATCH_SIZE,
                 "Sequences per batched decode step",
-                &["model"],
+                &["model", "device"],
                 BATCH_BUCKETS,
             ),
             cancelled: counter(
@@ -166,7 +176,7 @@ impl Metrics {
                 "Requests turned away, by reason",
                 &["model", "reason"],
             ),
-            kv_bytes: gauge(&r, KV_CACHE_BYTES, "Bytes held by live KV caches", &["model"]),
+            kv_bytes: gauge(&r, KV_CACHE_BYTES, "Bytes held by live KV caches", &["model", "device"]),
             worker_restarts: counter(
                 &r,
                 WORKER_RESTARTS_TOTAL,
@@ -245,9 +255,13 @@ impl Metrics {
         self.models_loaded.inc();
     }
 
-    /// Handles bound to one model's labels, for the worker's hot loop.
-    pub fn for_model(&self, model: &str) -> ModelMetrics {
+    /// Handles bound to one model's labels, for the worker's hot loop; the
+    /// gauges and batch sizes of one worker also carry its `device` ("cpu",
+    /// "cuda:0", or "remote" for an engine elsewhere), so that a model's
+    /// workers do not overwrite each other.
+    pub fn for_model(&self, model: &str, device: &str) -> ModelMetrics {
         let l = [model];
+        let d = [model, device];
         // Every reason's series exists from the start, at 0, so that a
         // dashboard's rate() of rejections reads 0 rather than no data.
         for why in [Rejection::QueueFull, Rejection::Draining, Rejection::Loading] {
@@ -259,11 +273,11 @@ impl Metrics {
             itl: self.itl.with_label_values(&l),
             prompt_tokens: self.prompt_tokens.with_label_values(&l),
             generated_tokens: self.generated_tokens.with_label_values(&l),
-            queue_depth: self.queue_depth.with_label_values(&l),
-            running: self.running.with_label_values(&l),
-            batch_size: self.batch_size.with_label_values(&l),
+            queue_depth: self.queue_depth.with_label_values(&d),
+            running: self.running.with_label_values(&d),
+            batch_size: self.batch_size.with_label_values(&d),
             cancelled: self.cancelled.with_label_values(&l),
-            kv_bytes: self.kv_bytes.with_label_values(&l),
+            kv_bytes: self.kv_bytes.with_label_values(&d),
             worker_restarts: self.worker_restarts.with_label_values(&l),
             reasoning: ReasoningMetrics { model: model.to_string(), metrics: self.clone() },
         }
@@ -322,7 +336,7 @@ mod tests {
         let m = Metrics::new();
         m.http_request("/v1/models", 200, 0.01);
         m.rejected("x", Rejection::QueueFull);
-        let mm = m.for_model("x");
+        let mm = m.for_model("x", "cpu");
         mm.ttft.observe(0.1);
         let text = m.render();
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
@@ -338,6 +352,16 @@ mod tests {
             }
         }
         assert!(text.contains("ponder_rejected_requests_total{model=\"x\",reason=\"queue_full\"} 1"));
+    }
+
+    #[test]
+    fn two_workers_of_one_model_keep_their_own_gauges_under_their_device_label() {
+        let m = Metrics::new();
+        m.for_model("x", "cuda:0").running.set(3);
+        m.for_model("x", "cuda:1").running.set(5);
+        let text = m.render();
+        assert!(text.contains("ponder_running_sequences{device=\"cuda:0\",model=\"x\"} 3"), "{text}");
+        assert!(text.contains("ponder_running_sequences{device=\"cuda:1\",model=\"x\"} 5"), "{text}");
     }
 
     /// Every `ponder_*` metric a PromQL expression reads, with the labels it
@@ -382,7 +406,7 @@ mod tests {
         m.http_request("/v1/chat/completions", 200, 0.01);
         m.rejected("x", Rejection::QueueFull);
         m.model_loaded();
-        let mm = m.for_model("x");
+        let mm = m.for_model("x", "cpu");
         for h in [&mm.queue_duration, &mm.ttft, &mm.itl, &mm.batch_size] {
             h.observe(1.0);
         }

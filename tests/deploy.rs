@@ -276,3 +276,20 @@ async fn prometheus_scraping_a_live_ponder_answers_every_dashboard_query_with_da
     }
     assert!(missing.is_empty(), "queries without data:\n{}", missing.join("\n"));
 }
+
+#[test]
+fn the_cuda_images_configuration_asks_for_a_gpu_which_only_a_cuda_build_opens() {
+    let loaded = Config::load(Some(&repo("docker/ponder-cuda.toml")), [], &Overrides::default());
+    if cfg!(feature = "cuda") {
+        assert_eq!(loaded.unwrap().models[0].devices, [ponder::config::DeviceKind::Cuda(0)]);
+    } else {
+        let err = loaded.unwrap_err().to_string();
+        assert!(err.contains("cuda:0") && err.contains("make build-cuda"), "{err}");
+    }
+    // The image copies files that exist.
+    let dockerfile = std::fs::read_to_string(repo("docker/Dockerfile.cuda")).unwrap();
+    for path in ["scripts/install_cuda.sh", "scripts/cuda-wheels.txt", "docker/ponder-cuda.toml"] {
+        assert!(repo(path).is_file(), "{path}");
+    }
+    assert!(dockerfile.contains("--features cuda") && dockerfile.contains("docker/ponder-cuda.toml"));
+}

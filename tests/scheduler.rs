@@ -125,7 +125,7 @@ fn scheduler(p: f32, max_running: usize) -> (Scheduler, Arc<Engine>, Metrics) {
     let e = engine();
     let metrics = Metrics::new();
     let scorer: Arc<dyn Scorer> = Arc::new(FixedScorer(Mutex::new(p)));
-    (Scheduler::new(e.clone(), metrics.for_model("arith"), max_running, Some(scorer)), e, metrics)
+    (Scheduler::new(e.clone(), metrics.for_model("arith", "cpu"), max_running, Some(scorer)), e, metrics)
 }
 
 #[test]
@@ -260,6 +260,6 @@ fn a_client_that_leaves_is_dropped_at_the_next_step_with_its_caches_and_counted_
     }
     let text = metrics.render();
     assert!(text.contains("ponder_cancelled_requests_total{model=\"arith\"} 3"), "{text}");
-    assert!(text.contains("ponder_kv_cache_bytes{model=\"arith\"} 0"), "{text}");
-    assert!(text.contains("ponder_running_sequences{model=\"arith\"} 0"), "{text}");
+    assert!(text.contains("ponder_kv_cache_bytes{device=\"cpu\",model=\"arith\"} 0"), "{text}");
+    assert!(text.contains("ponder_running_sequences{device=\"cpu\",model=\"arith\"} 0"), "{text}");
 }

@@ -86,8 +86,8 @@ async fn send_and_leave(s: &TestServer, path: &str, body: &Value, model: &str) {
     sock.write_all(req.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let m = metrics(s).await;
-    let held = read(&m, &format!("ponder_running_sequences{{model=\"{model}\"}}"))
-        + read(&m, &format!("ponder_queue_depth_sequences{{model=\"{model}\"}}"));
+    let held = read(&m, &format!("ponder_running_sequences{{device=\"cpu\",model=\"{model}\"}}"))
+        + read(&m, &format!("ponder_queue_depth_sequences{{device=\"cpu\",model=\"{model}\"}}"));
     assert!(held > 0.0, "{body}: still in the worker when the client leaves");
     drop(sock);
 }
@@ -175,10 +175,10 @@ async fn a_client_that_leaves_after_100_ms_is_cancelled_counted_once_and_logged_
         }
     }
     let idle = wait_until(&server, "an idle worker", |m| {
-        read(m, "ponder_running_sequences{model=\"ponder-arith\"}") == 0.0
-            && read(m, "ponder_kv_cache_bytes{model=\"ponder-arith\"}") == 0.0
-            && read(m, "ponder_kv_cache_bytes{model=\"smollm2-135m-instruct\"}") == 0.0
+        read(m, "ponder_running_sequences{device=\"cpu\",model=\"ponder-arith\"}") == 0.0
+            && read(m, "ponder_kv_cache_bytes{device=\"cpu\",model=\"ponder-arith\"}") == 0.0
+            && read(m, "ponder_kv_cache_bytes{device=\"cpu\",model=\"smollm2-135m-instruct\"}") == 0.0
     })
     .await;
-    assert_eq!(read(&idle, "ponder_queue_depth_sequences{model=\"ponder-arith\"}"), 0.0);
+    assert_eq!(read(&idle, "ponder_queue_depth_sequences{device=\"cpu\",model=\"ponder-arith\"}"), 0.0);
 }

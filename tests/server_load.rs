@@ -30,6 +30,11 @@ fn series(name: &str) -> String {
     format!("{name}{{model=\"{MODEL}\"}}")
 }
 
+/// A series of the one CPU worker's gauges.
+fn worker_series(name: &str) -> String {
+    format!("{name}{{device=\"cpu\",model=\"{MODEL}\"}}")
+}
+
 #[tokio::test]
 async fn a_burst_beyond_queue_capacity_gets_429_at_once_while_every_accepted_request_completes() {
     let mut c = common::smollm_config();
@@ -83,8 +88,8 @@ async fn a_client_that_disconnects_stops_its_sequences_within_a_step_and_others_
     let server = TestServer::start(common::smollm_config());
     let client = reqwest::Client::new();
     let cancelled = series("ponder_cancelled_requests_total");
-    let running = series("ponder_running_sequences");
-    let kv = series("ponder_kv_cache_bytes");
+    let running = worker_series("ponder_running_sequences");
+    let kv = worker_series("ponder_kv_cache_bytes");
 
     // Streaming: read a few chunks, then drop the response.
     let body = json!({"model": MODEL, "prompt": COUNTING, "max_tokens": 3000, "temperature": 0, "stream": true, "n": 2});

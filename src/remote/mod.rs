@@ -91,7 +91,7 @@ impl RemoteBackend {
             max_running: queue.max_running,
             retry_after_secs: queue.retry_after_secs,
             metrics: metrics.clone(),
-            mm: metrics.for_model(&entry.id),
+            mm: metrics.for_model(&entry.id, "remote"),
         });
         tokio::spawn(start(backend.upstream.clone(), entry.clone(), shared, metrics.clone()));
         backend
@@ -606,7 +606,7 @@ mod tests {
 
     #[test]
     fn the_engines_usage_corrects_a_chunk_count_that_missed_tokens() {
-        let mm = Metrics::new().for_model("m");
+        let mm = Metrics::new().for_model("m", "remote");
         let meter = TokenMeter::default();
         let choices = [ChoiceState { tokens: 3, last: None }, ChoiceState { tokens: 2, last: None }];
         // Five chunks seen, seven tokens generated (speculative decoding).

@@ -114,7 +114,7 @@ impl ModelPool {
                 entry: entry.clone(),
                 device: *device,
                 shared: shared.clone(),
-                mm: metrics.for_model(&entry.id),
+                mm: metrics.for_model(&entry.id, &device.to_string()),
                 metrics: metrics.clone(),
                 max_running: queue.max_running,
                 options: options.clone(),
@@ -185,9 +185,7 @@ impl Backend for ModelPool {
 }
 
 fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
-    let candle_device = match ctx.device {
-        DeviceKind::Cpu => candle_core::Device::Cpu,
-    };
+    let candle_device = ctx.device.open().map_err(|e| format!("model {:?}: {e}", ctx.entry.id))?;
     let entry = &ctx.entry;
     let opts = EngineOptions { prefill_chunk: entry.prefill_chunk };
     let started = Instant::now();
