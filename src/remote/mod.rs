@@ -342,7 +342,7 @@ impl Relay {
         for prompt in &g.prompts {
             self.mm.prompt_tokens.inc_by(prompt.len() as u64);
         }
-        let parts = parts(&self.upstream, g, true);
+        let parts = parts(&self.upstream, g, Delivery::Streamed);
         let mut streams = Vec::with_capacity(parts.len());
         for (i, part) in parts.iter().enumerate() {
             let s = self.upstream.stream(&part.call).await?;
@@ -423,7 +423,7 @@ impl Relay {
         for prompt in &g.prompts {
             self.mm.prompt_tokens.inc_by(prompt.len() as u64);
         }
-        let parts = parts(&self.upstream, g, false);
+        let parts = parts(&self.upstream, g, Delivery::Whole);
         let answers =
             futures::future::try_join_all(parts.iter().map(|p| self.upstream.complete(&p.call))).await?;
         let now = Instant::now();
@@ -539,12 +539,12 @@ struct Part {
 /// The calls of a plain request: each prompt's `n` choices, split where the
 /// engine takes fewer per call (seeds shifted by the choices before, as an
 /// engine shifts them within one call).
-fn parts(upstream: &Upstream, g: &GenerationRequest, stream: bool) -> Vec<Part> {
+fn parts(upstream: &Upstream, g: &GenerationRequest, delivery: Delivery) -> Vec<Part> {
     let mut out = Vec::new();
     for (p, prompt) in g.prompts.iter().enumerate() {
         for (offset, count) in upstream.split_n(g.n) {
             let mut call = call(upstream.model(), g, prompt, count, offset as u64);
-            if !stream {
+            if delivery == Delivery::Whole {
                 call.stream = false;
                 call.stream_options = None;
             }
