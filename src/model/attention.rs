@@ -70,20 +70,25 @@ impl Rope {
     }
 }
 
-#[inline]
+/// Eight independent partial sums (one 8-lane vector, or two 4-lane ones)
+/// let the compiler vectorise without reassociating floats on its own, so
+/// every build of this function sums in the same order and gives the same
+/// bits. `chunks_exact` tells it each chunk holds eight floats: with indexed
+/// loads the bounds checks kept this loop scalar, and it was the hottest
+/// loop of a batched step.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight independent partial sums let the compiler vectorise without
-    // reassociating floats on its own.
     let mut acc = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += a[c * 8 + l] * b[c * 8 + l];
+            acc[l] += x[l] * y[l];
         }
     }
     let mut tail = 0f32;
-    for i in chunks * 8..a.len() {
-        tail += a[i] * b[i];
+    for (x, y) in ta.iter().zip(tb) {
+        tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
@@ -108,6 +113,41 @@ impl AttnShape {
 /// and attends to every position up to and including its own. Writes `n`
 /// rows of `n_heads * head_dim` to `out`.
 pub(crate) fn attend(
+    shape: AttnShape,
+    q: &[f32],
+    cache: &KvCache,
+    layer: usize,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU was just checked for every feature attend_avx2 enables.
+        unsafe { attend_avx2(shape, q, cache, layer, out, scores) };
+        return;
+    }
+    attend_portable(shape, q, cache, layer, out, scores);
+}
+
+/// [`attend_portable`] compiled with 8-lane vectors. Without a
+/// `target-cpu` flag Rust builds for SSE2 only; the loops above sum in
+/// eight lanes either way (no FMA is enabled: fused products would round
+/// differently), so both builds give the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_avx2(
+    shape: AttnShape,
+    q: &[f32],
+    cache: &KvCache,
+    layer: usize,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    attend_portable(shape, q, cache, layer, out, scores);
+}
+
+#[inline(always)]
+fn attend_portable(
     shape: AttnShape,
     q: &[f32],
     cache: &KvCache,
