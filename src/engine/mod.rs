@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
 use crate::model::{AttentionPath, BatchEntry, Llama, ModelError, ModelSource, WeightFormat};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -174,22 +175,28 @@ impl Engine {
     /// sequences that stopped with [`HiddenCapture::AtStop`]) final token.
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<SeqUpdate>, EngineError> {
         let mut updates = vec![SeqUpdate::default(); seqs.len()];
-        for (seq, update) in seqs.iter_mut().zip(updates.iter_mut()) {
-            if seq.finish.is_none() && seq.pending.is_empty() {
-                self.sample_one(seq, update)?;
+        let samples = |s: &Sequence| s.finish.is_none() && s.pending.is_empty();
+        let sampling = seqs.iter().filter(|s| samples(s)).count();
+        // Each draw reads a whole vocabulary (Qwen2.5's is 152k: ~0.5 ms);
+        // 64 of them in a row would take longer than a GPU's forward pass.
+        // Sequences draw from their own RNGs, so threads change no token.
+        let draws: Vec<Option<u32>> =
+            if sampling >= 2 && sampling * self.model.config().vocab >= PARALLEL_DRAW_FLOATS {
+                seqs.par_iter_mut().map(|s| samples(s).then(|| draw(s))).collect()
+            } else {
+                seqs.iter_mut().map(|s| samples(s).then(|| draw(s))).collect()
+            };
+        for ((seq, update), token) in seqs.iter_mut().zip(updates.iter_mut()).zip(draws) {
+            if let Some(token) = token {
+                self.sample_one(seq, token, update)?;
             }
         }
         self.feed(seqs, &mut updates)?;
         Ok(updates)
     }
 
-    fn sample_one(&self, seq: &mut Sequence, update: &mut SeqUpdate) -> Result<(), EngineError> {
-        let logits = seq.logits.take().expect("a fed sequence without pending tokens holds logits");
-        let token = seq.sampler.sample(&logits);
-        if let Logprobs::Top(n) = seq.opts.logprobs {
-            let (logprob, top) = sampling::logprobs(&logits, token, n);
-            seq.logprobs.push(TokenLogprob { logprob, top });
-        }
+    /// Takes a drawn token: its text, stop conditions and update.
+    fn sample_one(&self, seq: &mut Sequence, token: u32, update: &mut SeqUpdate) -> Result<(), EngineError> {
         seq.tokens.push(token);
         seq.pending.push(token);
         seq.run_tokens += 1;
@@ -265,6 +272,22 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Logit values a step's draws read together past which they run on
+/// several threads (below it, spawning costs more than it saves).
+const PARALLEL_DRAW_FLOATS: usize = 1 << 20;
+
+/// The vocabulary-sized part of sampling: the next token from the
+/// sequence's logits, and its logprobs when asked for.
+fn draw(seq: &mut Sequence) -> u32 {
+    let logits = seq.logits.take().expect("a fed sequence without pending tokens holds logits");
+    let token = seq.sampler.sample(&logits);
+    if let Logprobs::Top(n) = seq.opts.logprobs {
+        let (logprob, top) = sampling::logprobs(&logits, token, n);
+        seq.logprobs.push(TokenLogprob { logprob, top });
+    }
+    token
 }
 
 /// The rows of `(rows, vocab)` logits marked in `wanted`, in one transfer
