@@ -197,18 +197,7 @@ impl Llama {
             )
         });
         let storage = format.resolve(quantized, device);
-        if storage == Storage::Stored && !device.is_cpu() {
-            // candle has CUDA matmul kernels for Q4_0..Q8_0 and Q2K..Q6K, not for the
-            // 8-bit intermediate types.
-            if let Some((name, t)) =
-                ct.tensor_infos.iter().find(|(_, t)| matches!(t.ggml_dtype, GgmlDType::Q8K | GgmlDType::Q8_1))
-            {
-                return Err(ModelError::Unsupported(format!(
-                    "weights = \"stored\" on a GPU: {name} is {:?}, which candle has no CUDA matmul for; use weights = \"bf16\" or \"q8_0\"",
-                    t.ggml_dtype
-                )));
-            }
-        }
+        refuse_types_without_cuda_kernels(&ct, storage, device)?;
         let mut get = |name: &str| {
             ct.tensor(&mut file, name, device).map_err(|e| {
                 if ct.tensor_infos.contains_key(name) {
@@ -697,6 +686,26 @@ impl Llama {
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
+}
+
+/// `weights = "stored"` on a GPU runs the file's own types through candle's
+/// CUDA kernels: there are matmuls for Q4_0..Q8_0 and Q2K..Q6K, none for the
+/// 8-bit intermediate types.
+fn refuse_types_without_cuda_kernels(
+    ct: &gguf_file::Content,
+    storage: Storage,
+    device: &Device,
+) -> Result<(), ModelError> {
+    if storage != Storage::Stored || device.is_cpu() {
+        return Ok(());
+    }
+    match ct.tensor_infos.iter().find(|(_, t)| matches!(t.ggml_dtype, GgmlDType::Q8K | GgmlDType::Q8_1)) {
+        Some((name, t)) => Err(ModelError::Unsupported(format!(
+            "weights = \"stored\" on a GPU: {name} is {:?}, which candle has no CUDA matmul for; use weights = \"bf16\" or \"q8_0\"",
+            t.ggml_dtype
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
