@@ -53,6 +53,41 @@ fn bench_engine_prints_one_json_object_with_the_documented_keys() {
 }
 
 #[test]
+fn bench_engine_runs_random_weights_of_a_named_shape_in_f16_and_reports_the_bandwidth_floor() {
+    let (ok, stdout, stderr) = ponder(&[
+        "bench",
+        "engine",
+        "--random-shape",
+        "tiny",
+        "--weights",
+        "f16",
+        "--device",
+        "cpu",
+        "--n",
+        "4",
+        "--tokens",
+        "3",
+        "--prompt-tokens",
+        "20",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(
+        (v["model"].as_str(), v["attention"].as_str(), v["dtype"].as_str()),
+        (Some("random tiny"), Some("device"), Some("f16"))
+    );
+    for key in ["prefill_tok_s", "decode_tok_s", "forked_decode_tok_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+    let floor = &v["floor"];
+    for key in ["weight_bytes", "kv_bytes_per_seq", "copy_bytes_s", "decode_tok_s", "forked_decode_tok_s"] {
+        assert!(floor[key].as_f64().is_some_and(|x| x > 0.0), "floor.{key} in {v}");
+    }
+    assert_eq!(v["baseline"], "none");
+}
+
+#[test]
 fn a_missing_model_is_reported_with_its_path() {
     let (ok, _, stderr) = ponder(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "x"]);
     assert!(!ok);

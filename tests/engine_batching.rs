@@ -80,3 +80,26 @@ fn greedy_decoding_is_the_same_with_and_without_a_seed() {
     };
     assert_eq!(run(1), run(2));
 }
+
+#[test]
+fn forks_enough_to_draw_on_several_threads_sample_what_they_sample_in_small_batches() {
+    // 24 x SmolLM2's 49152 logits pass the engine's threshold for drawing in
+    // parallel; batches of 4 stay under it.
+    let engine = smollm();
+    let prompt = chat_prompt(engine, QUESTIONS[2]);
+    let seeds: Vec<u64> = (0..24).map(|i| child_seed(9, i)).collect();
+    let run = |batch: usize| -> Vec<Vec<u32>> {
+        let mut root = engine.start(prompt.clone(), options(0.9, 0, 8)).unwrap();
+        prefill(engine, &mut root);
+        let mut out = Vec::new();
+        for chunk in seeds.chunks(batch) {
+            let mut children = engine.fork(&mut root, chunk).unwrap();
+            run_all(engine, &mut children);
+            out.extend(children.iter().map(|c| c.generated().to_vec()));
+        }
+        out
+    };
+    let together = run(24);
+    assert!(together.iter().collect::<std::collections::HashSet<_>>().len() > 1);
+    assert_eq!(together, run(4));
+}

@@ -211,3 +211,40 @@ async fn a_model_prm_named_in_the_config_scores_the_policys_trajectories_over_ht
     assert!(close(&p["success_probability_selected"]["q50"], end.quantiles.q50), "{p} vs {end:?}");
     server.stop();
 }
+
+#[test]
+fn a_model_prm_on_the_device_path_in_f16_scores_steps_as_the_f32_one_does_within_half_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let opts = ModelPrmOptions { head: HeadChoice::TwoClass, lora: None };
+    let f32_prm = ModelPrm::load(dir.path(), &opts).unwrap();
+    let f16_prm =
+        ModelPrm::load_on(dir.path(), &opts, &Device::Cpu, ponder::model::WeightFormat::F16).unwrap();
+    let want = f32_prm.step_scores("What is (3 + 4) * 2?", &steps()).unwrap();
+    let got = f16_prm.step_scores("What is (3 + 4) * 2?", &steps()).unwrap();
+    assert_eq!(got.len(), want.len());
+    // P(good) through an f16 backbone: within a few f16 steps (2^-11) of f32.
+    for (g, w) in got.iter().zip(&want) {
+        assert!((g.raw.unwrap() - w.raw.unwrap()).abs() < 5e-3, "{got:?} vs {want:?}");
+    }
+    // Prefixes longest first: the device path groups them by length and puts the rows back in order.
+    let items: Vec<ponder::prm::ScoreItem<'_>> = (1..=3)
+        .rev()
+        .map(|k| ponder::prm::ScoreItem {
+            question: "What is (3 + 4) * 2?",
+            steps: &steps_static()[..k],
+            hidden: None,
+            logprobs: &[],
+        })
+        .collect();
+    use ponder::prm::Scorer;
+    let (a, b) = (f32_prm.score(&items).unwrap(), f16_prm.score(&items).unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x.raw.unwrap() - y.raw.unwrap()).abs() < 5e-3, "{a:?} vs {b:?}");
+    }
+}
+
+fn steps_static() -> &'static [String] {
+    static S: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    S.get_or_init(steps)
+}

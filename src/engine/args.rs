@@ -14,7 +14,7 @@ pub struct ModelArgs {
     /// A GGUF file, an HF directory (config.json + *.safetensors), or a directory with one GGUF.
     #[arg(long)]
     pub model: PathBuf,
-    /// Weight storage: auto (Q8_0 for quantized files, f32 otherwise), stored, q8_0, f32.
+    /// Weight storage: auto (Q8_0 for quantized files, f32 otherwise), stored, q8_0, f32, f16, bf16.
     #[arg(long, value_enum, default_value_t = WeightFormat::Auto)]
     pub weights: WeightFormat,
 }

@@ -12,9 +12,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{Device, IndexOp};
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
 
-use crate::model::{BatchEntry, Llama, ModelError, ModelSource, WeightFormat};
+use crate::model::{AttentionPath, BatchEntry, Llama, ModelError, ModelSource, WeightFormat};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
 pub use sampling::{SamplingParams, child_seed};
@@ -55,11 +56,13 @@ pub struct EngineOptions {
     /// Most prompt tokens of one sequence fed in one step; longer prompts are
     /// prefilled over several steps so that decoding sequences keep moving.
     pub prefill_chunk: usize,
+    /// Where the model attends (`Auto`: the host path for CPU f32 models).
+    pub attention: AttentionPath,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { prefill_chunk: 512 }
+        Self { prefill_chunk: 512, attention: AttentionPath::Auto }
     }
 }
 
@@ -89,7 +92,7 @@ impl Engine {
             ModelSource::Gguf(p) => Tokenizer::from_gguf_file(p)?,
             ModelSource::HfDir(d) => Tokenizer::from_hf_dir(d)?,
         };
-        let model = source.load(format, device)?;
+        let model = source.load(format, device)?.with_attention(opts.attention)?;
         Ok(Self::new(model, tokenizer, opts))
     }
 
@@ -172,22 +175,28 @@ impl Engine {
     /// sequences that stopped with [`HiddenCapture::AtStop`]) final token.
     pub fn step(&self, seqs: &mut [&mut Sequence]) -> Result<Vec<SeqUpdate>, EngineError> {
         let mut updates = vec![SeqUpdate::default(); seqs.len()];
-        for (seq, update) in seqs.iter_mut().zip(updates.iter_mut()) {
-            if seq.finish.is_none() && seq.pending.is_empty() {
-                self.sample_one(seq, update)?;
+        let samples = |s: &Sequence| s.finish.is_none() && s.pending.is_empty();
+        let sampling = seqs.iter().filter(|s| samples(s)).count();
+        // Each draw reads a whole vocabulary (Qwen2.5's is 152k: ~0.5 ms);
+        // 64 of them in a row would take longer than a GPU's forward pass.
+        // Sequences draw from their own RNGs, so threads change no token.
+        let draws: Vec<Option<u32>> =
+            if sampling >= 2 && sampling * self.model.config().vocab >= PARALLEL_DRAW_FLOATS {
+                seqs.par_iter_mut().map(|s| samples(s).then(|| draw(s))).collect()
+            } else {
+                seqs.iter_mut().map(|s| samples(s).then(|| draw(s))).collect()
+            };
+        for ((seq, update), token) in seqs.iter_mut().zip(updates.iter_mut()).zip(draws) {
+            if let Some(token) = token {
+                self.sample_one(seq, token, update)?;
             }
         }
         self.feed(seqs, &mut updates)?;
         Ok(updates)
     }
 
-    fn sample_one(&self, seq: &mut Sequence, update: &mut SeqUpdate) -> Result<(), EngineError> {
-        let logits = seq.logits.take().expect("a fed sequence without pending tokens holds logits");
-        let token = seq.sampler.sample(&logits);
-        if let Logprobs::Top(n) = seq.opts.logprobs {
-            let (logprob, top) = sampling::logprobs(&logits, token, n);
-            seq.logprobs.push(TokenLogprob { logprob, top });
-        }
+    /// Takes a drawn token: its text, stop conditions and update.
+    fn sample_one(&self, seq: &mut Sequence, token: u32, update: &mut SeqUpdate) -> Result<(), EngineError> {
         seq.tokens.push(token);
         seq.pending.push(token);
         seq.run_tokens += 1;
@@ -245,19 +254,56 @@ impl Engine {
         }
         let out = self.model.forward(&mut entries)?;
         drop(entries);
-        for (row, &(i, n)) in fed.iter().enumerate() {
+        // A row needs logits once its sequence has fed every pending token.
+        let wants_logits: Vec<bool> = fed.iter().map(|&(i, n)| seqs[i].pending.len() == n).collect();
+        let mut hidden = out.hidden.to_vec2::<f32>().map_err(ModelError::from)?.into_iter();
+        let mut logits = pull_rows(&out.logits, &wants_logits)?.into_iter();
+        for (&(i, n), &wants) in fed.iter().zip(&wants_logits) {
             let seq = &mut seqs[i];
             let was_prompt = seq.cache.len() - n < seq.prompt_len;
             if was_prompt {
                 updates[i].prefilled = n;
             }
             seq.pending.drain(..n);
-            seq.hidden = Some(out.hidden.i(row).and_then(|h| h.to_vec1::<f32>()).map_err(ModelError::from)?);
-            if seq.pending.is_empty() {
-                seq.logits =
-                    Some(out.logits.i(row).and_then(|l| l.to_vec1::<f32>()).map_err(ModelError::from)?);
+            seq.hidden = hidden.next();
+            if wants {
+                seq.logits = logits.next();
             }
         }
         Ok(())
     }
+}
+
+/// Logit values a step's draws read together past which they run on
+/// several threads (below it, spawning costs more than it saves).
+const PARALLEL_DRAW_FLOATS: usize = 1 << 20;
+
+/// The vocabulary-sized part of sampling: the next token from the
+/// sequence's logits, and its logprobs when asked for.
+fn draw(seq: &mut Sequence) -> u32 {
+    let logits = seq.logits.take().expect("a fed sequence without pending tokens holds logits");
+    let token = seq.sampler.sample(&logits);
+    if let Logprobs::Top(n) = seq.opts.logprobs {
+        let (logprob, top) = sampling::logprobs(&logits, token, n);
+        seq.logprobs.push(TokenLogprob { logprob, top });
+    }
+    token
+}
+
+/// The rows of `(rows, vocab)` logits marked in `wanted`, in one transfer
+/// from the device (a copy per row on the host). Sampling stays on the host:
+/// each sequence draws from its own seeded RNG with its own temperature,
+/// top-k and top-p, and may ask for logprobs, so its distribution is read
+/// whole; a vocabulary's worth of f32 per sequence is a small transfer next
+/// to the weights a step reads.
+fn pull_rows(logits: &Tensor, wanted: &[bool]) -> Result<Vec<Vec<f32>>, ModelError> {
+    if wanted.iter().all(|&w| w) {
+        return Ok(logits.to_vec2::<f32>()?);
+    }
+    let rows: Vec<u32> = (0..wanted.len() as u32).filter(|&r| wanted[r as usize]).collect();
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let picked = logits.index_select(&Tensor::new(rows.as_slice(), logits.device())?, 0)?;
+    Ok(picked.to_vec2::<f32>()?)
 }

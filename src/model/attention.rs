@@ -5,7 +5,7 @@
 //! which keeps batched decoding bit-identical to decoding alone.
 
 use super::config::{ModelConfig, RopeStyle};
-use super::kv::KvCache;
+use super::kv::HostCache;
 
 /// Precomputed RoPE angles for positions `0..max_position`.
 #[derive(Debug)]
@@ -41,6 +41,15 @@ impl Rope {
 
     pub(crate) fn max_position(&self) -> usize {
         self.max_position
+    }
+
+    /// The cos and sin tables, `max_position` rows of `head_dim / 2`.
+    pub(crate) fn tables(&self) -> (&[f32], &[f32], usize) {
+        (&self.cos, &self.sin, self.half)
+    }
+
+    pub(crate) fn style(&self) -> RopeStyle {
+        self.style
     }
 
     /// Rotates every head of one row (`n_heads * head_dim` floats) to `pos`.
@@ -115,7 +124,7 @@ impl AttnShape {
 pub(crate) fn attend(
     shape: AttnShape,
     q: &[f32],
-    cache: &KvCache,
+    cache: &HostCache,
     layer: usize,
     out: &mut [f32],
     scores: &mut Vec<f32>,
@@ -228,7 +237,7 @@ mod tests {
     fn attention_over_split_runs_matches_a_naive_softmax() {
         let d = 4;
         let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: d };
-        let mut cache = KvCache::new(1, d, Arc::new(KvMemory::default()));
+        let mut cache = HostCache::new(1, d, Arc::new(KvMemory::default()));
         let k: Vec<f32> = (0..5 * d).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
         let v: Vec<f32> = (0..5 * d).map(|i| ((i * 3 % 13) as f32 - 6.0) / 6.0).collect();
         cache.append(0, &k[..3 * d], &v[..3 * d]);

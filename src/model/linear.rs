@@ -1,8 +1,9 @@
 //! Weight matrices and the one matmul every projection goes through, with the
-//! storage format chosen at load (as stored, re-quantised to Q8_0, or dense).
+//! storage format chosen at load (as stored, re-quantised to Q8_0, or dense
+//! in f32, f16 or bf16).
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 
 /// How projection weights are held in memory. Chosen once per model at load.
 #[derive(
@@ -22,6 +23,10 @@ pub enum WeightFormat {
     Q8_0,
     /// Dequantised to dense f32 at load.
     F32,
+    /// Dense f16 (quantized files dequantised at load); activations in f16.
+    F16,
+    /// Dense bf16 (quantized files dequantised at load); activations in bf16.
+    Bf16,
 }
 
 /// The format a given checkpoint ends up with once `Auto` is resolved.
@@ -30,16 +35,52 @@ pub(crate) enum Storage {
     Stored,
     Q8_0,
     F32,
+    F16,
+    Bf16,
+}
+
+impl Storage {
+    /// The dtype of the activations between layers (and of the KV cache).
+    /// Quantized matmuls take f32 inputs, so only dense half weights run
+    /// half activations.
+    pub(crate) fn activation_dtype(self) -> DType {
+        match self {
+            Storage::F16 => DType::F16,
+            Storage::Bf16 => DType::BF16,
+            Storage::Stored | Storage::Q8_0 | Storage::F32 => DType::F32,
+        }
+    }
 }
 
 impl WeightFormat {
-    pub(crate) fn resolve(self, file_is_quantized: bool) -> Storage {
+    /// `Auto` on a GPU is bf16: it has f32's exponent range, so the residual
+    /// stream of models with large outlier activations (Qwen2.5's reach the
+    /// thousands, and their squares overflow f16 in a norm) cannot turn to
+    /// inf, and HF checkpoints are published in bf16, so dense weights load
+    /// without rounding. f16 keeps three more mantissa bits and is there to
+    /// ask for. On the CPU `Auto` is what it always was.
+    pub(crate) fn resolve(self, file_is_quantized: bool, device: &Device) -> Storage {
         match self {
+            WeightFormat::Auto if !device.is_cpu() => Storage::Bf16,
             WeightFormat::Auto if file_is_quantized => Storage::Q8_0,
             WeightFormat::Auto => Storage::F32,
             WeightFormat::Stored => Storage::Stored,
             WeightFormat::Q8_0 => Storage::Q8_0,
             WeightFormat::F32 => Storage::F32,
+            WeightFormat::F16 => Storage::F16,
+            WeightFormat::Bf16 => Storage::Bf16,
+        }
+    }
+
+    /// The name the configuration and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Auto => "auto",
+            WeightFormat::Stored => "stored",
+            WeightFormat::Q8_0 => "q8_0",
+            WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Bf16 => "bf16",
         }
     }
 }
@@ -66,7 +107,7 @@ const VNNI_N_MULTIPLE: usize = 16;
 #[derive(Debug, Clone)]
 enum Kind {
     Quantized(QMatMul),
-    /// `(out, in)` f32.
+    /// `(out, in)` in the activation dtype.
     Dense(Tensor),
 }
 
@@ -86,7 +127,7 @@ impl Linear {
         let (_out, in_dim) = q.shape().dims2()?;
         match storage {
             Storage::Stored => Self::quantized(QMatMul::from_qtensor(q)?, in_dim, in_dim, bias),
-            Storage::Q8_0 | Storage::F32 => {
+            Storage::Q8_0 | Storage::F32 | Storage::F16 | Storage::Bf16 => {
                 let w = q.dequantize(&q.device())?;
                 Self::from_dense(w, storage, bias)
             }
@@ -94,12 +135,14 @@ impl Linear {
     }
 
     pub(crate) fn from_dense(w: Tensor, storage: Storage, bias: Option<Tensor>) -> Result<Self> {
-        let w = w.to_dtype(DType::F32)?;
+        let act = storage.activation_dtype();
         let (out, in_dim) = w.dims2()?;
         let q8_ok = in_dim % GgmlDType::Q8_0.block_size() == 0;
         match storage {
             Storage::Q8_0 if q8_ok => {
-                let pad = if vnni_tiles_available() && out % VNNI_N_MULTIPLE == 0 {
+                let w = w.to_dtype(DType::F32)?;
+                // The tiles are a CPU kernel; CUDA's Q8_0 kernels take any multiple of 32.
+                let pad = if w.device().is_cpu() && vnni_tiles_available() && out % VNNI_N_MULTIPLE == 0 {
                     in_dim.next_multiple_of(VNNI_K_MULTIPLE) - in_dim
                 } else {
                     0
@@ -108,10 +151,10 @@ impl Linear {
                 let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
                 Self::quantized(QMatMul::from_qtensor(q)?, in_dim, in_dim + pad, bias)
             }
-            // Stored dense tensors, f32 asked for, or shapes Q8_0 cannot hold.
+            // Stored dense tensors, a dense format asked for, or shapes Q8_0 cannot hold.
             _ => Ok(Self {
-                kind: Kind::Dense(w),
-                bias: bias.map(|b| b.to_dtype(DType::F32)).transpose()?,
+                kind: Kind::Dense(w.to_dtype(act)?),
+                bias: bias.map(|b| b.to_dtype(act)).transpose()?,
                 in_dim,
                 stored_in: in_dim,
                 span: tracing::span!(tracing::Level::TRACE, "linear"),
@@ -127,6 +170,16 @@ impl Linear {
             stored_in,
             span: tracing::span!(tracing::Level::TRACE, "qmatmul"),
         })
+    }
+
+    /// Bytes of weights (and bias) one forward pass reads.
+    pub(crate) fn bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let w = match &self.kind {
+            Kind::Quantized(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Kind::Quantized(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) | Kind::Dense(t) => dense(t),
+        };
+        w + self.bias.as_ref().map_or(0, dense)
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {

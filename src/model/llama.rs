@@ -1,20 +1,59 @@
 //! The llama-family decoder (llama, qwen2) over a batch of sequences of
 //! different lengths, each with its own KV cache. One constructor per weight
 //! format: [`Llama::from_gguf`] and [`Llama::from_safetensors`].
+//!
+//! Weight matmuls run once over every fed row. Attention takes one of two
+//! paths, chosen once per model at load ([`AttentionPath`]): the host path
+//! (CPU f32) pulls each sequence's q/k/v rows to plain slices and attends
+//! there, bit-identical whatever shares the batch; the device path
+//! (`device_attention`) keeps activations and KV caches on the model's
+//! device, in its activation dtype, and attends with batched candle ops.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, gguf_file};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::ModelError;
 use super::attention::{self, AttnShape, Rope};
 use super::config::{Arch, HfConfig, ModelConfig, RopeStyle};
-use super::kv::{KvCache, KvMemory};
-use super::linear::{Linear, WeightFormat};
+use super::device_attention::{self, DeviceRope, Step};
+use super::kv::{HostCache, KvCache, KvMemory};
+use super::kv_pool::{KvPool, PagedCache, PoolShape, PoolTensors};
+use super::linear::{Linear, Storage, WeightFormat};
+
+/// Where a model's attention and KV caches run. Chosen once, before the
+/// model makes its first cache.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionPath {
+    /// The host path for CPU models with f32 activations, the device path otherwise.
+    #[default]
+    Auto,
+    /// Per sequence on host f32 slices (CPU, f32 activations only).
+    Host,
+    /// Batched candle ops on the model's device over a pool of device KV blocks.
+    Device,
+}
+
+/// The chosen path and what it needs.
+#[derive(Debug)]
+enum AttnImpl {
+    Host,
+    Device(DevicePath),
+}
+
+#[derive(Debug)]
+struct DevicePath {
+    pool: Arc<KvPool>,
+    rope: DeviceRope,
+}
 
 #[derive(Debug)]
 struct Layer {
@@ -49,12 +88,18 @@ pub struct ForwardOutput {
 #[derive(Debug)]
 pub struct Llama {
     cfg: ModelConfig,
+    /// `(vocab, hidden)` in the activation dtype.
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// The dtype of the residual stream, norms and KV caches.
+    dtype: DType,
+    path: AttnImpl,
+    /// Set by the first `new_cache`: from then on the path is fixed.
+    made_caches: AtomicBool,
     kv_memory: Arc<KvMemory>,
     span: tracing::Span,
 }
@@ -151,7 +196,8 @@ impl Llama {
                     | candle_core::quantized::GgmlDType::BF16
             )
         });
-        let storage = format.resolve(quantized);
+        let storage = format.resolve(quantized, device);
+        refuse_types_without_cuda_kernels(&ct, storage, device)?;
         let mut get = |name: &str| {
             ct.tensor(&mut file, name, device).map_err(|e| {
                 if ct.tensor_infos.contains_key(name) {
@@ -194,7 +240,7 @@ impl Llama {
                 span: tracing::span!(tracing::Level::TRACE, "layer", index = i),
             });
         }
-        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+        Self::assemble(cfg, embed, layers, norm, lm_head, storage, device)
     }
 
     /// Loads an HF checkpoint directory (`config.json` and `*.safetensors`)
@@ -202,8 +248,11 @@ impl Llama {
     pub fn from_safetensors(dir: &Path, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
         let cfg = Self::hf_config(dir)?;
         let files = safetensors_files(dir)?;
+        // Tensors arrive in the dtype the weights end up in (bf16 stays bf16
+        // on a GPU instead of passing through f32 there).
+        let dtype = format.resolve(false, device).activation_dtype();
         // SAFETY: the files are mapped read-only and not modified while loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? };
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? };
         Self::from_varbuilder(cfg, &vb, format, device)
     }
 
@@ -230,7 +279,7 @@ impl Llama {
         device: &Device,
     ) -> Result<Self, ModelError> {
         let vb = vb.clone();
-        let storage = format.resolve(false);
+        let storage = format.resolve(false, device);
         let need = |vb: &VarBuilder, shape: (usize, usize), name: &str| -> Result<Tensor, ModelError> {
             if vb.contains_tensor(name) {
                 Ok(vb.get(shape, name)?)
@@ -274,15 +323,16 @@ impl Llama {
                 span: tracing::span!(tracing::Level::TRACE, "layer", index = i),
             });
         }
-        Self::assemble(cfg, embed, layers, norm, lm_head, device)
+        Self::assemble(cfg, embed, layers, norm, lm_head, storage, device)
     }
 
     fn assemble(
         cfg: ModelConfig,
         embed: Tensor,
-        layers: Vec<Layer>,
+        mut layers: Vec<Layer>,
         norm: Tensor,
         lm_head: Linear,
+        storage: Storage,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let (vocab, hidden) = embed.dims2()?;
@@ -292,17 +342,103 @@ impl Llama {
                 cfg.vocab, cfg.hidden
             )));
         }
-        Ok(Self {
+        let dtype = storage.activation_dtype();
+        // rms_norm wants its weight in the dtype of the rows it scales.
+        for layer in &mut layers {
+            layer.attn_norm = layer.attn_norm.to_dtype(dtype)?;
+            layer.ffn_norm = layer.ffn_norm.to_dtype(dtype)?;
+        }
+        let model = Self {
             rope: Rope::new(&cfg),
-            embed: embed.to_dtype(DType::F32)?,
-            norm: norm.to_dtype(DType::F32)?,
+            embed: embed.to_dtype(dtype)?,
+            norm: norm.to_dtype(dtype)?,
             cfg,
             layers,
             lm_head,
             device: device.clone(),
+            dtype,
+            path: AttnImpl::Host,
+            made_caches: AtomicBool::new(false),
             kv_memory: Arc::new(KvMemory::default()),
             span: tracing::span!(tracing::Level::TRACE, "model"),
-        })
+        };
+        model.with_attention(AttentionPath::Auto)
+    }
+
+    /// The same model with its attention on `path`. Only before the model
+    /// has made a cache: a cache belongs to the path that made it.
+    pub fn with_attention(mut self, path: AttentionPath) -> Result<Self, ModelError> {
+        if self.made_caches.load(Ordering::Relaxed) {
+            return Err(ModelError::Config(
+                "the attention path is chosen before the model makes a cache".into(),
+            ));
+        }
+        let host_fits = self.device.is_cpu() && self.dtype == DType::F32;
+        let on_device = match path {
+            AttentionPath::Auto => !host_fits,
+            AttentionPath::Device => true,
+            AttentionPath::Host if host_fits => false,
+            AttentionPath::Host => {
+                return Err(ModelError::Unsupported(format!(
+                    "the host attention path runs f32 activations on the CPU; this model has {:?} on {:?}",
+                    self.dtype,
+                    self.device.location()
+                )));
+            }
+        };
+        self.path = if on_device {
+            let shape = PoolShape {
+                n_layers: self.cfg.n_layers,
+                n_kv_heads: self.cfg.n_kv_heads,
+                head_dim: self.cfg.head_dim,
+                dtype: self.dtype,
+            };
+            AttnImpl::Device(DevicePath {
+                pool: Arc::new(KvPool::new(shape, self.device.clone(), self.kv_memory.clone())),
+                rope: DeviceRope::new(&self.rope, self.dtype, &self.device)?,
+            })
+        } else {
+            AttnImpl::Host
+        };
+        Ok(self)
+    }
+
+    /// The attention path this model runs (never `Auto`).
+    pub fn attention(&self) -> AttentionPath {
+        match self.path {
+            AttnImpl::Host => AttentionPath::Host,
+            AttnImpl::Device(_) => AttentionPath::Device,
+        }
+    }
+
+    /// The dtype of activations and KV caches.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes of weights one decode step reads: every projection, the norms
+    /// and the output head (the embedding table only at the fed rows, left out).
+    pub fn weight_bytes(&self) -> usize {
+        let vec = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down].iter().map(|lin| lin.bytes()).sum::<usize>()
+                    + vec(&l.attn_norm)
+                    + vec(&l.ffn_norm)
+            })
+            .sum();
+        layers + vec(&self.norm) + self.lm_head.bytes()
+    }
+
+    /// Bytes the device path's KV pool takes on the device (its high-water
+    /// mark; live bytes are [`Self::kv_memory`]). 0 on the host path.
+    pub fn kv_pool_bytes(&self) -> usize {
+        match &self.path {
+            AttnImpl::Host => 0,
+            AttnImpl::Device(d) => d.pool.capacity_bytes(),
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -315,7 +451,13 @@ impl Llama {
 
     /// An empty cache for a new sequence.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.cfg.n_layers, self.cfg.kv_dim(), self.kv_memory.clone())
+        self.made_caches.store(true, Ordering::Relaxed);
+        match &self.path {
+            AttnImpl::Host => {
+                KvCache::host(HostCache::new(self.cfg.n_layers, self.cfg.kv_dim(), self.kv_memory.clone()))
+            }
+            AttnImpl::Device(d) => KvCache::paged(d.pool.new_cache()),
+        }
     }
 
     /// Bytes held by all live caches of this model.
@@ -336,44 +478,98 @@ impl Llama {
         if batch.is_empty() {
             return Err(ModelError::EmptyBatch);
         }
-        let mut ids = Vec::new();
-        let mut last_rows = Vec::with_capacity(batch.len());
         for entry in batch.iter() {
-            if entry.tokens.is_empty() {
-                return Err(ModelError::EmptyBatch);
-            }
-            let needed = entry.cache.len() + entry.tokens.len();
-            if needed > self.max_position() {
-                return Err(ModelError::ContextOverflow { needed, max: self.max_position() });
-            }
-            if let Some(&bad) = entry.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-                return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab });
-            }
-            ids.extend_from_slice(entry.tokens);
-            last_rows.push((ids.len() - 1) as u32);
+            self.check_tokens(entry.tokens, entry.cache.len())?;
         }
-        let x = self.rows(&ids, batch)?;
+        let order = self.row_order(batch);
+        let mut ids = Vec::new();
+        let mut last_rows = vec![0u32; batch.len()];
+        for &i in &order {
+            ids.extend_from_slice(batch[i].tokens);
+            last_rows[i] = (ids.len() - 1) as u32;
+        }
+        let x = self.rows(&ids, batch, &order)?;
         let last = Tensor::new(last_rows.as_slice(), &self.device)?;
         let x = x.index_select(&last, 0)?;
         let hidden = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
         let logits = self.lm_head.forward(&hidden)?;
-        Ok(ForwardOutput { logits, hidden })
+        // The engine samples on the host in f32 (no-ops on the host path).
+        Ok(ForwardOutput { logits: logits.to_dtype(DType::F32)?, hidden: hidden.to_dtype(DType::F32)? })
     }
 
-    /// The residual stream of every fed row, before the final norm.
-    fn rows(&self, ids: &[u32], batch: &mut [BatchEntry<'_>]) -> Result<Tensor, ModelError> {
+    /// Refuses an empty entry, one that overflows the context after
+    /// `cached` positions, and tokens outside the vocabulary.
+    fn check_tokens(&self, tokens: &[u32], cached: usize) -> Result<(), ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyBatch);
+        }
+        let needed = cached + tokens.len();
+        if needed > self.max_position() {
+            return Err(ModelError::ContextOverflow { needed, max: self.max_position() });
+        }
+        match tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            Some(&bad) => Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab }),
+            None => Ok(()),
+        }
+    }
+
+    /// The order the entries' rows are fed in: as given on the host path;
+    /// on the device path sorted (stably) by how many tokens each feeds, so
+    /// that entries feeding equal counts attend as one batched group.
+    fn row_order(&self, batch: &[BatchEntry<'_>]) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        if let AttnImpl::Device(_) = self.path {
+            order.sort_by_key(|&i| batch[i].tokens.len());
+        }
+        order
+    }
+
+    /// The residual stream of every fed row, before the final norm, with
+    /// the entries' rows in `order`.
+    fn rows(&self, ids: &[u32], batch: &mut [BatchEntry<'_>], order: &[usize]) -> Result<Tensor, ModelError> {
         let ids = Tensor::new(ids, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mut scratch = Scratch::default();
-        for (index, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, index, &x, batch, &mut scratch)?;
+        match &self.path {
+            AttnImpl::Host => {
+                let mut caches = batch
+                    .iter_mut()
+                    .map(|e| Ok((e.cache.as_host_mut().ok_or(ModelError::ForeignCache)?, e.tokens.len())))
+                    .collect::<Result<Vec<_>, ModelError>>()?;
+                let mut scratch = Scratch::default();
+                for (index, layer) in self.layers.iter().enumerate() {
+                    x = self.layer_forward(layer, index, &x, &mut caches, &mut scratch)?;
+                }
+            }
+            AttnImpl::Device(dev) => {
+                let mut slots: Vec<Option<(&mut PagedCache, usize)>> = batch
+                    .iter_mut()
+                    .map(|e| {
+                        let n = e.tokens.len();
+                        e.cache.as_paged_mut().filter(|c| Arc::ptr_eq(c.pool(), &dev.pool)).map(|c| (c, n))
+                    })
+                    .collect();
+                let mut caches = order
+                    .iter()
+                    .map(|&i| slots[i].take().ok_or(ModelError::ForeignCache))
+                    .collect::<Result<Vec<_>, ModelError>>()?;
+                let step =
+                    Step::prepare(&dev.pool, &mut caches, &dev.rope, AttnShape::of(&self.cfg), &self.device)?;
+                let pool = dev.pool.tensors(step.capacity_blocks())?;
+                for (index, layer) in self.layers.iter().enumerate() {
+                    x = self.device_layer_forward(layer, index, &x, dev, &step, &pool)?;
+                }
+                drop(pool);
+                for (cache, n) in caches.iter_mut() {
+                    cache.commit(*n);
+                }
+            }
         }
         Ok(x)
     }
 
-    /// Final hidden states `(tokens, hidden)` (after the last norm) at every
-    /// position of one sequence fed from scratch: what a reward head on the
-    /// backbone reads.
+    /// Final hidden states `(tokens, hidden)` f32 (after the last norm) at
+    /// every position of one sequence fed from scratch: what a reward head
+    /// on the backbone reads.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Tensor, ModelError> {
         self.hidden_states_batch(&[tokens])
     }
@@ -382,27 +578,32 @@ impl Llama {
     /// rows of each sequence in turn, `(total tokens, hidden)`. Sequences of
     /// different lengths share the weight matmuls; each attends only to itself.
     pub fn hidden_states_batch(&self, seqs: &[&[u32]]) -> Result<Tensor, ModelError> {
-        let mut ids = Vec::new();
         for tokens in seqs {
-            if tokens.is_empty() {
-                return Err(ModelError::EmptyBatch);
-            }
-            if tokens.len() > self.max_position() {
-                return Err(ModelError::ContextOverflow { needed: tokens.len(), max: self.max_position() });
-            }
-            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-                return Err(ModelError::TokenOutOfRange { token: bad, vocab: self.cfg.vocab });
-            }
-            ids.extend_from_slice(tokens);
+            self.check_tokens(tokens, 0)?;
         }
-        if ids.is_empty() {
+        if seqs.is_empty() {
             return Err(ModelError::EmptyBatch);
         }
         let mut caches: Vec<KvCache> = seqs.iter().map(|_| self.new_cache()).collect();
         let mut batch: Vec<BatchEntry<'_>> =
             seqs.iter().zip(caches.iter_mut()).map(|(tokens, cache)| BatchEntry { tokens, cache }).collect();
-        let x = self.rows(&ids, &mut batch)?;
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?)
+        let order = self.row_order(&batch);
+        let ids: Vec<u32> = order.iter().flat_map(|&i| seqs[i].iter().copied()).collect();
+        let mut x = self.rows(&ids, &mut batch, &order)?;
+        if order.iter().enumerate().any(|(k, &i)| k != i) {
+            // Back to the callers' order: sequence i's rows start where `order` put them.
+            let mut start = vec![0u32; seqs.len()];
+            let mut row = 0u32;
+            for &i in &order {
+                start[i] = row;
+                row += seqs[i].len() as u32;
+            }
+            let back: Vec<u32> =
+                (0..seqs.len()).flat_map(|i| start[i]..start[i] + seqs[i].len() as u32).collect();
+            x = x.index_select(&Tensor::new(back.as_slice(), &self.device)?, 0)?;
+        }
+        let hidden = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
+        Ok(hidden.to_dtype(DType::F32)?)
     }
 
     fn layer_forward(
@@ -410,7 +611,7 @@ impl Llama {
         layer: &Layer,
         index: usize,
         x: &Tensor,
-        batch: &mut [BatchEntry<'_>],
+        batch: &mut [(&mut HostCache, usize)],
         scratch: &mut Scratch,
     ) -> Result<Tensor, ModelError> {
         let _enter = layer.span.enter();
@@ -425,20 +626,20 @@ impl Llama {
         let shape = AttnShape::of(&self.cfg);
         let mut out = vec![0f32; rows * q_width];
         let mut row = 0;
-        for entry in batch.iter_mut() {
-            let n = entry.tokens.len();
-            let pos0 = entry.cache.layer_len(index);
+        for (cache, n) in batch.iter_mut() {
+            let n = *n;
+            let pos0 = cache.layer_len(index);
             let qs = &mut q[row * q_width..(row + n) * q_width];
             let ks = &mut k[row * kv_dim..(row + n) * kv_dim];
             for i in 0..n {
                 self.rope.apply(&mut qs[i * q_width..(i + 1) * q_width], pos0 + i);
                 self.rope.apply(&mut ks[i * kv_dim..(i + 1) * kv_dim], pos0 + i);
             }
-            entry.cache.append(index, ks, &v[row * kv_dim..(row + n) * kv_dim]);
+            cache.append(index, ks, &v[row * kv_dim..(row + n) * kv_dim]);
             attention::attend(
                 shape,
                 qs,
-                entry.cache,
+                cache,
                 index,
                 &mut out[row * q_width..(row + n) * q_width],
                 &mut scratch.scores,
@@ -446,8 +647,37 @@ impl Llama {
             row += n;
         }
         let attn = Tensor::from_vec(out, (rows, q_width), &self.device)?;
-        let x = (x + layer.o.forward(&attn)?)?;
-        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+        self.output_and_mlp(layer, x, &attn)
+    }
+
+    /// The device path's layer: the same projections, with RoPE, the KV
+    /// writes and attention as batched device ops.
+    fn device_layer_forward(
+        &self,
+        layer: &Layer,
+        index: usize,
+        x: &Tensor,
+        dev: &DevicePath,
+        step: &Step,
+        pool: &PoolTensors,
+    ) -> Result<Tensor, ModelError> {
+        let _enter = layer.span.enter();
+        // Numeric trap: in f16 a square overflows past |x| = 256. candle's
+        // rms_norm (CPU and CUDA) sums the squares in f32, so the norms run
+        // in the activation dtype.
+        let h = candle_nn::ops::rms_norm(x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
+        let q = layer.q.forward(&h)?;
+        let k = layer.k.forward(&h)?;
+        let v = layer.v.forward(&h)?;
+        let shape = AttnShape::of(&self.cfg);
+        let attn = device_attention::attend(shape, index, (&q, &k, &v), &dev.rope, step, pool)?;
+        self.output_and_mlp(layer, x, &attn)
+    }
+
+    /// The attention output projection, the MLP and both residual adds.
+    fn output_and_mlp(&self, layer: &Layer, x: &Tensor, attn: &Tensor) -> Result<Tensor, ModelError> {
+        let x = (x + layer.o.forward(attn)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
         let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
         Ok((x + layer.down.forward(&act)?)?)
     }
@@ -456,6 +686,26 @@ impl Llama {
 #[derive(Default)]
 struct Scratch {
     scores: Vec<f32>,
+}
+
+/// `weights = "stored"` on a GPU runs the file's own types through candle's
+/// CUDA kernels: there are matmuls for Q4_0..Q8_0 and Q2K..Q6K, none for the
+/// 8-bit intermediate types.
+fn refuse_types_without_cuda_kernels(
+    ct: &gguf_file::Content,
+    storage: Storage,
+    device: &Device,
+) -> Result<(), ModelError> {
+    if storage != Storage::Stored || device.is_cpu() {
+        return Ok(());
+    }
+    match ct.tensor_infos.iter().find(|(_, t)| matches!(t.ggml_dtype, GgmlDType::Q8K | GgmlDType::Q8_1)) {
+        Some((name, t)) => Err(ModelError::Unsupported(format!(
+            "weights = \"stored\" on a GPU: {name} is {:?}, which candle has no CUDA matmul for; use weights = \"bf16\" or \"q8_0\"",
+            t.ggml_dtype
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {

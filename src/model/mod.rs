@@ -3,16 +3,20 @@
 
 mod attention;
 pub mod config;
+mod device_attention;
 pub mod kv;
+mod kv_pool;
 mod linear;
 pub mod llama;
+pub mod random;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Arch, ModelConfig, RopeStyle};
 pub use kv::{KvCache, KvMemory};
 pub use linear::WeightFormat;
-pub use llama::{BatchEntry, ForwardOutput, Llama};
+pub use llama::{AttentionPath, BatchEntry, ForwardOutput, Llama};
+pub use random::RandomShape;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -32,6 +36,8 @@ pub enum ModelError {
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("forward pass over an empty batch or an entry without tokens")]
     EmptyBatch,
+    #[error("a KV cache made by another model, or for another attention path, was fed to this one")]
+    ForeignCache,
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -115,6 +115,16 @@ impl Head {
         Ok(out)
     }
 
+    /// The same head with its weights on `device`.
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Self> {
+        let fc1 = match &self.fc1 {
+            Some((w, b)) => Some((w.to_device(device)?, b.to_device(device)?)),
+            None => None,
+        };
+        let (out_w, out_b) = (self.out_w.to_device(device)?, self.out_b.to_device(device)?);
+        Ok(Self { shape: self.shape, fc1, out_w, out_b })
+    }
+
     /// Logits `(n, outputs)` for features `(n, hidden)`.
     pub fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = match &self.fc1 {
@@ -226,7 +236,7 @@ impl HeadPrm {
             return Err(PrmError::Width { got: bad.len(), want: h });
         }
         let flat: Vec<f32> = features.iter().flat_map(|f| f.iter().copied()).collect();
-        let x = Tensor::from_vec(flat, (features.len(), h), &Device::Cpu)?;
+        let x = Tensor::from_vec(flat, (features.len(), h), self.quantile.out_w.device())?;
         let q = self.quantile.probabilities(&x)?.to_vec2::<f32>()?;
         let raw = match &self.raw {
             Some(r) => Some(r.probabilities(&x)?.squeeze(D::Minus1)?.to_vec1::<f32>()?),
@@ -276,6 +286,17 @@ impl HeadPrm {
         }
         let raw = Head::from_tensors("raw", &t);
         Ok(Self { quantile, raw, output: HeadOutput::Calibrated })
+    }
+
+    /// The same heads on `device`. They stay in f32 whatever the policy's
+    /// dtype: they read f32 features (the hidden state and two logprob
+    /// statistics) a few rows at a time, and were calibrated in f32.
+    pub fn to_device(self, device: &Device) -> Result<Self, PrmError> {
+        let raw = match &self.raw {
+            Some(r) => Some(r.to_device(device)?),
+            None => None,
+        };
+        Ok(Self { quantile: self.quantile.to_device(device)?, raw, output: self.output })
     }
 
     /// The same heads answering with the raw output.

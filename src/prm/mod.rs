@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::WeightFormat;
 pub use config::{ModelPrmConfig, PrmConfig};
 use head::{HeadOutput, HeadPrm};
 use model_prm::{HeadChoice, ModelPrm, ModelPrmOptions};
@@ -97,16 +98,28 @@ pub trait Scorer: Send + Sync {
 }
 
 /// Loads the PRM a model's configuration names, answering with its
-/// calibrated quantiles or its raw score. A head must read hidden states of
-/// the policy's width (`policy_hidden`).
+/// calibrated quantiles or its raw score, on the CPU. A head must read
+/// hidden states of the policy's width (`policy_hidden`).
 pub fn load(
     config: &PrmConfig,
     policy_hidden: usize,
     output: HeadOutput,
 ) -> Result<Arc<dyn Scorer>, PrmError> {
+    load_on(config, policy_hidden, output, &candle_core::Device::Cpu, WeightFormat::Auto)
+}
+
+/// [`load`] on the policy's worker device: a head there (in f32), a
+/// separate PRM's backbone there in `weights` (the policy's format).
+pub fn load_on(
+    config: &PrmConfig,
+    policy_hidden: usize,
+    output: HeadOutput,
+    device: &candle_core::Device,
+    weights: WeightFormat,
+) -> Result<Arc<dyn Scorer>, PrmError> {
     match config {
         PrmConfig::Head(path) => {
-            let head = HeadPrm::load(path)?.with_output(output)?;
+            let head = HeadPrm::load(path)?.with_output(output)?.to_device(device)?;
             if head.hidden() != policy_hidden {
                 return Err(PrmError::PolicyWidth { head: head.hidden(), policy: policy_hidden });
             }
@@ -117,7 +130,8 @@ pub fn load(
                 HeadOutput::Raw => HeadChoice::TwoClass,
                 HeadOutput::Calibrated => m.head.clone(),
             };
-            Ok(Arc::new(ModelPrm::load(&m.model, &ModelPrmOptions { head, lora: m.lora.clone() })?))
+            let opts = ModelPrmOptions { head, lora: m.lora.clone() };
+            Ok(Arc::new(ModelPrm::load_on(&m.model, &opts, device, weights)?))
         }
         PrmConfig::Remote(r) => Ok(Arc::new(remote::RemotePrm::new(r, output)?)),
     }

@@ -68,15 +68,14 @@ struct LoraConfig {
     lora_alpha: f64,
 }
 
-/// W += (alpha / r) B A for every adapted module.
-fn merge_lora(tensors: &mut HashMap<String, Tensor>, dir: &Path) -> Result<usize, PrmError> {
+/// W += (alpha / r) B A for every adapted module, in f32 on `device`.
+fn merge_lora(tensors: &mut HashMap<String, Tensor>, dir: &Path, device: &Device) -> Result<usize, PrmError> {
     let cfg_path = dir.join("adapter_config.json");
     let cfg: LoraConfig =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(|e| file_err(&cfg_path, e))?)
             .map_err(|e| file_err(&cfg_path, e))?;
     let weights = dir.join("adapter_model.safetensors");
-    let adapter =
-        candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| file_err(&weights, e))?;
+    let adapter = candle_core::safetensors::load(&weights, device).map_err(|e| file_err(&weights, e))?;
     let scale = cfg.lora_alpha / cfg.r as f64;
     let mut merged = 0;
     for (name, a) in &adapter {
@@ -96,22 +95,37 @@ fn merge_lora(tensors: &mut HashMap<String, Tensor>, dir: &Path) -> Result<usize
 }
 
 impl ModelPrm {
+    /// Loads a PRM checkpoint on the CPU, its backbone in f32.
     pub fn load(dir: &Path, opts: &ModelPrmOptions) -> Result<Self, PrmError> {
-        let device = Device::Cpu;
+        Self::load_on(dir, opts, &Device::Cpu, WeightFormat::Auto)
+    }
+
+    /// Loads a PRM checkpoint on `device`, its backbone's weights in
+    /// `weights` (bf16 for `auto` on a GPU) on the device path there. The
+    /// score head runs on the device too, in f32: it is two small matmuls
+    /// over a few rows, and its calibrated outputs should not move with the
+    /// backbone's dtype.
+    pub fn load_on(
+        dir: &Path,
+        opts: &ModelPrmOptions,
+        device: &Device,
+        weights: WeightFormat,
+    ) -> Result<Self, PrmError> {
+        let device = device.clone();
         let cfg = Llama::hf_config(dir)?;
         let mut tensors = HashMap::new();
         for f in Llama::safetensors_files(dir)? {
-            for (k, v) in candle_core::safetensors::load(&f, &device).map_err(|e| file_err(&f, e))? {
-                tensors.insert(k, v.to_dtype(DType::F32)?);
-            }
+            // As stored: the backbone's tensors are converted once, to its own dtype, as they are read.
+            tensors.extend(candle_core::safetensors::load(&f, &device).map_err(|e| file_err(&f, e))?);
         }
         if let Some(lora) = &opts.lora {
-            merge_lora(&mut tensors, lora)?;
+            merge_lora(&mut tensors, lora, &device)?;
         }
         let take = |name: &str, t: &HashMap<String, Tensor>| -> Result<Tensor, PrmError> {
-            t.get(name)
-                .cloned()
-                .ok_or_else(|| file_err(dir, format!("no tensor {name}: not a Qwen2.5-Math-PRM checkpoint")))
+            let found = t.get(name).ok_or_else(|| {
+                file_err(dir, format!("no tensor {name}: not a Qwen2.5-Math-PRM checkpoint"))
+            })?;
+            Ok(found.to_dtype(DType::F32)?)
         };
         let fc1 = (take("score.0.weight", &tensors)?, take("score.0.bias", &tensors)?);
         let classes = (take("score.2.weight", &tensors)?, take("score.2.bias", &tensors)?);
@@ -152,8 +166,9 @@ impl ModelPrm {
                 (fc1, Some((w, b)))
             }
         };
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-        let backbone = Llama::from_varbuilder(cfg, &vb, WeightFormat::Auto, &device)?;
+        let vb =
+            VarBuilder::from_tensors(tensors, weights.resolve(false, &device).activation_dtype(), &device);
+        let backbone = Llama::from_varbuilder(cfg, &vb, weights, &device)?;
         let tokenizer = Tokenizer::from_hf_dir(dir)?;
         let step_token = tokenizer
             .token_id(STEP_TOKEN)

@@ -149,6 +149,21 @@ impl Tokenizer {
         Ok(Self::assemble(inner, None, bos, eos, end_ids, chat))
     }
 
+    /// A tokenizer whose token `i` is the word `<i>`, for models with random
+    /// weights (benchmarks): every id decodes, nothing ends generation.
+    pub fn numbered(vocab: usize) -> Result<Self, TokenizerError> {
+        use tokenizers::models::wordlevel::WordLevel;
+        let words = (0..vocab as u32).map(|i| (format!("<{i}>"), i)).collect();
+        let model = WordLevel::builder()
+            .vocab(words)
+            .unk_token("<0>".into())
+            .build()
+            .map_err(|e| TokenizerError::file(Path::new("<numbered>"), e))?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::whitespace::WhitespaceSplit));
+        Ok(Self::assemble(inner, None, None, None, Vec::new(), None))
+    }
+
     fn assemble(
         inner: tokenizers::Tokenizer,
         manual_bos: Option<u32>,

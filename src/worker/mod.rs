@@ -187,7 +187,7 @@ impl Backend for ModelPool {
 fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
     let candle_device = ctx.device.open().map_err(|e| format!("model {:?}: {e}", ctx.entry.id))?;
     let entry = &ctx.entry;
-    let opts = EngineOptions { prefill_chunk: entry.prefill_chunk };
+    let opts = EngineOptions { prefill_chunk: entry.prefill_chunk, ..EngineOptions::default() };
     let started = Instant::now();
     let engine = Engine::load(&entry.path, entry.weights, &candle_device, opts)
         .map_err(|e| format!("model {:?} ({}): {e}", entry.id, entry.path.display()))?;
@@ -196,8 +196,14 @@ fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
     let prm = match &entry.prm {
         None => None,
         Some(config) => Some(
-            crate::prm::load(config, hidden, crate::prm::head::HeadOutput::Calibrated)
-                .map_err(|e| format!("model {:?}: PRM: {e}", entry.id))?,
+            crate::prm::load_on(
+                config,
+                hidden,
+                crate::prm::head::HeadOutput::Calibrated,
+                &candle_device,
+                entry.weights,
+            )
+            .map_err(|e| format!("model {:?}: PRM: {e}", entry.id))?,
         ),
     };
     tracing::info!(model = %entry.id, secs = started.elapsed().as_secs_f64(), prm = prm.is_some(), "model loaded");
