@@ -147,7 +147,7 @@ pub(crate) fn attend(
 unsafe fn attend_avx2(
     shape: AttnShape,
     q: &[f32],
-    cache: &KvCache,
+    cache: &HostCache,
     layer: usize,
     out: &mut [f32],
     scores: &mut Vec<f32>,
@@ -159,7 +159,7 @@ unsafe fn attend_avx2(
 fn attend_portable(
     shape: AttnShape,
     q: &[f32],
-    cache: &KvCache,
+    cache: &HostCache,
     layer: usize,
     out: &mut [f32],
     scores: &mut Vec<f32>,

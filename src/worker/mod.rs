@@ -119,9 +119,10 @@ impl ModelPool {
                 max_running: queue.max_running,
                 options: options.clone(),
             };
+            let name = format!("worker-{}-{i}", entry.id);
             let handle = std::thread::Builder::new()
-                .name(format!("worker-{}-{i}", entry.id))
-                .spawn(move || supervise(ctx, rx))
+                .name(name.clone())
+                .spawn(move || in_own_pool(&name, || supervise(ctx, rx)))
                 .expect("the OS starts a worker thread");
             threads.push(handle);
         }
@@ -218,6 +219,27 @@ fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
     Ok(Scheduler::new(engine, ctx.mm.clone(), ctx.max_running, prm)
         .with_fault_hook(ctx.options.fault.clone())
         .with_failure_guard(guard))
+}
+
+/// Runs `work` on a compute pool of the worker's own. candle's kernels
+/// split their loops over the rayon pool of the thread that calls them;
+/// called from a thread outside any pool, every kernel of every layer is
+/// handed to the global pool and the caller sleeps until it is done — two
+/// context switches per kernel, which on a machine with one or two cores
+/// cost as much as a layer's attention. Inside its own pool, a worker's
+/// kernels run on its threads (on the calling thread alone when the pool
+/// has one), and two models' workers no longer queue behind each other in
+/// one global pool. The pool's size is the configured `server.threads`
+/// (through `RAYON_NUM_THREADS`), or one thread per CPU.
+fn in_own_pool(name: &str, work: impl FnOnce() + Send) {
+    let label = name.to_string();
+    match rayon::ThreadPoolBuilder::new().thread_name(move |i| format!("{label}-compute-{i}")).build() {
+        Ok(pool) => pool.install(work),
+        Err(e) => {
+            tracing::warn!(worker = name, error = %e, "no compute pool of its own; using the global one");
+            work();
+        }
+    }
 }
 
 /// Loads the model and runs the worker; when a step panics or fails, fails
