@@ -45,7 +45,16 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 
 # llama-server, linked into the venv's bin/ where the tests look.
-server="$TOOLS/llama.cpp-$LLAMA_CPP_PYTHON/bin/llama-server"
+# Built for x86-64-v3 (AVX2, FMA, F16C) rather than -march=native: on a
+# Xeon with AMX, ggml's native build takes its AMX matmul path, which
+# segfaults in the first decode where the kernel has not granted AMX tile
+# state; and CI machines differ from one run to the next. The build flavour
+# is part of the cache key so an older native build is not reused.
+case "$(uname -m)" in
+  x86_64) flavour=x86-64-v3; cpu_flags="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" ;;
+  *) flavour=native; cpu_flags="" ;;
+esac
+server="$TOOLS/llama.cpp-$LLAMA_CPP_PYTHON-$flavour/bin/llama-server"
 if [ ! -x "$server" ]; then
   echo "install_test_tools: building llama.cpp's llama-server (from llama-cpp-python $LLAMA_CPP_PYTHON; minutes)" >&2
   start=$(date +%s)
@@ -65,7 +74,7 @@ PY
   src="$work/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
   "$TOOLS/venv/bin/cmake" -S "$src" -B "$work/build" -G Ninja \
     -DCMAKE_MAKE_PROGRAM="$TOOLS/venv/bin/ninja" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF $cpu_flags >&2
   "$TOOLS/venv/bin/cmake" --build "$work/build" --target llama-server -j "$(nproc)" >&2
   mkdir -p "$(dirname "$server")"
   cp "$work/build/bin/llama-server" "$server"

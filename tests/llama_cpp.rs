@@ -268,8 +268,15 @@ async fn an_engine_killed_mid_request_gives_502_and_ponder_stays_up() {
                       "max_tokens": 1500, "temperature": 0.0});
     let url = front.url("/v1/chat/completions");
     let request = tokio::spawn(async move { post(&url, &long).await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(!request.is_finished(), "the request is still generating when the engine dies");
+    // Kill the engine once it has decoded some of the answer (its /slots
+    // says so), not after a fixed sleep: on a loaded machine the prompt may
+    // not even have been read by then, and on a fast one the answer done.
+    let decoding = wait_for_decoding(&llama.base, 8).await;
+    if request.is_finished() {
+        let (s, v) = request.await.unwrap();
+        panic!("the request ended before the engine died ({s}): {v}");
+    }
+    assert!(decoding, "llama-server's /slots never showed the request decoding");
     llama.child.0.kill().unwrap();
     llama.child.0.wait().unwrap();
     let (s, v) = tokio::time::timeout(Duration::from_secs(30), request).await.expect("no hang").unwrap();
@@ -305,4 +312,23 @@ async fn an_engine_killed_mid_request_gives_502_and_ponder_stays_up() {
     assert!(ok, "/health is 200 again once the engine answers");
     let (s, v) = post(&front.url("/v1/chat/completions"), &short).await;
     assert_eq!(s, 200, "{v}");
+}
+
+/// Waits (up to 60 s) until a slot of the llama-server at `base` is
+/// processing a request that has decoded at least `tokens` tokens.
+async fn wait_for_decoding(base: &str, tokens: u64) -> bool {
+    for _ in 0..600 {
+        if let Ok((200, body)) = blocking_get(&format!("{base}/slots")) {
+            let slots: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            let busy = slots.as_array().into_iter().flatten().any(|slot| {
+                slot["is_processing"] == true
+                    && slot["next_token"][0]["n_decoded"].as_u64().unwrap_or(0) >= tokens
+            });
+            if busy {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
