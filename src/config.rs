@@ -316,7 +316,13 @@ impl Default for Config {
                     prefill_chunk: default_prefill_chunk(),
                     fetch: Some("make models".into()),
                     prm: None,
-                    reasoning: ReasoningDefaults::default(),
+                    // No PRM: adaptive budgets come from the vote.
+                    reasoning: ReasoningDefaults {
+                        confidence: 0.95,
+                        budget_rule: crate::reasoning::BudgetRule::Vote,
+                        select: crate::reasoning::Select::Majority,
+                        ..ReasoningDefaults::default()
+                    },
                 },
                 ModelEntry {
                     id: ARITH_MODEL_ID.into(),

@@ -27,6 +27,7 @@ pub const REASONING_SAMPLES: &str = "ponder_reasoning_samples";
 pub const REASONING_BUDGET_FRACTION: &str = "ponder_reasoning_budget_fraction";
 pub const PRM_SUCCESS_PROBABILITY: &str = "ponder_prm_success_probability";
 pub const PRM_EVALUATIONS_TOTAL: &str = "ponder_prm_evaluations_total";
+pub const REASONING_STOPS_TOTAL: &str = "ponder_reasoning_stops_total";
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -76,6 +77,7 @@ pub struct Metrics {
     reasoning_budget: HistogramVec,
     prm_probability: HistogramVec,
     prm_evaluations: IntCounterVec,
+    reasoning_stops: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -223,6 +225,12 @@ impl Metrics {
                 "Prefixes scored by a PRM",
                 &["model", "strategy"],
             ),
+            reasoning_stops: counter(
+                &r,
+                REASONING_STOPS_TOTAL,
+                "Reasoning requests by why they stopped drawing: budget (fixed or ias), confident, gave_up, exhausted",
+                &["model", "strategy", "reason"],
+            ),
             registry: r,
         }
     }
@@ -307,6 +315,7 @@ impl ReasoningMetrics {
             m.prm_probability.with_label_values(&l).observe(q.at(budget_quantile) as f64);
         }
         m.prm_evaluations.with_label_values(&l).inc_by(a.prm_evaluations as u64);
+        m.reasoning_stops.with_label_values(&[self.model.as_str(), strategy, a.stop.name()]).inc();
     }
 }
 
@@ -427,6 +436,9 @@ mod tests {
             start: Some(q),
             selected: Some(q),
             steps: 2,
+            rule: Some(crate::reasoning::BudgetRule::GiveUp),
+            stop: crate::reasoning::Stop::GaveUp,
+            rounds: 1,
         };
         mm.reasoning.record("best_of_n", &a, 0.1);
         let text = m.render();

@@ -5,7 +5,7 @@
 use crate::config::Limits;
 use crate::engine::SamplingParams;
 use crate::reasoning::knobs::{self, KnobValues, ReasoningDefaults};
-use crate::reasoning::{Budget, Candidates, ReasoningParams, Strategy};
+use crate::reasoning::{Budget, BudgetRule, Candidates, ReasoningParams, Select, Strategy};
 use crate::tokenizer::{AddSpecial, ChatMessage, Tokenizer, TokenizerError};
 use crate::wire::{
     ChatCompletionRequest, CompletionRequest, ContentWire, PromptWire, ReasoningWire, StopWire, StreamOptions,
@@ -151,8 +151,22 @@ fn reasoning_params(
 ) -> Result<ReasoningParams, ValidationError> {
     let d = rl.reasoning;
     let strategy = w.strategy.unwrap_or(d.strategy);
-    let adaptive = w.adaptive.unwrap_or(rl.has_prm && strategy != Strategy::Single);
-    let select = w.select.unwrap_or(d.select);
+    // A model without a PRM falls back from defaults that need one (the
+    // built-in ones do) to those that do not; a request that names them gets 400.
+    let rule = match w.budget_rule {
+        Some(r) => r,
+        None if d.budget_rule.needs_prm() && !rl.has_prm => BudgetRule::Vote,
+        None => d.budget_rule,
+    };
+    let select = match w.select {
+        Some(s) => s,
+        None if d.select.needs_prm() && !rl.has_prm => Select::Majority,
+        None => d.select,
+    };
+    // Naming a rule asks for an adaptive budget.
+    let adaptive = w.adaptive.unwrap_or(
+        strategy != Strategy::Single && (rl.has_prm || !rule.needs_prm() || w.budget_rule.is_some()),
+    );
     let no_prm = |param: &str, what: &str| {
         ValidationError::new(
             param,
@@ -162,8 +176,9 @@ fn reasoning_params(
             ),
         )
     };
-    if adaptive && !rl.has_prm {
-        return Err(no_prm("reasoning.adaptive", "adaptive reasoning"));
+    if adaptive && rule.needs_prm() && !rl.has_prm {
+        let param = if w.budget_rule.is_some() { "reasoning.budget_rule" } else { "reasoning.adaptive" };
+        return Err(no_prm(param, &format!("the {:?} budget rule", rule.name())));
     }
     if adaptive && strategy == Strategy::Single {
         return Err(ValidationError::new(
@@ -173,6 +188,12 @@ fn reasoning_params(
     }
     if strategy == Strategy::Beam && !rl.has_prm {
         return Err(no_prm("reasoning.strategy", "beam search"));
+    }
+    if adaptive && strategy == Strategy::Beam && rule == BudgetRule::Vote {
+        return Err(ValidationError::new(
+            "reasoning.budget_rule",
+            "the \"vote\" budget rule applies to best_of_n; beam search takes \"ias\", \"sequential\" or \"give_up\"",
+        ));
     }
     if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
         return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
@@ -185,6 +206,8 @@ fn reasoning_params(
             prune_every: w.prune_every.unwrap_or(d.prune_every as i64),
             confidence: w.confidence.unwrap_or(d.confidence),
             budget_quantile: w.budget_quantile.unwrap_or(d.budget_quantile),
+            round_size: w.round_size.unwrap_or(d.round_size as i64),
+            give_up_gain: w.give_up_gain.unwrap_or(d.give_up_gain),
         },
         rl.max_sequences,
     )
@@ -202,6 +225,9 @@ fn reasoning_params(
         max_samples,
         confidence: checked.confidence,
         budget_quantile: checked.budget_quantile,
+        rule,
+        round: checked.round_size,
+        give_up_gain: checked.give_up_gain,
         beam_width: checked.beam_width,
         beams: checked.beams,
         prune_every: checked.prune_every,

@@ -129,6 +129,12 @@ pub struct ReasoningWire {
     pub confidence: Option<f64>,
     #[serde(default)]
     pub budget_quantile: Option<f64>,
+    #[serde(default)]
+    pub budget_rule: Option<crate::reasoning::BudgetRule>,
+    #[serde(default, deserialize_with = "integral")]
+    pub round_size: Option<i64>,
+    #[serde(default)]
+    pub give_up_gain: Option<f64>,
     #[serde(default, deserialize_with = "integral")]
     pub beam_width: Option<i64>,
     #[serde(default, deserialize_with = "integral")]
@@ -225,6 +231,14 @@ pub struct CandidateOut {
 pub struct PonderInfo {
     pub strategy: crate::reasoning::Strategy,
     pub adaptive: bool,
+    /// The rule that set the budget (null for a fixed budget).
+    pub budget_rule: Option<crate::reasoning::BudgetRule>,
+    /// Why it stopped drawing: `budget`, `confident`, `gave_up` or `exhausted`.
+    pub stop_reason: crate::reasoning::Stop,
+    /// It stopped because the question looked hopeless (`give_up`).
+    pub gave_up: bool,
+    /// Rounds of samples (best-of-N) or pruning points (beam).
+    pub rounds: usize,
     pub select: crate::reasoning::Select,
     pub samples: usize,
     pub fixed_samples: usize,

@@ -136,6 +136,10 @@ async fn reasoning_fields_are_checked_against_the_same_ranges_as_the_config() {
         (json!({"budget_quantile": 0.95}), "reasoning.budget_quantile", vec!["0.9", "0.95"]),
         (json!({"prune_every": 101}), "reasoning.prune_every", vec!["100", "101"]),
         (json!({"strategy": "single", "adaptive": true}), "reasoning.adaptive", vec!["single"]),
+        (json!({"round_size": 65}), "reasoning.round_size", vec!["between 1 and 64", "got 65"]),
+        (json!({"give_up_gain": -0.1}), "reasoning.give_up_gain", vec!["at least 0", "-0.1"]),
+        (json!({"budget_rule": "vote", "strategy": "beam"}), "reasoning.budget_rule", vec!["best_of_n"]),
+        (json!({"budget_rule": "always"}), "reasoning.budget_rule", vec!["always"]),
     ];
     for (reasoning, param, needles) in cases {
         expect_400(

@@ -168,9 +168,12 @@ async fn a_streamed_reasoning_answer_ends_with_the_ponder_object_and_usage() {
 async fn reasoning_requests_are_validated_naming_the_field() {
     let smol = |reasoning: Value| json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "reasoning": reasoning});
     let cases = [
-        (smol(json!({"adaptive": true})), "reasoning.adaptive", "has none"),
+        (smol(json!({"budget_rule": "give_up"})), "reasoning.budget_rule", "has none"),
         (smol(json!({"strategy": "beam", "adaptive": false})), "reasoning.strategy", "has none"),
-        (smol(json!({})), "reasoning.select", "has none"),
+        (smol(json!({"select": "prm_max"})), "reasoning.select", "has none"),
+        (body("x", json!({"strategy": "beam", "budget_rule": "vote"})), "reasoning.budget_rule", "best_of_n"),
+        (body("x", json!({"round_size": 0})), "reasoning.round_size", "got 0"),
+        (body("x", json!({"give_up_gain": 1.0})), "reasoning.give_up_gain", "less than 1"),
         (body("x", json!({"confidence": 1.5})), "reasoning.confidence", "1.5"),
         (body("x", json!({"max_samples": 0})), "reasoning.max_samples", "0"),
         (body("x", json!({"budget_quantile": 0.95})), "reasoning.budget_quantile", "0.95"),
@@ -183,10 +186,30 @@ async fn reasoning_requests_are_validated_naming_the_field() {
         assert_eq!(v["error"]["param"], param, "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains(needle), "{v}");
     }
-    // A model without a PRM still takes a fixed majority vote.
-    let (status, _, v) =
-        post(&smol(json!({"strategy": "best_of_n", "select": "majority", "max_samples": 2}))).await;
+    // A model without a PRM still takes a fixed majority vote...
+    let (status, _, v) = post(&smol(
+        json!({"strategy": "best_of_n", "select": "majority", "max_samples": 2, "adaptive": false}),
+    ))
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["ponder"]["adaptive"], false);
     assert_eq!(v["ponder"]["samples"], 2);
+    assert_eq!(
+        (v["ponder"]["budget_rule"].clone(), v["ponder"]["stop_reason"].clone()),
+        (json!(null), json!("budget"))
+    );
+    // ...and, by default, an adaptive one: rounds of samples until the vote is clear.
+    let (status, _, v) = post(&smol(json!({"max_samples": 6, "round_size": 2}))).await;
+    assert_eq!(status, 200, "{v}");
+    let p = &v["ponder"];
+    assert_eq!(
+        (p["adaptive"].clone(), p["budget_rule"].clone(), p["select"].clone()),
+        (json!(true), json!("vote"), json!("majority"))
+    );
+    let samples = p["samples"].as_u64().unwrap();
+    assert!((2..=6).contains(&samples) && samples % 2 == 0, "{p}");
+    assert_eq!(p["rounds"].as_u64().unwrap(), samples / 2, "{p}");
+    let stop = p["stop_reason"].as_str().unwrap();
+    assert!(stop == "confident" || (stop == "exhausted" && samples == 6), "{p}");
+    assert_eq!(p["success_probability_start"], json!(null), "no PRM was asked");
 }

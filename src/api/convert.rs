@@ -2,7 +2,7 @@
 //! chunks so that both print the same figures.
 
 use crate::backend::{JobStats, ReasoningReport, TokenOut};
-use crate::reasoning::{Budget, Candidates};
+use crate::reasoning::{Budget, Candidates, Stop};
 use crate::wire::{
     CandidateOut, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PonderInfo, TopLogprob, Usage,
 };
@@ -13,6 +13,10 @@ pub(crate) fn ponder_info(r: &ReasoningReport) -> PonderInfo {
     PonderInfo {
         strategy: r.params.strategy,
         adaptive: r.params.budget == Budget::Adaptive,
+        budget_rule: a.rule,
+        stop_reason: a.stop,
+        gave_up: a.stop == Stop::GaveUp,
+        rounds: a.rounds,
         select: r.params.select,
         samples: a.samples,
         fixed_samples: a.fixed_samples,

@@ -122,6 +122,7 @@ fn ponder_headers(p: &PonderInfo) -> Vec<(&'static str, String)> {
     let mut h = vec![
         ("x-ponder-strategy", p.strategy.name().to_string()),
         ("x-ponder-adaptive", p.adaptive.to_string()),
+        ("x-ponder-stop-reason", p.stop_reason.name().to_string()),
         ("x-ponder-samples", p.samples.to_string()),
         ("x-ponder-fixed-samples", p.fixed_samples.to_string()),
         ("x-ponder-tokens-generated", p.tokens_generated.to_string()),
@@ -131,6 +132,9 @@ fn ponder_headers(p: &PonderInfo) -> Vec<(&'static str, String)> {
         ("x-ponder-steps", p.steps.to_string()),
     ];
     let q = |q: crate::prm::Quantiles| format!("{:.4},{:.4},{:.4}", q.q10, q.q50, q.q90);
+    if let Some(r) = p.budget_rule {
+        h.push(("x-ponder-budget-rule", r.name().to_string()));
+    }
     if let Some(s) = p.success_probability_start {
         h.push(("x-ponder-success-probability-start", q(s)));
     }

@@ -82,6 +82,9 @@ fn report(req: &Scheduled, answer_tokens: usize) -> ReasoningReport {
         start: Some(Quantiles::point(0.5)),
         selected: Some(Quantiles::point(0.9)),
         steps: 1,
+        rule: (params.budget == crate::reasoning::Budget::Adaptive).then_some(params.rule),
+        stop: crate::reasoning::Stop::Budget,
+        rounds: 1,
     };
     ReasoningReport { params, accounting, candidates: Vec::<Candidate>::new(), answer_tokens }
 }

@@ -1,8 +1,13 @@
 //! `ponder eval`: a model on the arithmetic task (or any JSONL of
 //! questions and answers) — per-sample accuracy and the spread of
 //! per-question success, or best-of-N and beam search with a PRM, fixed or
-//! adaptive, and a sweep comparing them.
+//! adaptive, and a sweep replaying one run as the accuracy-vs-tokens
+//! frontier of fixed budgets and every budget rule.
 
+mod bootstrap;
+mod frontier;
+mod plot;
+mod points;
 mod samples;
 mod search;
 pub use search::step_offline;
@@ -19,7 +24,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::model::WeightFormat;
 use crate::prm::Scorer;
 use crate::prm::head::HeadOutput;
-use crate::reasoning::{Select, Strategy};
+use crate::reasoning::{BudgetRule, Select, Strategy};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -54,6 +59,15 @@ pub struct EvalArgs {
     pub confidence: f64,
     #[arg(long, default_value_t = 0.1)]
     pub budget_quantile: f64,
+    /// How an adaptive budget is set (`--sweep` replays every rule instead).
+    #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::Ias)]
+    pub rule: BudgetRule,
+    /// Samples per round (rules that draw in rounds).
+    #[arg(long, default_value_t = 4)]
+    pub round_size: usize,
+    /// give_up: the least expected gain of another round worth drawing.
+    #[arg(long, default_value_t = 0.02)]
+    pub give_up_gain: f64,
     /// M_max.
     #[arg(long, default_value_t = 8)]
     pub beam_width: usize,
@@ -70,9 +84,14 @@ pub struct EvalArgs {
     /// The PRM head file (default: the model's configured `prm`, else MODEL_DIR/prm_head.safetensors).
     #[arg(long)]
     pub prm_path: Option<PathBuf>,
-    /// Print the fixed best-of-N curve beside adaptive runs with the raw and calibrated PRMs.
+    /// Replay one best-of-N_max run as the fixed best-of-N curve, pass@N and every budget
+    /// rule with the raw, calibrated and oracle estimates: accuracy against tokens.
     #[arg(long)]
     pub sweep: bool,
+    /// With --sweep: write accuracy against tokens (the fixed curve, pass@N and each rule's
+    /// frontier) as an SVG here.
+    #[arg(long, value_name = "PATH")]
+    pub plot: Option<PathBuf>,
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
     #[arg(long, default_value_t = 0)]
@@ -168,6 +187,7 @@ pub(crate) fn load_prm(
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
     anyhow::ensure!(args.max_samples >= 1, "--max-samples must be at least 1");
+    anyhow::ensure!(args.plot.is_none() || args.sweep, "--plot draws the sweep: add --sweep");
     let (path, weights, configured_prm) = resolve_entry(&args.model, args.config.as_deref())?;
     let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::rules::BudgetRule;
 use super::select::AnswerFormat;
 use super::{Select, Strategy};
 
@@ -19,11 +20,19 @@ pub struct ReasoningDefaults {
     /// C.
     pub confidence: f64,
     pub budget_quantile: f64,
+    /// The adaptive budget rule. A model without a PRM uses `vote` when its
+    /// configured rule needs a PRM (as the built-in default does).
+    pub budget_rule: BudgetRule,
+    /// Samples per round of the rules that draw in rounds.
+    pub round_size: usize,
+    /// `give_up`: the least expected gain of another round worth drawing.
+    pub give_up_gain: f64,
     /// M_max.
     pub beam_width: usize,
     /// K_max.
     pub beams: usize,
     pub prune_every: usize,
+    /// A model without a PRM selects by `majority` when this needs a PRM.
     pub select: Select,
     /// How answers are read for voting and for telling candidates apart.
     pub answer: AnswerFormat,
@@ -40,6 +49,9 @@ impl Default for ReasoningDefaults {
             max_samples: 64,
             confidence: 0.99,
             budget_quantile: 0.1,
+            budget_rule: BudgetRule::GiveUp,
+            round_size: 4,
+            give_up_gain: 0.02,
             beam_width: 8,
             beams: 8,
             prune_every: 1,
@@ -62,6 +74,8 @@ pub struct KnobValues {
     pub prune_every: i64,
     pub confidence: f64,
     pub budget_quantile: f64,
+    pub round_size: i64,
+    pub give_up_gain: f64,
 }
 
 impl From<&ReasoningDefaults> for KnobValues {
@@ -73,6 +87,8 @@ impl From<&ReasoningDefaults> for KnobValues {
             prune_every: d.prune_every as i64,
             confidence: d.confidence,
             budget_quantile: d.budget_quantile,
+            round_size: d.round_size as i64,
+            give_up_gain: d.give_up_gain,
         }
     }
 }
@@ -86,6 +102,8 @@ pub struct CheckedKnobs {
     pub prune_every: usize,
     pub confidence: f64,
     pub budget_quantile: f64,
+    pub round_size: usize,
+    pub give_up_gain: f64,
 }
 
 /// A knob out of range: which one (`reasoning.<knob>`), and a message that
@@ -118,6 +136,16 @@ pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobEr
     let beam_width = int("beam_width", v.beam_width, 1, cap)?;
     let beams = int("beams", v.beams, 1, cap)?;
     let prune_every = int("prune_every", v.prune_every, 1, MAX_PRUNE_EVERY)?;
+    let round_size = int("round_size", v.round_size, 1, cap)?;
+    if !(0.0..1.0).contains(&v.give_up_gain) {
+        return Err(KnobError {
+            key: "reasoning.give_up_gain".into(),
+            message: format!(
+                "reasoning.give_up_gain must be at least 0 and less than 1, got {}",
+                v.give_up_gain
+            ),
+        });
+    }
     if beams * beam_width > max_sequences {
         return Err(KnobError {
             key: "reasoning.beams".into(),
@@ -152,6 +180,8 @@ pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobEr
         prune_every,
         confidence: v.confidence,
         budget_quantile: v.budget_quantile,
+        round_size,
+        give_up_gain: v.give_up_gain,
     })
 }
 
@@ -190,5 +220,14 @@ mod tests {
         assert!(check_defaults(&d, 64).unwrap_err().message.contains("128 paths"));
         let d = ReasoningDefaults { max_steps: 0, ..Default::default() };
         assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.max_steps");
+        let d = ReasoningDefaults { round_size: 0, ..Default::default() };
+        assert!(
+            check_defaults(&d, 64)
+                .unwrap_err()
+                .message
+                .contains("round_size must be between 1 and 64, got 0")
+        );
+        let d = ReasoningDefaults { give_up_gain: 1.5, ..Default::default() };
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.give_up_gain");
     }
 }

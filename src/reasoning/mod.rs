@@ -8,6 +8,7 @@
 
 pub mod ias;
 pub mod knobs;
+pub mod rules;
 pub mod runtime;
 pub mod select;
 pub mod strategies;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::prm::{PrmScore, Quantiles};
 
+pub use rules::{BudgetRule, Stop};
 pub use strategies::run;
 
 /// A trajectory handle, valid within one request.
@@ -92,8 +94,15 @@ pub struct ReasoningParams {
     pub max_samples: usize,
     /// C: the coverage IAS aims for.
     pub confidence: f64,
-    /// The quantile of the PRM's estimate IAS takes as p.
+    /// The quantile of the PRM's estimate IAS takes as p (and the rules
+    /// take as an answer's success probability).
     pub budget_quantile: f64,
+    /// How an adaptive budget is set.
+    pub rule: BudgetRule,
+    /// Samples per round (rules that draw in rounds).
+    pub round: usize,
+    /// `give_up`: the least expected gain of another round worth drawing.
+    pub give_up_gain: f64,
     /// M_max: children per kept beam.
     pub beam_width: usize,
     /// K_max: beams kept at a pruning point.
@@ -109,6 +118,20 @@ pub struct ReasoningParams {
     pub max_tokens: usize,
     pub max_step_tokens: usize,
     pub max_steps: usize,
+}
+
+impl ReasoningParams {
+    /// The budget rule's knobs.
+    pub fn rule_params(&self) -> rules::RuleParams {
+        rules::RuleParams {
+            rule: self.rule,
+            confidence: self.confidence,
+            quantile: self.budget_quantile,
+            round: self.round,
+            give_up_gain: self.give_up_gain,
+            max_samples: self.max_samples,
+        }
+    }
 }
 
 /// What a trajectory holds so far.
@@ -187,6 +210,12 @@ pub struct Accounting {
     pub selected: Option<Quantiles>,
     /// Steps of the selected answer.
     pub steps: usize,
+    /// The rule that set the budget (None for a fixed budget).
+    pub rule: Option<BudgetRule>,
+    /// Why the request stopped drawing.
+    pub stop: Stop,
+    /// Rounds (best-of-N) or pruning points (beam) it went through.
+    pub rounds: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -1,6 +1,8 @@
 //! The strategies (single sampling, best-of-N and beam search, fixed or
-//! instance-adaptive as in Park et al. 2025) as plain code against [`Trajectories`].
+//! adaptive: the paper's IAS rule, Park et al. 2025, or the budget rules
+//! that draw in rounds, [`super::rules`]) as plain code against [`Trajectories`].
 
+use super::rules::{self, BudgetRule, Decision, Rounds, Seen, Stop};
 use super::select::choose;
 use super::{
     Accounting, Budget, Candidate, Candidates, Outcome, ReasoningError, ReasoningParams, Select, Strategy,
@@ -44,11 +46,13 @@ struct Ledger {
     samples: usize,
     prm_evaluations: usize,
     start: Option<Quantiles>,
+    stop: Stop,
+    rounds: usize,
 }
 
 impl Ledger {
     fn new() -> Self {
-        Self { samples: 0, prm_evaluations: 0, start: None }
+        Self { samples: 0, prm_evaluations: 0, start: None, stop: Stop::Budget, rounds: 0 }
     }
 
     async fn score<B: Trajectories>(&mut self, b: &B, ts: &[Traj]) -> Result<Vec<PrmScore>, ReasoningError> {
@@ -57,16 +61,11 @@ impl Ledger {
         Ok(s)
     }
 
-    /// p for IAS: the budget quantile of the empty prefix's estimate.
-    async fn start<B: Trajectories>(
-        &mut self,
-        b: &B,
-        root: Traj,
-        p: &ReasoningParams,
-    ) -> Result<f64, ReasoningError> {
+    /// The empty prefix's estimate (IAS takes its budget quantile as p).
+    async fn start<B: Trajectories>(&mut self, b: &B, root: Traj) -> Result<Quantiles, ReasoningError> {
         let s = self.score(b, &[root]).await?[0];
         self.start = Some(s.quantiles);
-        Ok(s.quantiles.at(p.budget_quantile) as f64)
+        Ok(s.quantiles)
     }
 
     fn finish(
@@ -91,6 +90,12 @@ impl Ledger {
                 start: self.start,
                 selected: answers.first().and_then(|a| a.score).map(|s| s.quantiles),
                 steps: answers.first().map_or(0, |a| a.steps),
+                rule: match p.budget {
+                    Budget::Adaptive => Some(p.rule),
+                    Budget::Fixed => None,
+                },
+                stop: self.stop,
+                rounds: self.rounds,
             },
             candidates: match p.candidates {
                 Candidates::Return => finals,
@@ -119,24 +124,54 @@ async fn single<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, 
     Ok(out)
 }
 
-/// N samples to the end, N = N_max or min(N_max, N_IAS(p)) with p from the
-/// empty prefix; then the answer by `select`.
+/// Best-of-N: N_max samples (fixed), min(N_max, N_IAS(p)) with p from the
+/// empty prefix (`ias`), or rounds of samples until the budget rule stops
+/// (`sequential`, `give_up`, `vote`); then the answer by `select`.
 async fn best_of_n<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
-    let n = match p.budget {
-        Budget::Adaptive => ias::samples(ledger.start(b, root, p).await?, p.confidence, p.max_samples),
-        Budget::Fixed => p.max_samples,
+    let adaptive = p.budget == Budget::Adaptive;
+    let root_q = if adaptive && p.rule.needs_prm() { Some(ledger.start(b, root).await?) } else { None };
+    let rule = p.rule_params();
+    let in_rounds = adaptive && p.rule.in_rounds();
+    let mut next = if !adaptive {
+        p.max_samples.max(p.n)
+    } else if in_rounds {
+        rules::first_round(&rule, root_q.map(|q| q.at(p.budget_quantile) as f64), p.n)
+    } else {
+        let q = root_q.expect("ias reads the PRM: scored above");
+        ias::samples(q.at(p.budget_quantile) as f64, p.confidence, p.max_samples).max(p.n)
+    };
+    let scored = p.select.needs_prm() || (in_rounds && p.rule.needs_prm());
+    let mut rounds = Rounds::new(rule, root_q);
+    let mut finals: Vec<Candidate> = Vec::new();
+    loop {
+        let best = choose(&finals, p.select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
+        b.progress(ledger.samples + next, best.or(ledger.start));
+        let ts = b.fork(root, next)?;
+        ledger.samples += next;
+        ledger.rounds += 1;
+        to_the_end(b, &ts).await?;
+        let scores = if scored { Some(ledger.score(b, &ts).await?) } else { None };
+        finals.extend(ts.iter().enumerate().map(|(i, &t)| candidate(b, p, t, scores.as_ref().map(|s| s[i]))));
+        // Finished samples free their caches before the next round.
+        b.release(&ts);
+        if !in_rounds {
+            break;
+        }
+        let seen: Vec<Seen<'_>> =
+            finals.iter().map(|c| Seen { answer: &c.answer, score: c.score.map(|s| s.quantiles) }).collect();
+        let selected = choose(&finals, p.select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
+        match rounds.decide(&seen, ts.len(), selected) {
+            Decision::Draw(k) => next = k,
+            Decision::Stop(stop) => {
+                ledger.stop = stop;
+                break;
+            }
+        }
     }
-    .max(p.n);
-    b.progress(n, ledger.start);
-    let ts = b.fork(root, n)?;
     b.release(&[root]);
-    ledger.samples = n;
-    to_the_end(b, &ts).await?;
-    let scores = if p.select.needs_prm() { Some(ledger.score(b, &ts).await?) } else { None };
-    let finals: Vec<Candidate> =
-        ts.iter().enumerate().map(|(i, &t)| candidate(b, p, t, scores.as_ref().map(|s| s[i]))).collect();
+    let n = ledger.samples;
     // This request's own mean tokens per sample prices the samples it did not draw.
     let mean = b.generated_tokens() as f64 / n as f64;
     let fixed_tokens = (mean * p.max_samples.max(n) as f64).round() as usize;
@@ -145,13 +180,19 @@ async fn best_of_n<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcom
 
 /// Beam search: generate `prune_every` steps on every live path, then score,
 /// keep the best K paths by the median quantile and expand each into M
-/// children; fixed K = K_max, M = M_max, or the IAS K and M rules.
+/// children; fixed K = K_max, M = M_max, or the IAS K and M rules. Under
+/// `sequential` and `give_up` each pruning point also asks whether to stop:
+/// a finished path confident enough ends the search, and (`give_up`) so
+/// does a search whose kept paths are not worth expanding.
 async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
-    let first = match p.budget {
-        Budget::Adaptive => ias::samples(ledger.start(b, root, p).await?, p.confidence, p.max_samples),
-        Budget::Fixed => p.max_samples,
+    let adaptive = p.budget == Budget::Adaptive;
+    let first = if adaptive {
+        let q = ledger.start(b, root).await?;
+        ias::samples(q.at(p.budget_quantile) as f64, p.confidence, p.max_samples)
+    } else {
+        p.max_samples
     }
     .max(p.n);
     b.progress(first, ledger.start);
@@ -159,21 +200,13 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
     b.release(&[root]);
     ledger.samples = first;
     let mut pool: Vec<Candidate> = Vec::new();
-    // Path-steps generated, and what the fixed beam would generate: N_max
-    // paths until its first pruning point, K_max × M_max after each.
-    let (mut path_steps, mut fixed_path_steps, mut fixed_samples) = (0usize, 0usize, p.max_samples);
-    let mut fixed_live = p.max_samples;
-    let mut depth = 0;
+    let mut cost = BeamCost::new(p);
+    let stops = adaptive && matches!(p.rule, BudgetRule::Sequential | BudgetRule::GiveUp);
     while !live.is_empty() {
         for _ in 0..p.prune_every {
-            let extendable: Vec<Traj> = live.iter().copied().filter(|&t| !b.info(t).finished).collect();
-            if extendable.is_empty() {
+            if !cost.extend_once(b, &live).await? {
                 break;
             }
-            b.extend(&extendable).await?;
-            path_steps += extendable.len();
-            fixed_path_steps += fixed_live;
-            depth += 1;
         }
         // Finished paths leave for the pool, where they stay at no cost.
         let (done, open): (Vec<Traj>, Vec<Traj>) = live.iter().copied().partition(|&t| b.info(t).finished);
@@ -182,7 +215,13 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
             pool.extend(done.iter().zip(scores).map(|(&t, s)| candidate(b, p, t, Some(s))));
             b.release(&done);
         }
-        if open.is_empty() || depth >= p.max_steps {
+        let held = choose(&pool, p.select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
+        if stops && held.is_some_and(|q| q.at(p.budget_quantile) as f64 >= p.confidence) {
+            ledger.stop = Stop::Confident;
+            b.release(&open);
+            break;
+        }
+        if open.is_empty() || cost.depth >= p.max_steps {
             if !open.is_empty() {
                 let scores = ledger.score(b, &open).await?;
                 pool.extend(open.iter().zip(scores).map(|(&t, s)| candidate(b, p, t, Some(s))));
@@ -203,20 +242,82 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
                 (k, ias::children(s_min, k, p.confidence, p.beam_width))
             }
         };
+        ledger.rounds += 1;
+        if adaptive && p.rule == BudgetRule::GiveUp {
+            let kept: Vec<Quantiles> = ranked[..k].iter().map(|r| r.1.quantiles).collect();
+            let held = held.map_or(0.0, |q| q.q50 as f64);
+            if rules::beam_gain(&kept, held) < p.give_up_gain {
+                ledger.stop = Stop::GaveUp;
+                let best = ranked[0].0;
+                b.release(&ranked[1..].iter().map(|r| r.0).collect::<Vec<_>>());
+                if pool.is_empty() {
+                    // An answer is still owed: the best open path runs to the end alone.
+                    while cost.extend_once(b, &[best]).await? {}
+                    let score = ledger.score(b, &[best]).await?[0];
+                    pool.push(candidate(b, p, best, Some(score)));
+                }
+                b.release(&[best]);
+                break;
+            }
+        }
         let mut next = Vec::with_capacity(k * m);
         for &(t, _) in &ranked[..k] {
             next.extend(b.fork(t, m)?);
         }
         b.release(&open);
         ledger.samples += k * m;
-        fixed_samples += p.beams * p.beam_width;
-        fixed_live = p.beams * p.beam_width;
+        cost.expanded(p);
         b.progress(next.len(), ranked.first().map(|r| r.1.quantiles));
         live = next;
     }
-    let per_step = b.generated_tokens() as f64 / path_steps.max(1) as f64;
-    let fixed_tokens = (per_step * fixed_path_steps as f64).round() as usize;
-    Ok(ledger.finish(b, p, pool, fixed_samples, fixed_tokens))
+    let fixed_tokens = cost.fixed_tokens(b.generated_tokens());
+    Ok(ledger.finish(b, p, pool, cost.fixed_samples, fixed_tokens))
+}
+
+/// What beam search generated and what the fixed beam would have: N_max
+/// paths until its first pruning point, K_max × M_max after each.
+struct BeamCost {
+    path_steps: usize,
+    fixed_path_steps: usize,
+    fixed_samples: usize,
+    fixed_live: usize,
+    depth: usize,
+}
+
+impl BeamCost {
+    fn new(p: &ReasoningParams) -> Self {
+        Self {
+            path_steps: 0,
+            fixed_path_steps: 0,
+            fixed_samples: p.max_samples,
+            fixed_live: p.max_samples,
+            depth: 0,
+        }
+    }
+
+    /// One step on every unfinished path of `live`; false when none was left.
+    async fn extend_once<B: Trajectories>(&mut self, b: &B, live: &[Traj]) -> Result<bool, ReasoningError> {
+        let extendable: Vec<Traj> = live.iter().copied().filter(|&t| !b.info(t).finished).collect();
+        if extendable.is_empty() {
+            return Ok(false);
+        }
+        b.extend(&extendable).await?;
+        self.path_steps += extendable.len();
+        self.fixed_path_steps += self.fixed_live;
+        self.depth += 1;
+        Ok(true)
+    }
+
+    fn expanded(&mut self, p: &ReasoningParams) {
+        self.fixed_samples += p.beams * p.beam_width;
+        self.fixed_live = p.beams * p.beam_width;
+    }
+
+    /// The fixed beam's tokens, priced at this request's tokens per path-step.
+    fn fixed_tokens(&self, generated: usize) -> usize {
+        let per_step = generated as f64 / self.path_steps.max(1) as f64;
+        (per_step * self.fixed_path_steps as f64).round() as usize
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::super::*;
 use crate::prm::{PrmScore, Quantiles};
+use crate::reasoning::rules::{BudgetRule, Stop};
 
 const STEPS: usize = 3;
 const TOKENS_PER_STEP: usize = 10;
@@ -32,6 +33,8 @@ struct State {
     generated: usize,
     p: f64,
     root: Quantiles,
+    /// What the PRM says of a path bound to be wrong.
+    wrong: Quantiles,
     rng: ChaCha8Rng,
     extend_calls: Vec<usize>,
     score_calls: Vec<usize>,
@@ -49,12 +52,18 @@ impl Fake {
                 generated: 0,
                 p,
                 root,
+                wrong: Quantiles::sorted([0.02, 0.1, 0.2]),
                 rng: ChaCha8Rng::seed_from_u64(7),
                 extend_calls: vec![],
                 score_calls: vec![],
                 forks: vec![],
             }),
         }
+    }
+
+    fn with_wrong_scores(self, q: Quantiles) -> Self {
+        self.st.borrow_mut().wrong = q;
+        self
     }
 
     fn live(&self) -> usize {
@@ -120,7 +129,8 @@ impl Trajectories for Fake {
             } else if tr.correct {
                 "The answer is 42.".into()
             } else {
-                "The answer is 13.".into()
+                // Wrong answers differ from each other, as a policy's slips do.
+                format!("The answer is {}.", 100 + *t % 50)
             };
             tr.steps.push(step);
             st.generated += TOKENS_PER_STEP;
@@ -139,7 +149,7 @@ impl Trajectories for Fake {
                 } else if st.trajs[t].correct {
                     Quantiles::sorted([0.8, 0.9, 0.95])
                 } else {
-                    Quantiles::sorted([0.02, 0.1, 0.2])
+                    st.wrong
                 };
                 PrmScore { quantiles: q, raw: None }
             })
@@ -155,6 +165,9 @@ fn params(strategy: Strategy, budget: Budget) -> ReasoningParams {
         max_samples: 64,
         confidence: 0.99,
         budget_quantile: 0.1,
+        rule: BudgetRule::Ias,
+        round: 4,
+        give_up_gain: 0.02,
         beam_width: 8,
         beams: 8,
         prune_every: 1,
@@ -281,4 +294,94 @@ fn the_fixed_beam_estimate_counts_n_max_paths_then_k_max_times_m_max_per_expansi
     assert_eq!(a.tokens_generated, path_steps * TOKENS_PER_STEP);
     assert_eq!(a.fixed_tokens_estimate, path_steps * TOKENS_PER_STEP, "the fixed run is this run");
     assert_eq!(a.tokens_saved, 0);
+}
+
+fn with_rule(strategy: Strategy, rule: BudgetRule, confidence: f64) -> ReasoningParams {
+    ReasoningParams { rule, confidence, ..params(strategy, Budget::Adaptive) }
+}
+
+#[test]
+fn sequential_stops_after_the_first_round_that_holds_a_confident_answer() {
+    // Right answers score q10 0.8: confident at C 0.75.
+    let fake = Fake::new(0.3, Quantiles::sorted([0.3, 0.4, 0.5]));
+    let out = run_fake(&fake, &with_rule(Strategy::BestOfN, BudgetRule::Sequential, 0.75));
+    let a = out.accounting;
+    assert_eq!(a.stop, Stop::Confident);
+    assert_eq!(out.answers[0].answer, "42");
+    // Only the last round holds a right answer: it stopped as soon as one came.
+    let forks = fake.st.borrow().forks.clone();
+    let last = *forks.last().expect("at least one round");
+    let before = &out.candidates[..out.candidates.len() - last];
+    assert!(before.iter().all(|c| c.answer != "42"), "{forks:?}");
+    assert_eq!(a.samples, forks.iter().sum::<usize>());
+    assert_eq!(a.rounds, forks.len());
+    assert!(a.samples < 64 && a.tokens_saved > 0);
+}
+
+#[test]
+fn give_up_stops_a_hopeless_question_after_one_round_and_sequential_does_not() {
+    let hopeless = Quantiles::sorted([0.0, 0.002, 0.01]);
+    let gave_up = run_fake(&Fake::new(0.0, hopeless), &with_rule(Strategy::BestOfN, BudgetRule::GiveUp, 0.9));
+    assert_eq!(gave_up.accounting.stop, Stop::GaveUp);
+    assert_eq!(gave_up.accounting.samples, 4, "one round");
+    assert_eq!(gave_up.answers.len(), 1, "it still answers");
+    let kept_on =
+        run_fake(&Fake::new(0.0, hopeless), &with_rule(Strategy::BestOfN, BudgetRule::Sequential, 0.9));
+    assert_eq!((kept_on.accounting.stop, kept_on.accounting.samples), (Stop::Exhausted, 64));
+}
+
+#[test]
+fn no_rule_draws_more_than_n_max() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for rule in [BudgetRule::Ias, BudgetRule::Sequential, BudgetRule::GiveUp, BudgetRule::Vote] {
+        for _ in 0..20 {
+            let p = rng.random_range(0.0..1.0);
+            let q = rng.random_range(0.0..1.0f32);
+            let mut params = with_rule(Strategy::BestOfN, rule, rng.random_range(0.5..0.999));
+            params.max_samples = rng.random_range(1..12);
+            params.round = rng.random_range(1..5);
+            params.select = if rule == BudgetRule::Vote { Select::Majority } else { Select::PrmMax };
+            let out = run_fake(&Fake::new(p, Quantiles::sorted([q * 0.5, q, q.max(0.9)])), &params);
+            assert!(
+                out.accounting.samples <= params.max_samples,
+                "{rule:?} drew {} of {}",
+                out.accounting.samples,
+                params.max_samples
+            );
+            assert_eq!(out.candidates.len(), out.accounting.samples);
+        }
+    }
+}
+
+#[test]
+fn vote_needs_no_prm_and_stops_once_the_majority_is_clear() {
+    let fake = Fake::new(0.95, Quantiles::point(0.5));
+    let mut p = with_rule(Strategy::BestOfN, BudgetRule::Vote, 0.95);
+    p.select = Select::Majority;
+    p.round = 1;
+    let out = run_fake(&fake, &p);
+    assert!(fake.st.borrow().score_calls.is_empty(), "no PRM call");
+    assert_eq!(out.accounting.stop, Stop::Confident);
+    assert_eq!(out.answers[0].answer, "42");
+    // Four agreeing votes reach P(Beta(5, 1) > 1/2) = 31/32 > 0.95; a stray
+    // wrong one costs a few more.
+    assert!((4..=10).contains(&out.accounting.samples), "{}", out.accounting.samples);
+    assert_eq!(out.accounting.start, None);
+}
+
+#[test]
+fn beam_gives_up_on_hopeless_paths_and_finishes_one_alone() {
+    let fake = Fake::new(0.0, Quantiles::sorted([0.0, 0.002, 0.01]))
+        .with_wrong_scores(Quantiles::sorted([0.0, 0.001, 0.002]));
+    let mut p = with_rule(Strategy::Beam, BudgetRule::GiveUp, 0.9);
+    p.max_samples = 16;
+    let out = run_fake(&fake, &p);
+    let st = fake.st.borrow();
+    assert_eq!(out.accounting.stop, Stop::GaveUp);
+    // 16 paths take one step; then only the best one goes on, step by step.
+    assert_eq!(st.extend_calls, [vec![16], vec![1; STEPS]].concat());
+    assert_eq!(out.answers.len(), 1);
+    assert!(out.accounting.tokens_saved > out.accounting.tokens_generated);
+    drop(st);
+    assert_eq!(fake.live(), 0, "every path was released");
 }
