@@ -23,9 +23,23 @@ pub struct Platt {
 }
 
 impl Platt {
-    /// Minimises the cross-entropy against soft labels by Newton's method.
+    /// Minimises the cross-entropy against soft labels by Newton's method,
+    /// each step halved until the loss falls: scores saturated at 0 or 1
+    /// (logits near ±14) make full Newton steps overshoot and diverge.
     pub fn fit(score: &[f64], label: &[f64]) -> Self {
+        let loss = |a: f64, b: f64| -> f64 {
+            score
+                .iter()
+                .zip(label)
+                .map(|(&s, &y)| {
+                    let z = a * logit(s) + b;
+                    // −[y ln σ(z) + (1 − y) ln(1 − σ(z))], stably.
+                    z.max(0.0) - y * z + (-z.abs()).exp().ln_1p()
+                })
+                .sum()
+        };
         let (mut a, mut b) = (1.0, 0.0);
+        let mut current = loss(a, b);
         for _ in 0..100 {
             let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (0.0, 0.0, 0.0, 0.0, 0.0);
             for (&s, &y) in score.iter().zip(label) {
@@ -44,11 +58,21 @@ impl Platt {
             if det.abs() < 1e-12 {
                 break;
             }
-            let da = (hbb * ga - hab * gb) / det;
-            let db = (haa * gb - hab * ga) / det;
-            a -= da;
-            b -= db;
-            if da.abs() + db.abs() < 1e-10 {
+            let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+            let mut t = 1.0;
+            let mut next = loss(a - da, b - db);
+            while !(next <= current) && t > 1e-6 {
+                t /= 2.0;
+                next = loss(a - t * da, b - t * db);
+            }
+            if !(next <= current) {
+                break;
+            }
+            a -= t * da;
+            b -= t * db;
+            let converged = (t * da).abs() + (t * db).abs() < 1e-10;
+            current = next;
+            if converged {
                 break;
             }
         }
@@ -131,6 +155,21 @@ mod tests {
         let labels: Vec<f64> = scores.iter().map(|&s| sigmoid(0.5 * logit(s) - 1.0)).collect();
         let p = Platt::fit(&scores, &labels);
         assert!((p.a - 0.5).abs() < 1e-4 && (p.b + 1.0).abs() < 1e-4, "{p:?}");
+    }
+
+    #[test]
+    fn platt_converges_on_scores_saturated_at_zero_and_one() {
+        // A sharp PRM: most scores within 1e-7 of 0 or 1, labels often far from them.
+        let mut scores = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..400 {
+            let right = i % 3 != 0;
+            scores.push(if right { 1.0 - 1e-8 } else { 1e-8 });
+            labels.push(if right { 0.6 } else { 0.05 });
+        }
+        let p = Platt::fit(&scores, &labels);
+        assert!(p.a.is_finite() && p.b.is_finite(), "{p:?}");
+        assert!((p.predict(1.0) - 0.6).abs() < 0.01 && (p.predict(0.0) - 0.05).abs() < 0.01, "{p:?}");
     }
 
     #[test]
