@@ -5,4 +5,5 @@
 pub mod model;
 pub mod task;
 pub mod train;
+pub mod verifier;
 pub mod vocab;

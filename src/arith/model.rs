@@ -115,7 +115,11 @@ impl TrainModel {
         Self::with_params(cfg, params, device)
     }
 
-    fn with_params(cfg: ArithConfig, params: BTreeMap<String, Var>, device: &Device) -> Result<Self> {
+    pub(crate) fn with_params(
+        cfg: ArithConfig,
+        params: BTreeMap<String, Var>,
+        device: &Device,
+    ) -> Result<Self> {
         let hd = cfg.head_dim();
         let inv: Vec<f32> =
             (0..hd).step_by(2).map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / hd as f32)).collect();
@@ -129,6 +133,11 @@ impl TrainModel {
 
     pub fn config(&self) -> &ArithConfig {
         &self.cfg
+    }
+
+    /// The token embedding (tied to the LM head).
+    pub fn embedding(&self) -> &Tensor {
+        self.p("model.embed_tokens.weight")
     }
 
     pub fn vars(&self) -> Vec<Var> {
@@ -145,6 +154,13 @@ impl TrainModel {
 
     /// Logits `(batch, time, vocab)` for token ids `(batch, time)`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let emb = self.p("model.embed_tokens.weight");
+        self.hidden(ids)?.broadcast_matmul(&emb.t()?)
+    }
+
+    /// Final hidden states `(batch, time, hidden)` (after the last norm) for
+    /// token ids `(batch, time)`: what the LM head and a PRM's score head read.
+    pub fn hidden(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let (h, nh, hd) = (self.cfg.hidden, self.cfg.heads, self.cfg.head_dim());
         let eps = self.cfg.rms_eps as f32;
@@ -180,8 +196,7 @@ impl TrainModel {
             let up = hn.broadcast_matmul(&self.p(&u).t()?)?;
             x = (x + (gate * up)?.broadcast_matmul(&self.p(&d).t()?)?)?;
         }
-        let x = candle_nn::ops::rms_norm_slow(&x, self.p("model.norm.weight"), eps)?;
-        x.broadcast_matmul(&emb.t()?)
+        candle_nn::ops::rms_norm_slow(&x, self.p("model.norm.weight"), eps)
     }
 
     /// Mean cross-entropy of the positions where `mask` is 1: `targets[b, i]`

@@ -168,7 +168,7 @@ fn lr_at(args: &TrainArgs, step: usize) -> f64 {
 }
 
 /// Scales gradients so their global norm is at most `max`.
-fn clip(
+pub(crate) fn clip(
     grads: &mut candle_core::backprop::GradStore,
     vars: &[candle_core::Var],
     max: f64,
@@ -192,7 +192,24 @@ fn clip(
     Ok(norm)
 }
 
+/// Training allocates and frees the same large autograd buffers every step.
+/// glibc serves blocks over its mmap threshold with fresh mappings and
+/// returns them at once, so each step page-faults its buffers anew (a third
+/// of a step went to the kernel); keeping freed memory in the heap instead
+/// makes a step about 1.5x faster. Only the training commands call this.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before
+    // training allocates, and glibc serialises it against other allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    keep_freed_memory();
     anyhow::ensure!(
         args.steps > args.warmup,
         "--steps ({}) must exceed --warmup ({})",

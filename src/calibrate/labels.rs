@@ -108,7 +108,7 @@ fn rollout_stop(cfg: &LabelConfig, used: usize) -> StopCriteria {
     }
 }
 
-pub(super) fn qhash(id: &str) -> u64 {
+pub(crate) fn qhash(id: &str) -> u64 {
     id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 

@@ -65,6 +65,11 @@ pub struct CalibrateArgs {
     /// or calibration/MODEL_ID for a remote model).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Where the Monte-Carlo labels are read from and appended to
+    /// (`labels_<split>.jsonl`; default: OUT). Labels belong to the policy:
+    /// calibrating another PRM for the same policy can reuse them.
+    #[arg(long)]
+    labels: Option<PathBuf>,
     /// Where the trained heads go (default: MODEL_DIR/prm_head.safetensors
     /// for a head PRM, OUT/prm_quantile_head.safetensors for a model PRM,
     /// OUT/prm_quantile_map.json for a remote PRM).
@@ -168,8 +173,10 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     };
     let fit_problems = task::generate(args.split, args.per_level);
     let eval_problems = task::generate(args.eval_split, args.eval_per_level);
-    let fit_rows = collect_labels(&args, &source, &fit_problems, args.split, &out)?;
-    let eval_rows = collect_labels(&args, &source, &eval_problems, args.eval_split, &out)?;
+    let labels_dir = args.labels.clone().unwrap_or_else(|| out.clone());
+    std::fs::create_dir_all(&labels_dir)?;
+    let fit_rows = collect_labels(&args, &source, &fit_problems, args.split, &labels_dir)?;
+    let eval_rows = collect_labels(&args, &source, &eval_problems, args.eval_split, &labels_dir)?;
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;
 
     // Heads learn from every row; calibration is fitted and reported on

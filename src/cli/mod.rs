@@ -42,6 +42,8 @@ enum Command {
 enum ArithCommand {
     /// Train ponder-arith from a seed (writes an HF checkpoint).
     Train(crate::arith::train::TrainArgs),
+    /// Train a verifier PRM for ponder-arith from the policy's own sampled trajectories.
+    TrainPrm(crate::arith::verifier::TrainPrmArgs),
     /// Write a split as JSONL: {id, level, question, answer} per line.
     Export(ExportArgs),
 }
@@ -90,6 +92,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => crate::eval::run(args),
         Command::Calibrate(args) => crate::calibrate::run::run(args),
         Command::Arith(ArithCommand::Train(args)) => crate::arith::train::run(args),
+        Command::Arith(ArithCommand::TrainPrm(args)) => crate::arith::verifier::run(args),
         Command::Arith(ArithCommand::Export(a)) => {
             print!("{}", crate::arith::task::to_jsonl(&crate::arith::task::generate(a.split, a.per_level)));
             Ok(())

@@ -606,6 +606,13 @@ impl Llama {
         Ok(hidden.to_dtype(DType::F32)?)
     }
 
+    /// Next-token logits `(rows, vocab)`, in f32, of final hidden states
+    /// `(rows, hidden)` as [`Self::hidden_states_batch`] returns them.
+    pub fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        let logits = self.lm_head.forward(&hidden.to_dtype(self.dtype())?)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
     fn layer_forward(
         &self,
         layer: &Layer,

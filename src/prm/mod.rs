@@ -16,6 +16,7 @@ pub mod head;
 pub mod model_prm;
 pub mod quantile_map;
 pub mod remote;
+pub mod surprisal;
 
 use std::sync::Arc;
 

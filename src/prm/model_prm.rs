@@ -15,7 +15,7 @@ use candle_core::{D, DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::{PrmError, PrmScore, Quantiles};
+use super::{PrmError, PrmScore, Quantiles, surprisal};
 use crate::model::{Llama, WeightFormat};
 use crate::tokenizer::{AddSpecial, ChatMessage, Tokenizer};
 
@@ -56,6 +56,32 @@ pub struct ModelPrm {
     /// The 3-quantile output layer, when one is used.
     quantiles: Option<(Tensor, Tensor)>,
     step_token: u32,
+    order: NumberOrder,
+    step_features: StepFeatures,
+    /// The token ids that open the assistant turn (where steps begin), for
+    /// surprisal features.
+    assistant_marker: Vec<u32>,
+}
+
+/// Which step tags a pass scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TagPick {
+    All,
+    Last,
+}
+
+/// What the score head reads at a step tag: `"ponder_step_features"` in
+/// the checkpoint's `config.json`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepFeatures {
+    /// The final hidden state (Qwen2.5-Math-PRM).
+    #[default]
+    Hidden,
+    /// That and the PRM's surprisal at the prefix's step tokens
+    /// ([`surprisal`]); the assistant turn opens with the tokens of
+    /// `"ponder_assistant_prefix"` in `tokenizer_config.json`.
+    HiddenAndSurprisal,
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> PrmError {
@@ -94,6 +120,120 @@ fn merge_lora(tensors: &mut HashMap<String, Tensor>, dir: &Path, device: &Device
     Ok(merged)
 }
 
+/// How a PRM reads the numbers of its input: as written, or with every run
+/// of digits reversed (least significant digit first), set by
+/// `"ponder_number_order": "least_significant_first"` in its
+/// `tokenizer_config.json`. Small transformers check sums and products far
+/// more reliably in that order, where each result digit depends on the
+/// operand digits at the same offset and a carry from the digit before it
+/// (Lee et al. 2023, "Teaching Arithmetic to Small Transformers").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NumberOrder {
+    #[default]
+    AsWritten,
+    LeastSignificantFirst,
+}
+
+impl NumberOrder {
+    /// Reads the setting beside a checkpoint's tokenizer (absent: as written).
+    pub fn from_dir(dir: &Path) -> Result<Self, PrmError> {
+        let path = dir.join("tokenizer_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(Self::AsWritten) };
+        let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| file_err(&path, e))?;
+        match cfg.get("ponder_number_order") {
+            None => Ok(Self::AsWritten),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| file_err(&path, format!("ponder_number_order: {e}"))),
+        }
+    }
+
+    /// `text` as the PRM reads it.
+    pub fn apply(self, text: &str) -> std::borrow::Cow<'_, str> {
+        match self {
+            Self::AsWritten => text.into(),
+            Self::LeastSignificantFirst => {
+                let mut out = String::with_capacity(text.len());
+                let mut run = String::new();
+                for ch in text.chars() {
+                    if ch.is_ascii_digit() {
+                        run.push(ch);
+                    } else {
+                        out.extend(run.chars().rev());
+                        run.clear();
+                        out.push(ch);
+                    }
+                }
+                out.extend(run.chars().rev());
+                out.into()
+            }
+        }
+    }
+}
+
+/// A PRM's input for `question` and `steps` with `tokenizer` and its chat
+/// template: system, user question, and the steps joined and ended by
+/// `<extra_0>` as the assistant turn (a lone `<extra_0>` for the question
+/// alone), numbers in `order`. Training a PRM encodes with this too, so
+/// that it learns on exactly the ids it is served with.
+pub fn encode_with(
+    tokenizer: &Tokenizer,
+    order: NumberOrder,
+    question: &str,
+    steps: &[String],
+) -> Result<Vec<u32>, PrmError> {
+    let mut answer = steps.iter().map(|s| order.apply(s)).collect::<Vec<_>>().join(STEP_TOKEN);
+    answer.push_str(STEP_TOKEN);
+    let messages = [
+        ChatMessage::new("system", SYSTEM_PROMPT),
+        ChatMessage::new("user", order.apply(question)),
+        ChatMessage::new("assistant", answer),
+    ];
+    let template = tokenizer.chat_template().ok_or(crate::tokenizer::TokenizerError::NoChatTemplate)?;
+    let text = template.render(&messages, false)?;
+    Ok(tokenizer.encode(&text, AddSpecial::No)?)
+}
+
+/// `"ponder_step_features"` from `config.json` and, for surprisal
+/// features, the assistant turn's opening tokens.
+fn read_step_features(dir: &Path, tokenizer: &Tokenizer) -> Result<(StepFeatures, Vec<u32>), PrmError> {
+    let read = |name: &str| -> Result<serde_json::Value, PrmError> {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| file_err(&path, e)),
+            Err(_) => Ok(serde_json::Value::Null),
+        }
+    };
+    let features: StepFeatures = match read("config.json")?.get("ponder_step_features") {
+        None => StepFeatures::Hidden,
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| file_err(dir, format!("ponder_step_features: {e}")))?,
+    };
+    let marker = match read("tokenizer_config.json")?.get("ponder_assistant_prefix").and_then(|v| v.as_str())
+    {
+        Some(prefix) if features == StepFeatures::HiddenAndSurprisal => {
+            tokenizer.encode(prefix, AddSpecial::No)?
+        }
+        _ => Vec::new(),
+    };
+    Ok((features, marker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NumberOrder;
+
+    #[test]
+    fn least_significant_first_reverses_every_run_of_digits_and_nothing_else() {
+        let o = NumberOrder::LeastSignificantFirst;
+        assert_eq!(o.apply("465 + 41 = 506"), "564 + 14 = 605");
+        assert_eq!(o.apply("(12 - 3) * 40?"), "(21 - 3) * 04?");
+        assert_eq!(o.apply("The answer is 1200."), "The answer is 0021.");
+        assert_eq!(o.apply("no digits"), "no digits");
+        assert_eq!(NumberOrder::AsWritten.apply("465"), "465");
+    }
+}
+
 impl ModelPrm {
     /// Loads a PRM checkpoint on the CPU, its backbone in f32.
     pub fn load(dir: &Path, opts: &ModelPrmOptions) -> Result<Self, PrmError> {
@@ -113,6 +253,7 @@ impl ModelPrm {
     ) -> Result<Self, PrmError> {
         let device = device.clone();
         let cfg = Llama::hf_config(dir)?;
+        let cfg_hidden = cfg.hidden;
         let mut tensors = HashMap::new();
         for f in Llama::safetensors_files(dir)? {
             // As stored: the backbone's tensors are converted once, to its own dtype, as they are read.
@@ -173,24 +314,33 @@ impl ModelPrm {
         let step_token = tokenizer
             .token_id(STEP_TOKEN)
             .ok_or_else(|| file_err(dir, format!("the tokenizer has no {STEP_TOKEN}")))?;
-        Ok(Self { backbone, tokenizer, fc1, classes, quantiles, step_token })
+        let order = NumberOrder::from_dir(dir)?;
+        let (step_features, assistant_marker) = read_step_features(dir, &tokenizer)?;
+        let want = cfg_hidden + if step_features == StepFeatures::Hidden { 0 } else { surprisal::COUNT };
+        if fc1.0.dim(1)? != want {
+            return Err(file_err(
+                dir,
+                format!("score.0.weight reads {} inputs; this PRM's step features are {want}", fc1.0.dim(1)?),
+            ));
+        }
+        Ok(Self {
+            backbone,
+            tokenizer,
+            fc1,
+            classes,
+            quantiles,
+            step_token,
+            order,
+            step_features,
+            assistant_marker,
+        })
     }
 
     /// The prompt tokens: system, user question, and the steps joined and
     /// ended by `<extra_0>` as the assistant turn. With no steps the
     /// assistant turn is a lone `<extra_0>`, which scores the question alone.
     pub fn encode(&self, question: &str, steps: &[String]) -> Result<Vec<u32>, PrmError> {
-        let mut answer = steps.join(STEP_TOKEN);
-        answer.push_str(STEP_TOKEN);
-        let messages = [
-            ChatMessage::new("system", SYSTEM_PROMPT),
-            ChatMessage::new("user", question),
-            ChatMessage::new("assistant", answer),
-        ];
-        let template =
-            self.tokenizer.chat_template().ok_or(crate::tokenizer::TokenizerError::NoChatTemplate)?;
-        let text = template.render(&messages, false)?;
-        Ok(self.tokenizer.encode(&text, AddSpecial::No)?)
+        encode_with(&self.tokenizer, self.order, question, steps)
     }
 
     /// The PRM's tokenizer (what `/pooling` inputs are read with).
@@ -206,13 +356,7 @@ impl ModelPrm {
     /// The 2-class head's P(good) at every `<extra_0>` of an already
     /// formatted input, as vLLM's pooling runner answers `token_classify`.
     pub fn step_probabilities(&self, ids: &[u32]) -> Result<Vec<f32>, PrmError> {
-        let positions: Vec<u32> =
-            ids.iter().enumerate().filter(|(_, t)| **t == self.step_token).map(|(i, _)| i as u32).collect();
-        if positions.is_empty() {
-            return Err(PrmError::NoStepToken);
-        }
-        let hidden = self.backbone.hidden_states(ids)?;
-        let at = hidden.index_select(&Tensor::new(positions.as_slice(), hidden.device())?, 0)?;
+        let at = self.tag_inputs(&[ids], TagPick::All)?;
         let logits = self.relu_layer(&at)?.matmul(&self.classes.0.t()?)?.broadcast_add(&self.classes.1)?;
         Ok(candle_nn::ops::softmax(&logits, D::Minus1)?.i((.., 1))?.to_vec1::<f32>()?)
     }
@@ -220,18 +364,63 @@ impl ModelPrm {
     /// One score per step (the question alone when `steps` is empty).
     pub fn step_scores(&self, question: &str, steps: &[String]) -> Result<Vec<PrmScore>, PrmError> {
         let ids = self.encode(question, steps)?;
-        let positions: Vec<u32> =
-            ids.iter().enumerate().filter(|(_, t)| **t == self.step_token).map(|(i, _)| i as u32).collect();
-        if positions.is_empty() {
-            return Err(PrmError::NoStepToken);
-        }
-        let hidden = self.backbone.hidden_states(&ids)?;
-        self.head(&hidden.index_select(&Tensor::new(positions.as_slice(), hidden.device())?, 0)?)
+        let at = self.tag_inputs(&[&ids], TagPick::All)?;
+        self.head_of_features(&self.relu_layer(&at)?)
     }
 
-    /// The score head over final hidden states `(rows, hidden)` at step tokens.
-    fn head(&self, at: &Tensor) -> Result<Vec<PrmScore>, PrmError> {
-        self.head_of_features(&self.relu_layer(at)?)
+    /// What `score.0` reads at the chosen step tags of `seqs`, all in one
+    /// forward pass: the final hidden states `(rows, hidden)`, and for a PRM
+    /// that reads its own surprisal, [`surprisal::COUNT`] more columns.
+    fn tag_inputs(&self, seqs: &[&[u32]], pick: TagPick) -> Result<Tensor, PrmError> {
+        let tags: Vec<Vec<usize>> = seqs
+            .iter()
+            .map(|ids| {
+                ids.iter().enumerate().filter(|(_, t)| **t == self.step_token).map(|(i, _)| i).collect()
+            })
+            .collect();
+        if tags.iter().any(Vec::is_empty) {
+            return Err(PrmError::NoStepToken);
+        }
+        let hidden = self.backbone.hidden_states_batch(seqs)?;
+        let (mut rows, mut extra) = (Vec::new(), Vec::new());
+        let mut offset = 0;
+        for (ids, tags) in seqs.iter().zip(&tags) {
+            let chosen: &[usize] = match pick {
+                TagPick::All => tags,
+                TagPick::Last => &tags[tags.len() - 1..],
+            };
+            rows.extend(chosen.iter().map(|&t| (offset + t) as u32));
+            if self.step_features == StepFeatures::HiddenAndSurprisal {
+                let own = hidden.narrow(0, offset, ids.len())?;
+                let f = self.surprisal_features(ids, &own, tags)?;
+                extra.extend(f[f.len() - chosen.len()..].iter().flatten().copied());
+            }
+            offset += ids.len();
+        }
+        let at = hidden.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?;
+        if self.step_features == StepFeatures::Hidden {
+            return Ok(at);
+        }
+        let extra = Tensor::from_vec(extra, (rows.len(), surprisal::COUNT), hidden.device())?;
+        Ok(Tensor::cat(&[&at, &extra], 1)?)
+    }
+
+    /// Surprisal features at every tag of one sequence from its hidden states.
+    fn surprisal_features(
+        &self,
+        ids: &[u32],
+        hidden: &Tensor,
+        tags: &[usize],
+    ) -> Result<Vec<[f32; surprisal::COUNT]>, PrmError> {
+        let n = ids.len();
+        let logp =
+            candle_nn::ops::log_softmax(&self.backbone.lm_logits(&hidden.narrow(0, 0, n - 1)?)?, D::Minus1)?;
+        let next = Tensor::new(&ids[1..], hidden.device())?.unsqueeze(1)?;
+        let picked = logp.gather(&next, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        // surprisal[i] is token i's: nothing predicts the first token.
+        let s: Vec<f32> = std::iter::once(0.0).chain(picked.iter().map(|l| -l)).collect();
+        let start = surprisal::steps_start(ids, &self.assistant_marker, tags[0]);
+        Ok(surprisal::features(&s, start, tags))
     }
 
     /// `score.0` and its ReLU: the features the output layer reads.
@@ -270,17 +459,9 @@ impl ModelPrm {
         }
         let encoded: Vec<Vec<u32>> =
             items.iter().map(|i| self.encode(i.question, i.steps)).collect::<Result<_, _>>()?;
-        // Each prefix ends with its last step's <extra_0>: the row to score.
-        let mut rows = Vec::with_capacity(encoded.len());
-        let mut offset = 0;
-        for ids in &encoded {
-            let last = ids.iter().rposition(|&t| t == self.step_token).ok_or(PrmError::NoStepToken)?;
-            rows.push((offset + last) as u32);
-            offset += ids.len();
-        }
         let seqs: Vec<&[u32]> = encoded.iter().map(Vec::as_slice).collect();
-        let hidden = self.backbone.hidden_states_batch(&seqs)?;
-        self.relu_layer(&hidden.index_select(&Tensor::new(rows.as_slice(), hidden.device())?, 0)?)
+        // Each prefix ends with its last step's <extra_0>: the row to score.
+        self.relu_layer(&self.tag_inputs(&seqs, TagPick::Last)?)
     }
 
     /// The 2-class output layer as one logit of P(good): weight `(1, units)`
