@@ -92,6 +92,13 @@ pub struct EvalArgs {
     /// frontier) as an SVG here.
     #[arg(long, value_name = "PATH")]
     pub plot: Option<PathBuf>,
+    /// With --sweep: also write the fixed run itself here, one JSON line per question
+    /// (its estimate alone, every candidate with its scores and whether it is right).
+    #[arg(long, value_name = "PATH")]
+    pub questions_out: Option<PathBuf>,
+    /// With --sweep: replay a run written by --questions-out instead of generating one.
+    #[arg(long, value_name = "PATH")]
+    pub questions_in: Option<PathBuf>,
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
     #[arg(long, default_value_t = 0)]
@@ -187,7 +194,10 @@ pub(crate) fn load_prm(
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
     anyhow::ensure!(args.max_samples >= 1, "--max-samples must be at least 1");
-    anyhow::ensure!(args.plot.is_none() || args.sweep, "--plot draws the sweep: add --sweep");
+    anyhow::ensure!(
+        (args.plot.is_none() && args.questions_out.is_none() && args.questions_in.is_none()) || args.sweep,
+        "--plot, --questions-out and --questions-in belong to the sweep: add --sweep"
+    );
     let (path, weights, configured_prm) = resolve_entry(&args.model, args.config.as_deref())?;
     let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;

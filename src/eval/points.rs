@@ -23,11 +23,11 @@ const IAS_CONFIDENCES: [f64; 13] =
 /// The C of `sequential` and `give_up`: the selected answer's calibrated
 /// probability of being right, so values below 0.5 would stop on answers
 /// more likely wrong than right.
-const ROUND_CONFIDENCES: [f64; 9] = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999];
+const ROUND_CONFIDENCES: [f64; 12] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999];
 /// The C of `vote`: one unanimous vote already has posterior 0.75.
 const VOTE_CONFIDENCES: [f64; 6] = [0.5, 0.75, 0.8, 0.9, 0.95, 0.99];
 const ROUNDS: [usize; 4] = [1, 2, 4, 8];
-const GIVE_UP_GAINS: [f64; 6] = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2];
+const GIVE_UP_GAINS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2];
 /// Caps N_max of the adaptive grid, up to the run's own N_max.
 const CAPS: [usize; 6] = [2, 4, 8, 16, 32, 64];
 

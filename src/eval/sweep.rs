@@ -21,7 +21,7 @@ use crate::model::BatchEntry;
 use crate::prm::head::HeadOutput;
 use crate::prm::{PrmScore, ScoreItem, Scorer};
 use crate::reasoning::rules::BudgetRule;
-use crate::reasoning::{Budget, Candidates, Select, Strategy};
+use crate::reasoning::{Budget, Candidate, Candidates, Select, Strategy};
 
 /// Everything the sweep reports; `--json` prints it whole.
 #[derive(Debug, Serialize)]
@@ -96,6 +96,83 @@ fn fixed_run(
         .collect())
 }
 
+/// `--questions-out`: the fixed run itself, one JSON line per question
+/// (its estimate alone and every candidate with its scores and whether it is
+/// right), for analyses the sweep does not make.
+fn write_questions(
+    path: &std::path::Path,
+    problems: &[EvalProblem],
+    questions: &[SweepQuestion],
+) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for (p, q) in problems.iter().zip(questions) {
+        let candidates: Vec<serde_json::Value> = q
+            .candidates
+            .iter()
+            .map(|c| {
+                serde_json::json!({"answer": c.answer, "correct": q.correct_answers.contains(&c.answer),
+                    "tokens": c.tokens, "steps": c.steps, "score": c.score})
+            })
+            .collect();
+        let line =
+            serde_json::json!({"id": p.id, "level": q.level, "root": q.root, "candidates": candidates});
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// `--questions-in`: a fixed run written by `--questions-out`, replayed
+/// without generating (the texts are not kept; rules and selection read
+/// answers, scores and token counts only).
+fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        answer: String,
+        correct: bool,
+        tokens: usize,
+        steps: usize,
+        score: Option<PrmScore>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Line {
+        level: u8,
+        root: PrmScore,
+        candidates: Vec<Row>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            let q: Line =
+                serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            Ok(SweepQuestion {
+                level: q.level,
+                root: q.root,
+                correct_answers: q
+                    .candidates
+                    .iter()
+                    .filter(|c| c.correct)
+                    .map(|c| c.answer.clone())
+                    .collect(),
+                candidates: q
+                    .candidates
+                    .into_iter()
+                    .map(|c| Candidate {
+                        text: String::new(),
+                        answer: c.answer,
+                        score: c.score,
+                        tokens: c.tokens,
+                        steps: c.steps,
+                        ended: true,
+                    })
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
 fn report(questions: &[SweepQuestion], args: &EvalArgs) -> Report {
     let grid = Grid { n_max: args.max_samples, budget_quantile: args.budget_quantile, select: args.select };
     let sweep = Sweep::new(questions, grid);
@@ -130,7 +207,13 @@ pub fn sweep(
     problems: &[EvalProblem],
     args: &EvalArgs,
 ) -> anyhow::Result<()> {
-    let questions = fixed_run(engine, prm, problems, args)?;
+    let questions = match &args.questions_in {
+        Some(path) => read_questions(path)?,
+        None => fixed_run(engine, prm, problems, args)?,
+    };
+    if let Some(path) = &args.questions_out {
+        write_questions(path, problems, &questions)?;
+    }
     let report = report(&questions, args);
     if let Some(path) = &args.plot {
         let fixed: Vec<SweepPoint> = report.points.iter().filter(|p| p.rule.is_none()).cloned().collect();
