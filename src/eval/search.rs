@@ -157,9 +157,25 @@ struct SearchReport {
     prm: HeadOutput,
     confidence: f64,
     max_samples: usize,
+    /// The rule of adaptive runs (null for fixed ones).
+    budget_rule: Option<crate::reasoning::BudgetRule>,
     #[serde(flatten)]
     overall: Summary,
     per_level: Vec<LevelSummary>,
+    /// Each question: whether it was answered right, what it spent, why it stopped.
+    questions: Vec<QuestionResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct QuestionResult {
+    id: String,
+    level: u8,
+    correct: bool,
+    answer: String,
+    samples: usize,
+    tokens: usize,
+    stop: crate::reasoning::Stop,
+    rounds: usize,
 }
 
 pub fn run(
@@ -181,6 +197,21 @@ pub fn run(
             (q.level, correct, a.samples, a.tokens_generated, a.fixed_tokens_estimate, a.prm_evaluations)
         })
         .collect();
+    let questions = problems
+        .iter()
+        .zip(&outcomes)
+        .zip(&rows)
+        .map(|((q, o), r)| QuestionResult {
+            id: q.id.clone(),
+            level: q.level,
+            correct: r.1,
+            answer: o.answers.first().map_or_else(String::new, |c| c.answer.clone()),
+            samples: o.accounting.samples,
+            tokens: o.accounting.tokens_generated,
+            stop: o.accounting.stop,
+            rounds: o.accounting.rounds,
+        })
+        .collect();
     let mut levels: Vec<u8> = rows.iter().map(|r| r.0).collect();
     levels.sort_unstable();
     levels.dedup();
@@ -193,6 +224,7 @@ pub fn run(
         prm: args.prm,
         confidence: args.confidence,
         max_samples: args.max_samples,
+        budget_rule: args.adaptive.then_some(args.rule),
         overall: summarize(&rows),
         per_level: levels
             .into_iter()
@@ -201,6 +233,7 @@ pub fn run(
                 summary: summarize(&rows.iter().copied().filter(|r| r.0 == l).collect::<Vec<_>>()),
             })
             .collect(),
+        questions,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -181,27 +181,76 @@ async fn best_of_n<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcom
 /// Beam search: generate `prune_every` steps on every live path, then score,
 /// keep the best K paths by the median quantile and expand each into M
 /// children; fixed K = K_max, M = M_max, or the IAS K and M rules. Under
-/// `sequential` and `give_up` each pruning point also asks whether to stop:
-/// a finished path confident enough ends the search, and (`give_up`) so
-/// does a search whose kept paths are not worth expanding.
+/// `sequential` and `give_up` each pruning point also asks whether to stop
+/// (a finished path confident enough ends the search; under `give_up`, so
+/// does a search whose kept paths are not worth expanding), and a search
+/// that ends with no confident answer is followed by another from the
+/// question, in rounds, while the rule finds one worth its tokens.
 async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
     let adaptive = p.budget == Budget::Adaptive;
-    let first = if adaptive {
-        let q = ledger.start(b, root).await?;
-        ias::samples(q.at(p.budget_quantile) as f64, p.confidence, p.max_samples)
-    } else {
-        p.max_samples
+    let root_q = if adaptive { Some(ledger.start(b, root).await?) } else { None };
+    let first = match root_q {
+        Some(q) => ias::samples(q.at(p.budget_quantile) as f64, p.confidence, p.max_samples),
+        None => p.max_samples,
     }
     .max(p.n);
-    b.progress(first, ledger.start);
-    let mut live = b.fork(root, first)?;
-    b.release(&[root]);
-    ledger.samples = first;
+    let in_rounds = adaptive && matches!(p.rule, BudgetRule::Sequential | BudgetRule::GiveUp);
+    let mut prior = root_q.map(rules::SuccessPrior::new);
     let mut pool: Vec<Candidate> = Vec::new();
     let mut cost = BeamCost::new(p);
+    let mut drawn = 0;
+    loop {
+        let before = pool.len();
+        let end = beam_round(b, p, root, first, &mut ledger, &mut cost, &mut pool).await?;
+        drawn += first;
+        ledger.stop = end;
+        if !in_rounds || end != Stop::Budget {
+            break;
+        }
+        // A search that ended with no confident answer: another from the
+        // question, within N_max initial paths, while it is worth it.
+        if drawn + first > p.max_samples {
+            ledger.stop = Stop::Exhausted;
+            break;
+        }
+        let held =
+            choose(&pool, p.select, 1).first().and_then(|c| c.score).map_or(0.0, |s| s.quantiles.q50 as f64);
+        if let (BudgetRule::GiveUp, Some(prior)) = (p.rule, prior.as_mut()) {
+            for c in &pool[before..] {
+                prior.observe(c.score.map_or(0.0, |s| s.quantiles.q50 as f64));
+            }
+            if rules::round_gain(prior, held, first) < p.give_up_gain {
+                ledger.stop = Stop::GaveUp;
+                break;
+            }
+        }
+    }
+    b.release(&[root]);
+    let fixed_tokens = cost.fixed_tokens(b.generated_tokens());
+    Ok(ledger.finish(b, p, pool, cost.fixed_samples, fixed_tokens))
+}
+
+/// One beam search from the question with `first` initial paths, its
+/// finished paths added to `pool`. Returns how it ended: `Budget` when it
+/// ran to the end, `Confident` or `GaveUp` when a rule stopped it.
+async fn beam_round<B: Trajectories>(
+    b: &B,
+    p: &ReasoningParams,
+    root: Traj,
+    first: usize,
+    ledger: &mut Ledger,
+    cost: &mut BeamCost,
+    pool: &mut Vec<Candidate>,
+) -> Result<Stop, ReasoningError> {
+    let adaptive = p.budget == Budget::Adaptive;
     let stops = adaptive && matches!(p.rule, BudgetRule::Sequential | BudgetRule::GiveUp);
+    b.progress(first, ledger.start);
+    let mut live = b.fork(root, first)?;
+    ledger.samples += first;
+    ledger.rounds += 1;
+    cost.restart();
     while !live.is_empty() {
         for _ in 0..p.prune_every {
             if !cost.extend_once(b, &live).await? {
@@ -215,11 +264,10 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
             pool.extend(done.iter().zip(scores).map(|(&t, s)| candidate(b, p, t, Some(s))));
             b.release(&done);
         }
-        let held = choose(&pool, p.select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
+        let held = choose(pool, p.select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
         if stops && held.is_some_and(|q| q.at(p.budget_quantile) as f64 >= p.confidence) {
-            ledger.stop = Stop::Confident;
             b.release(&open);
-            break;
+            return Ok(Stop::Confident);
         }
         if open.is_empty() || cost.depth >= p.max_steps {
             if !open.is_empty() {
@@ -227,7 +275,7 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
                 pool.extend(open.iter().zip(scores).map(|(&t, s)| candidate(b, p, t, Some(s))));
                 b.release(&open);
             }
-            break;
+            return Ok(Stop::Budget);
         }
         let scores = ledger.score(b, &open).await?;
         let mut ranked: Vec<(Traj, PrmScore)> = open.iter().copied().zip(scores).collect();
@@ -242,12 +290,10 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
                 (k, ias::children(s_min, k, p.confidence, p.beam_width))
             }
         };
-        ledger.rounds += 1;
         if adaptive && p.rule == BudgetRule::GiveUp {
             let kept: Vec<Quantiles> = ranked[..k].iter().map(|r| r.1.quantiles).collect();
             let held = held.map_or(0.0, |q| q.q50 as f64);
             if rules::beam_gain(&kept, held) < p.give_up_gain {
-                ledger.stop = Stop::GaveUp;
                 let best = ranked[0].0;
                 b.release(&ranked[1..].iter().map(|r| r.0).collect::<Vec<_>>());
                 if pool.is_empty() {
@@ -257,7 +303,7 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
                     pool.push(candidate(b, p, best, Some(score)));
                 }
                 b.release(&[best]);
-                break;
+                return Ok(Stop::GaveUp);
             }
         }
         let mut next = Vec::with_capacity(k * m);
@@ -270,8 +316,7 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
         b.progress(next.len(), ranked.first().map(|r| r.1.quantiles));
         live = next;
     }
-    let fixed_tokens = cost.fixed_tokens(b.generated_tokens());
-    Ok(ledger.finish(b, p, pool, cost.fixed_samples, fixed_tokens))
+    Ok(Stop::Budget)
 }
 
 /// What beam search generated and what the fixed beam would have: N_max
@@ -282,6 +327,7 @@ struct BeamCost {
     fixed_samples: usize,
     fixed_live: usize,
     depth: usize,
+    rounds: usize,
 }
 
 impl BeamCost {
@@ -292,7 +338,15 @@ impl BeamCost {
             fixed_samples: p.max_samples,
             fixed_live: p.max_samples,
             depth: 0,
+            rounds: 0,
         }
+    }
+
+    /// A new search from the question. The fixed beam searches once: later
+    /// rounds add to what was generated, not to its estimate.
+    fn restart(&mut self) {
+        self.depth = 0;
+        self.rounds += 1;
     }
 
     /// One step on every unfinished path of `live`; false when none was left.
@@ -303,14 +357,18 @@ impl BeamCost {
         }
         b.extend(&extendable).await?;
         self.path_steps += extendable.len();
-        self.fixed_path_steps += self.fixed_live;
+        if self.rounds <= 1 {
+            self.fixed_path_steps += self.fixed_live;
+        }
         self.depth += 1;
         Ok(true)
     }
 
     fn expanded(&mut self, p: &ReasoningParams) {
-        self.fixed_samples += p.beams * p.beam_width;
-        self.fixed_live = p.beams * p.beam_width;
+        if self.rounds <= 1 {
+            self.fixed_samples += p.beams * p.beam_width;
+            self.fixed_live = p.beams * p.beam_width;
+        }
     }
 
     /// The fixed beam's tokens, priced at this request's tokens per path-step.
