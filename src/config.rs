@@ -294,7 +294,11 @@ pub const DEFAULT_MODEL_ID: &str = "smollm2-135m-instruct";
 pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const ARITH_MODEL_ID: &str = "ponder-arith";
 pub const ARITH_MODEL_PATH: &str = "models/ponder-arith";
-pub const ARITH_PRM_PATH: &str = "models/ponder-arith/prm_head.safetensors";
+/// ponder-arith's verifier PRM (`ponder arith train-prm`) and its
+/// calibrated quantile head (`ponder calibrate --prm-model`).
+pub const ARITH_VERIFIER_PATH: &str = "models/ponder-arith-verifier";
+pub const ARITH_VERIFIER_HEAD_PATH: &str =
+    "models/ponder-arith-verifier/calibration/prm_quantile_head.safetensors";
 
 impl Default for Config {
     fn default() -> Self {
@@ -336,7 +340,11 @@ impl Default for Config {
                     fetch: Some(
                         "git checkout models/ponder-arith (it is committed), or `ponder arith train`".into(),
                     ),
-                    prm: Some(PrmConfig::Head(ARITH_PRM_PATH.into())),
+                    prm: Some(PrmConfig::Model(ModelPrmConfig {
+                        model: ARITH_VERIFIER_PATH.into(),
+                        head: crate::prm::model_prm::HeadChoice::Trained(ARITH_VERIFIER_HEAD_PATH.into()),
+                        lora: None,
+                    })),
                     reasoning: ReasoningDefaults {
                         max_step_tokens: 64,
                         answer: crate::reasoning::select::AnswerFormat::LastNumber,

@@ -63,10 +63,10 @@ pub struct EvalArgs {
     #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::Ias)]
     pub rule: BudgetRule,
     /// Samples per round (rules that draw in rounds).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub round_size: usize,
     /// give_up: the least expected gain of another round worth drawing.
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, default_value_t = 0.01)]
     pub give_up_gain: f64,
     /// M_max.
     #[arg(long, default_value_t = 8)]

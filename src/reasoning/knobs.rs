@@ -47,11 +47,14 @@ impl Default for ReasoningDefaults {
         Self {
             strategy: Strategy::BestOfN,
             max_samples: 64,
-            confidence: 0.99,
+            // give_up at C 0.9, rounds of 2 and a gain floor of 0.01: the
+            // cheapest point within a point of fixed best-of-64 on
+            // ponder-arith's calib split among C ≥ 0.9 (docs/method.md).
+            confidence: 0.9,
             budget_quantile: 0.1,
             budget_rule: BudgetRule::GiveUp,
-            round_size: 4,
-            give_up_gain: 0.02,
+            round_size: 2,
+            give_up_gain: 0.01,
             beam_width: 8,
             beams: 8,
             prune_every: 1,
