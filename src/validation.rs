@@ -156,6 +156,9 @@ fn reasoning_params(
     let rule = match w.budget_rule {
         Some(r) => r,
         None if d.budget_rule.needs_prm() && !rl.has_prm => BudgetRule::Vote,
+        // A vote has nothing to count in a beam search; the paper's rule is
+        // the one every PRM-scored search understands.
+        None if strategy == Strategy::Beam && !d.budget_rule.needs_prm() => BudgetRule::Ias,
         None => d.budget_rule,
     };
     let select = match w.select {

@@ -291,21 +291,32 @@ fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels(
 
     // The sweep replays one fixed best-of-4 run as the fixed curve and as
     // every estimator's IAS runs, and compares them at equal tokens.
-    let (ok, stdout, stderr) = ponder(&[
-        "eval",
-        "--model",
-        model,
-        "--per-level",
-        "1",
-        "--sweep",
-        "--max-samples",
-        "4",
-        "--prm-path",
-        head.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let run_file = dir.path().join("run.jsonl");
+    let plot = dir.path().join("sweep.svg");
+    let sweep = |extra: &[&str]| {
+        let mut a = vec![
+            "eval",
+            "--model",
+            model,
+            "--per-level",
+            "1",
+            "--sweep",
+            "--max-samples",
+            "4",
+            "--prm-path",
+            head.to_str().unwrap(),
+            "--json",
+        ];
+        a.extend_from_slice(extra);
+        let (ok, stdout, stderr) = ponder(&a);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()
+    };
+    let v = sweep(&["--questions-out", run_file.to_str().unwrap(), "--plot", plot.to_str().unwrap()]);
+    // The written run replays to the same report, without generating.
+    assert_eq!(sweep(&["--questions-in", run_file.to_str().unwrap()])["points"], v["points"]);
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+    assert_eq!(v["pass_at"].as_array().unwrap().len(), 3);
     let points = v["points"].as_array().unwrap();
     let fixed: Vec<_> = points.iter().filter(|p| p["estimator"].is_null()).collect();
     assert_eq!(fixed.iter().map(|p| p["max_samples"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 4]);

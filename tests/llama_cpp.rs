@@ -231,7 +231,7 @@ async fn reasoning_runs_over_llama_cpp_scored_by_a_prm_on_another_ponders_poolin
     let before = generated();
     let (s, v) = post(
         &front.url("/v1/chat/completions"),
-        &ask(json!({"strategy": "best_of_n", "max_samples": 4, "max_step_tokens": 16})),
+        &ask(json!({"strategy": "best_of_n", "budget_rule": "ias", "select": "prm_max", "max_samples": 4, "max_step_tokens": 16})),
     )
     .await;
     assert_eq!(s, 200, "{v}");

@@ -256,6 +256,18 @@ pub(super) struct PassAt {
     pub(super) tokens_vs_fixed_max: f64,
 }
 
+/// One level of the questions at the full budget: where selection loses
+/// against pass@N_max, and the level's share of the fixed run's tokens.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct LevelPoint {
+    pub(super) level: u8,
+    pub(super) questions: usize,
+    /// Fixed best-of-N_max, as the sweep's `select` chooses.
+    pub(super) fixed_accuracy: f64,
+    pub(super) pass_accuracy: f64,
+    pub(super) token_share: f64,
+}
+
 /// One question's outcome at a point: the answer chosen among its first
 /// `samples` as the view scores them.
 struct Outcome {
@@ -346,6 +358,38 @@ impl<'a> Sweep<'a> {
                     accuracy: share(&correct),
                     accuracy_ci: self.bootstrap.interval(&correct),
                     tokens_vs_fixed_max: f.tokens_vs_fixed_max,
+                }
+            })
+            .collect()
+    }
+
+    /// Fixed best-of-N_max against pass@N_max, level by level.
+    pub(super) fn per_level(&self) -> Vec<LevelPoint> {
+        let tokens = |q: &SweepQuestion| q.candidates.iter().map(|c| c.tokens).sum::<usize>();
+        let all: usize = self.questions.iter().map(tokens).sum();
+        let mut levels: Vec<u8> = self.questions.iter().map(|q| q.level).collect();
+        levels.sort_unstable();
+        levels.dedup();
+        levels
+            .into_iter()
+            .map(|level| {
+                let idx: Vec<usize> =
+                    (0..self.questions.len()).filter(|&i| self.questions[i].level == level).collect();
+                let n = idx.len().max(1) as f64;
+                let fixed = idx
+                    .iter()
+                    .filter(|&&i| {
+                        self.outcome(i, Estimator::Calibrated, self.grid.n_max, self.grid.select).correct
+                    })
+                    .count();
+                let pass = idx.iter().filter(|&&i| self.questions[i].pass(self.grid.n_max)).count();
+                let mine: usize = idx.iter().map(|&i| tokens(&self.questions[i])).sum();
+                LevelPoint {
+                    level,
+                    questions: idx.len(),
+                    fixed_accuracy: fixed as f64 / n,
+                    pass_accuracy: pass as f64 / n,
+                    token_share: mine as f64 / all.max(1) as f64,
                 }
             })
             .collect()

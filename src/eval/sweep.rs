@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::bootstrap::{RESAMPLES, SEED};
 use super::frontier::{EqualTokens, Family, Frontier, equal_tokens, family_name, frontiers};
-use super::points::{Estimator, Grid, PassAt, Sweep, SweepPoint, SweepQuestion};
+use super::points::{Estimator, Grid, LevelPoint, PassAt, Sweep, SweepPoint, SweepQuestion};
 use super::search::{params, prompt, run_all};
 use super::{EvalArgs, EvalProblem, load_prm, plot, source_name};
 use crate::config::PrmConfig;
@@ -38,6 +38,8 @@ struct Report {
     /// The fixed curve, then every rule's grid.
     points: Vec<SweepPoint>,
     pass_at: Vec<PassAt>,
+    /// Fixed best-of-N_max and pass@N_max per level.
+    per_level: Vec<LevelPoint>,
     equal_tokens: Vec<EqualTokens>,
     frontier: Vec<Frontier>,
 }
@@ -193,6 +195,7 @@ fn report(questions: &[SweepQuestion], args: &EvalArgs) -> Report {
         bootstrap_seed: SEED,
         points: fixed.into_iter().chain(rules).collect(),
         pass_at,
+        per_level: sweep.per_level(),
         equal_tokens,
         frontier,
     }
@@ -275,6 +278,20 @@ fn print_report(r: &Report) {
             p.summary.mean_samples,
             p.summary.mean_generated_tokens,
             p.tokens_vs_fixed_max * 100.0
+        );
+    }
+    println!(
+        "\n{:>5} {:>9} {:>14} {:>12} {:>12}",
+        "level", "questions", "fixed N_max", "pass@N_max", "token share"
+    );
+    for l in &r.per_level {
+        println!(
+            "{:>5} {:>9} {:>14} {:>12} {:>12}",
+            l.level,
+            l.questions,
+            pct(l.fixed_accuracy),
+            pct(l.pass_accuracy),
+            pct(l.token_share)
         );
     }
     println!(

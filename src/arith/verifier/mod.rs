@@ -369,19 +369,126 @@ fn synthetic_batch(
     Ok(out)
 }
 
-/// The share of synthetic step tags judged right (P(good) on the right side of 1/2).
-fn synthetic_accuracy(model: &Verifier, val: &[Example], device: &Device) -> anyhow::Result<f64> {
-    let (mut right, mut total) = (0usize, 0usize);
+/// The share of synthetic step tags judged right (P(good) on the right
+/// side of 1/2), and that share per level.
+fn synthetic_accuracy(
+    model: &Verifier,
+    val: &[(u8, Example)],
+    device: &Device,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let mut by_level = [(0usize, 0usize); 6];
     for chunk in val.chunks(128) {
-        let refs: Vec<&Example> = chunk.iter().collect();
+        let refs: Vec<&Example> = chunk.iter().map(|(_, e)| e).collect();
         let b = data::batch(&refs, device)?;
         let (logits, _) = model.forward(&b, &refs)?;
         let guess = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
         let labels = b.labels.to_vec1::<u32>()?;
-        right += guess.iter().zip(&labels).filter(|(g, l)| g == l).count();
-        total += labels.len();
+        let mut at = 0;
+        for (level, e) in chunk {
+            let n = e.tags.len();
+            let right = guess[at..at + n].iter().zip(&labels[at..at + n]).filter(|(g, l)| g == l).count();
+            let slot = &mut by_level[*level as usize - 1];
+            (slot.0, slot.1) = (slot.0 + right, slot.1 + n);
+            at += n;
+        }
     }
-    Ok(right as f64 / total.max(1) as f64)
+    let (right, total) = by_level.iter().fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let per_level = by_level.iter().map(|(r, t)| *r as f64 / (*t).max(1) as f64).collect();
+    Ok((right as f64 / total.max(1) as f64, per_level))
+}
+
+/// What training reads: the verifier's tokenizer, the policy's labelled
+/// trajectories split into training and held-out sequences, and held-out
+/// synthetic solutions with their levels.
+struct Prepared {
+    tok: Tokenizer,
+    marks: Marks,
+    train: Vec<Example>,
+    val: Vec<Example>,
+    synthetic_val: Vec<(u8, Example)>,
+    labelled_rows: usize,
+    questions: usize,
+    label_minutes: f64,
+}
+
+fn prepare(args: &TrainPrmArgs, rng: &mut ChaCha8Rng, start: Instant) -> anyhow::Result<Prepared> {
+    std::fs::create_dir_all(&args.out)?;
+    let problems = task::generate(Split::Train, args.per_level);
+    let rows = train_labels(args, &problems)?;
+    let label_minutes = start.elapsed().as_secs_f64() / 60.0;
+    write_tokenizer(&args.policy, &args.out)?;
+    let tok = Tokenizer::from_hf_dir(&args.out)?;
+    let marks = Marks::new(&tok)?;
+    let questions: HashMap<String, String> =
+        problems.iter().map(|p| (p.id.clone(), p.question.clone())).collect();
+    let all = data::from_labels(&rows, &questions, &tok, &marks)?;
+    // One question in ten is held out, chosen by hash so the split is stable.
+    let (val, train): (Vec<Example>, Vec<Example>) =
+        all.into_iter().partition(|e| labels::qhash(&e.question_id) % 10 == 0);
+    anyhow::ensure!(!train.is_empty() && !val.is_empty(), "too few labelled questions to train and validate");
+    // 100 held-out synthetic solutions per level, from a stream no batch uses.
+    let synthetic_val: Vec<(u8, Example)> = {
+        let problems = task::generate_seeded(Split::Train, 100, u64::MAX - 1);
+        let examples = data::synthetic(&problems, &tok, &marks, rng)?;
+        let mut val: Vec<(u8, Example)> = problems.iter().map(|p| p.level).zip(examples).collect();
+        val.shuffle(rng);
+        val
+    };
+    Ok(Prepared {
+        tok,
+        marks,
+        train,
+        val,
+        synthetic_val,
+        labelled_rows: rows.len(),
+        questions: problems.len(),
+        label_minutes,
+    })
+}
+
+fn progress_bar(len: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// The optimisation loop's state: where the next batches come from.
+struct Batches<'a> {
+    data: &'a Prepared,
+    epoch: Vec<Vec<usize>>,
+    stream: u64,
+    owned: Vec<Example>,
+}
+
+impl<'a> Batches<'a> {
+    /// The batch of step `step`: synthetic solutions alone for the first
+    /// `pretrain` steps, then every other batch.
+    fn next(
+        &mut self,
+        step: usize,
+        args: &TrainPrmArgs,
+        rng: &mut ChaCha8Rng,
+    ) -> anyhow::Result<(bool, Vec<&Example>)> {
+        let synthetic = step < args.pretrain_steps || (step - args.pretrain_steps) % 2 == 1;
+        if synthetic {
+            // Levels in turn; the longer solutions of higher levels hold more steps to learn from.
+            let level = task::LEVELS.start() + (self.stream % 6) as u8;
+            let d = self.data;
+            self.owned =
+                synthetic_batch(args.synthetic_batch, self.stream, Some(level), &d.tok, &d.marks, rng)?;
+            self.stream += 1;
+            return Ok((true, self.owned.iter().collect()));
+        }
+        if self.epoch.is_empty() {
+            self.epoch = epoch(&self.data.train, args.batch, rng);
+        }
+        let picked = self.epoch.pop().expect("an epoch has at least one batch");
+        Ok((false, picked.iter().map(|&i| &self.data.train[i]).collect()))
+    }
 }
 
 pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
@@ -397,24 +504,10 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
         "--per-level, --batch and --synthetic-batch must be at least 1"
     );
     let start = Instant::now();
-    std::fs::create_dir_all(&args.out)?;
-    let problems = task::generate(Split::Train, args.per_level);
-    let rows = train_labels(&args, &problems)?;
-    let label_minutes = start.elapsed().as_secs_f64() / 60.0;
-    write_tokenizer(&args.policy, &args.out)?;
-    let tok = Tokenizer::from_hf_dir(&args.out)?;
-    let marks = Marks::new(&tok)?;
-    let questions: HashMap<String, String> =
-        problems.iter().map(|p| (p.id.clone(), p.question.clone())).collect();
-    let all = data::from_labels(&rows, &questions, &tok, &marks)?;
-    // One question in ten is held out, chosen by hash so the split is stable.
-    let (val, train): (Vec<Example>, Vec<Example>) =
-        all.into_iter().partition(|e| labels::qhash(&e.question_id) % 10 == 0);
-    anyhow::ensure!(!train.is_empty() && !val.is_empty(), "too few labelled questions to train and validate");
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x7E41F);
-    let synthetic_val = synthetic_batch(600, u64::MAX - 1, None, &tok, &marks, &mut rng)?;
+    let data = prepare(&args, &mut rng, start)?;
     let device = Device::Cpu;
-    let newline = tok.encode("\n", crate::tokenizer::AddSpecial::No)?;
+    let newline = data.tok.encode("\n", crate::tokenizer::AddSpecial::No)?;
     anyhow::ensure!(
         newline.len() == 1,
         "the policy's tokenizer splits a newline into {} tokens",
@@ -425,41 +518,21 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
     let mut opt =
         AdamW::new(vars.clone(), ParamsAdamW { lr: args.lr, weight_decay: 0.01, ..Default::default() })?;
     let mut log = std::fs::File::create(args.out.join("train_log.jsonl"))?;
-    let bar = indicatif::ProgressBar::new(total_steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} ETA {eta} {msg}")
-            .expect("the template is valid")
-            .progress_chars("=> "),
-    );
-    let tags: usize = train.iter().map(|e| e.tags.len()).sum();
+    let bar = progress_bar(total_steps);
+    let tags: usize = data.train.iter().map(|e| e.tags.len()).sum();
     bar.println(format!(
-        "verifier: {} labelled rows of {} questions in {label_minutes:.1} min; {} trajectories ({tags} step tags) to train, {} held out; {} synthetic steps first",
-        rows.len(),
-        problems.len(),
-        train.len(),
-        val.len(),
+        "verifier: {} labelled rows of {} questions in {:.1} min; {} trajectories ({tags} step tags) to train, {} held out; {} synthetic steps first",
+        data.labelled_rows,
+        data.questions,
+        data.label_minutes,
+        data.train.len(),
+        data.val.len(),
         args.pretrain_steps
     ));
-    let mut batches: Vec<Vec<usize>> = Vec::new();
-    let mut ema = None::<f64>;
-    let mut last_val = None;
-    let mut stream = 1u64;
+    let mut batches = Batches { data: &data, epoch: Vec::new(), stream: 1, owned: Vec::new() };
+    let (mut ema, mut last_val) = (None::<f64>, None);
     for step in 0..total_steps {
-        // Synthetic batches alone first, then every other batch.
-        let synthetic = step < args.pretrain_steps || (step - args.pretrain_steps) % 2 == 1;
-        let owned;
-        let picked: Vec<&Example> = if synthetic {
-            // Levels in turn; the longer solutions of higher levels hold more steps to learn from.
-            let level = task::LEVELS.start() + (stream % 6) as u8;
-            owned = synthetic_batch(args.synthetic_batch, stream, Some(level), &tok, &marks, &mut rng)?;
-            stream += 1;
-            owned.iter().collect()
-        } else {
-            if batches.is_empty() {
-                batches = epoch(&train, args.batch, &mut rng);
-            }
-            batches.pop().expect("an epoch has at least one batch").iter().map(|&i| &train[i]).collect()
-        };
+        let (synthetic, picked) = batches.next(step, &args, &mut rng)?;
         let (loss, tag_loss) = model.loss(&data::batch(&picked, &device)?, &picked)?;
         let value = loss.to_scalar::<f32>()? as f64;
         let mut grads = loss.backward()?;
@@ -473,10 +546,9 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
         let mut entry = serde_json::json!({"step": step, "synthetic": synthetic, "loss": value, "tag_loss": tag_loss,
             "grad_norm": norm, "lr": lr, "secs": start.elapsed().as_secs_f64()});
         if (step + 1) % args.eval_every.max(1) == 0 || step + 1 == total_steps {
-            let v = Validation {
-                synthetic_accuracy: synthetic_accuracy(&model, &synthetic_val, &device)?,
-                ..validate(&model, &val, &device)?
-            };
+            let (synthetic, by_level) = synthetic_accuracy(&model, &data.synthetic_val, &device)?;
+            let v = Validation { synthetic_accuracy: synthetic, ..validate(&model, &data.val, &device)? };
+            entry["synthetic_accuracy_by_level"] = serde_json::to_value(by_level)?;
             entry["val"] = serde_json::to_value(v)?;
             last_val = Some(v);
         }
@@ -494,20 +566,20 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
         bar.inc(1);
     }
     bar.finish();
-    let eos = tok.eos_id().unwrap_or(super::vocab::EOS);
-    model.save(&args.out, eos)?;
+    model.save(&args.out, data.tok.eos_id().unwrap_or(super::vocab::EOS))?;
+    let minutes = start.elapsed().as_secs_f64() / 60.0;
     std::fs::write(
         args.out.join("train_args.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "policy": args.policy, "per_level": args.per_level, "n_val": args.n_val, "n_mc": args.n_mc,
             "temperature": args.temperature, "seed": args.seed, "pretrain_steps": args.pretrain_steps,
             "steps": args.steps, "batch": args.batch, "synthetic_batch": args.synthetic_batch,
-            "lr": args.lr, "warmup": args.warmup, "train_sequences": train.len(), "val_sequences": val.len(),
-            "labelled_rows": rows.len(), "validation": last_val,
-            "minutes": {"labels": label_minutes, "total": start.elapsed().as_secs_f64() / 60.0},
+            "lr": args.lr, "warmup": args.warmup, "train_sequences": data.train.len(),
+            "val_sequences": data.val.len(), "labelled_rows": data.labelled_rows, "validation": last_val,
+            "minutes": {"labels": data.label_minutes, "total": minutes},
         }))?,
     )?;
-    println!("wrote {} in {:.1} minutes", args.out.display(), start.elapsed().as_secs_f64() / 60.0);
+    println!("wrote {} in {minutes:.1} minutes", args.out.display());
     Ok(())
 }
 
