@@ -228,7 +228,7 @@ async fn an_engine_that_fails_gives_502_and_one_that_stalls_gives_504() {
 }
 
 #[tokio::test]
-async fn reasoning_without_a_prm_over_a_remote_engine_runs_fixed_best_of_n_with_majority_vote() {
+async fn reasoning_without_a_prm_over_a_remote_engine_votes_with_a_fixed_or_an_adaptive_budget() {
     let engine = engine();
     let front = front(&engine.base, 60);
     let reasoning = json!({"strategy": "best_of_n", "adaptive": false, "select": "majority", "max_samples": 3,
@@ -240,11 +240,22 @@ async fn reasoning_without_a_prm_over_a_remote_engine_runs_fixed_best_of_n_with_
     assert_eq!((p["samples"].as_u64(), p["adaptive"].as_bool()), (Some(3), Some(false)), "{v}");
     assert!(p["tokens_generated"].as_u64().unwrap() > 0, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], p["tokens_generated"], "{v}");
-    // Adaptive budgets need a PRM, as on the local engine.
-    let adaptive = chat(FRONT, json!({"reasoning": {"strategy": "best_of_n"}}));
-    let (s, v) = post_json(&front.url("/v1/chat/completions"), &adaptive).await;
-    assert_eq!(s, 400, "{v}");
-    assert!(v["error"]["param"].as_str().unwrap().starts_with("reasoning"), "{v}");
+    // Without a PRM an adaptive budget follows the vote, as on the local
+    // engine; a rule that needs a PRM is refused.
+    let adaptive = |rule: Value| {
+        chat(
+            FRONT,
+            json!({"temperature": 0.9, "seed": 3, "max_tokens": 24,
+                           "reasoning": {"strategy": "best_of_n", "max_samples": 6, "budget_rule": rule}}),
+        )
+    };
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &adaptive(Value::Null)).await;
+    assert_eq!(s, 200, "{v}");
+    let p = &v["ponder"];
+    assert_eq!((p["adaptive"].as_bool(), p["budget_rule"].as_str()), (Some(true), Some("vote")), "{v}");
+    assert!((1..=6).contains(&p["samples"].as_u64().unwrap()), "{v}");
+    let (s, v) = post_json(&front.url("/v1/chat/completions"), &adaptive(json!("ias"))).await;
+    assert_eq!((s, &v["error"]["param"]), (400, &json!("reasoning.budget_rule")), "{v}");
 }
 
 #[tokio::test]
@@ -362,7 +373,8 @@ async fn the_engines_api_key_is_sent_as_a_bearer_token() {
 /// accounting agrees and returns both answers.
 async fn same_request_both_ways(engine: &TestServer, front: &TestServer) -> (Value, Value) {
     // Greedy, so that both sides draw the same samples.
-    let reasoning = json!({"strategy": "best_of_n", "max_samples": 4, "max_step_tokens": 16, "max_steps": 3});
+    let reasoning = json!({"strategy": "best_of_n", "budget_rule": "ias", "select": "prm_max", "max_samples": 4,
+                           "max_step_tokens": 16, "max_steps": 3});
     let body = |model: &str| {
         json!({"model": model, "messages": [{"role": "user", "content": "What is 7 + 5? Think step by step."}],
                "max_tokens": 48, "temperature": 0, "reasoning": reasoning})

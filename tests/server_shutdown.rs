@@ -89,8 +89,10 @@ async fn sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_ze
     let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
     assert!(status.success(), "{status:?}");
     // One JSON line per request, with its id, model, status and token counts; no prompt text.
+    // `iter`, not `try_iter`: the reader thread may still be forwarding the
+    // last lines; it ends (and drops its sender) at the exited child's EOF.
     let lines: Vec<serde_json::Value> =
-        rx.try_iter().map(|l| serde_json::from_str(&l).expect("JSON log line")).collect();
+        rx.iter().map(|l| serde_json::from_str(&l).expect("JSON log line")).collect();
     let streamed = lines
         .iter()
         .find(|v| {

@@ -48,19 +48,20 @@ pub struct EvalArgs {
     /// Samples per question (single).
     #[arg(long, default_value_t = 16)]
     pub samples: usize,
-    /// Budget from the PRM (IAS) or fixed.
+    /// Budget from the PRM (by `--budget-rule`) or fixed.
     #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
     pub adaptive: bool,
     /// N_max.
     #[arg(long, default_value_t = 64)]
     pub max_samples: usize,
-    /// C.
-    #[arg(long, default_value_t = 0.99)]
+    /// C (the default is the one served for a model with a PRM).
+    #[arg(long, default_value_t = 0.9)]
     pub confidence: f64,
     #[arg(long, default_value_t = 0.1)]
     pub budget_quantile: f64,
-    /// How an adaptive budget is set (`--sweep` replays every rule instead).
-    #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::Ias)]
+    /// How an adaptive budget is set (`--sweep` replays every rule instead);
+    /// the default is the one served for a model with a PRM.
+    #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::GiveUp)]
     pub rule: BudgetRule,
     /// Samples per round (rules that draw in rounds).
     #[arg(long, default_value_t = 2)]

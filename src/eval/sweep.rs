@@ -99,8 +99,8 @@ fn fixed_run(
 }
 
 /// `--questions-out`: the fixed run itself, one JSON line per question
-/// (its estimate alone and every candidate with its scores and whether it is
-/// right), for analyses the sweep does not make.
+/// (its estimate alone and every candidate with its text, scores and whether
+/// it is right), for analyses the sweep does not make.
 fn write_questions(
     path: &std::path::Path,
     problems: &[EvalProblem],
@@ -113,7 +113,7 @@ fn write_questions(
             .iter()
             .map(|c| {
                 serde_json::json!({"answer": c.answer, "correct": q.correct_answers.contains(&c.answer),
-                    "tokens": c.tokens, "steps": c.steps, "score": c.score})
+                    "tokens": c.tokens, "steps": c.steps, "score": c.score, "text": c.text})
             })
             .collect();
         let line =
@@ -125,8 +125,8 @@ fn write_questions(
 }
 
 /// `--questions-in`: a fixed run written by `--questions-out`, replayed
-/// without generating (the texts are not kept; rules and selection read
-/// answers, scores and token counts only).
+/// without generating (rules and selection read answers, scores and token
+/// counts only).
 fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> {
     #[derive(serde::Deserialize)]
     struct Row {

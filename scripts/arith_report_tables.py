@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Markdown tables for reports/ponder-arith/README.md from `ponder eval --json` outputs.
+
+    scripts/arith_report_tables.py sweep SWEEP.json     # fixed, pass@N, rules, equal tokens, per level
+    scripts/arith_report_tables.py run RUN.json...      # runs through the reasoning runtime
+"""
+import json
+import sys
+
+
+def pct(x):
+    return "%.1f%%" % (100 * x)
+
+
+def ci(c):
+    return "[%.1f, %.1f]" % (100 * c[0], 100 * c[1])
+
+
+FAMILIES = [("ias", "calibrated"), ("ias", "raw"), ("ias", "oracle"),
+            ("sequential", "calibrated"), ("sequential", "raw"), ("sequential", "oracle"),
+            ("give_up", "calibrated"), ("give_up", "raw"), ("give_up", "oracle"),
+            ("vote", "none")]
+
+
+def families(points):
+    out = {}
+    for p in points:
+        if p["rule"] is not None:
+            out.setdefault((p["rule"], p["estimator"]), []).append(p)
+    return out
+
+
+def sweep(d):
+    pts = d["points"]
+    n_max = d["max_samples"]
+    fixed = [p for p in pts if p["rule"] is None]
+    top = next(f for f in fixed if f["max_samples"] == n_max)
+    pass_at = {x["n"]: x for x in d["pass_at"]}
+    print("| N | fixed best-of-N | 95%% interval | pass@N | 95%% interval | mean tokens | tokens vs N=%d |" % n_max)
+    print("|---|---|---|---|---|---|---|")
+    for f in fixed:
+        n = f["max_samples"]
+        p = pass_at[n]
+        print("| %d | %s | %s | %s | %s | %.0f | %s |" % (n, pct(f["accuracy"]), ci(f["accuracy_ci"]),
+              pct(p["accuracy"]), ci(p["accuracy_ci"]), f["mean_generated_tokens"], pct(f["tokens_vs_fixed_max"])))
+    fams = families(pts)
+    print()
+    print("| rule | estimator | cheapest point within 1 point of fixed N=%d | accuracy | 95%% interval | tokens vs N=%d |"
+          % (n_max, n_max))
+    print("|---|---|---|---|---|---|")
+    for key in FAMILIES:
+        v = fams.get(key)
+        if not v:
+            continue
+        ok = [p for p in v if p["accuracy"] >= top["accuracy"] - 0.01 - 1e-9]
+        if ok:
+            b = min(ok, key=lambda p: (p["tokens_vs_fixed_max"], -p["accuracy"]))
+            label = b["label"]
+        else:
+            b = max(v, key=lambda p: (p["accuracy"], -p["tokens_vs_fixed_max"]))
+            label = "none; most accurate: " + b["label"]
+        print("| %s | %s | %s | %s | %s | %s |" % (key[0], key[1], label, pct(b["accuracy"]),
+              ci(b["accuracy_ci"]), pct(b["tokens_vs_fixed_max"])))
+    cols = [k for k in FAMILIES if k in fams]
+    print()
+    print("| fixed N | tokens | fixed (95% interval) | " + " | ".join(
+        "%s %s" % (r, "" if e == "none" else e) for r, e in cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for f in fixed:
+        budget = f["tokens_vs_fixed_max"]
+        row = []
+        for k in cols:
+            ok = [p for p in fams[k] if p["tokens_vs_fixed_max"] <= budget + 1e-9]
+            row.append(pct(max(p["accuracy"] for p in ok)) if ok else "-")
+        print("| %d | %s | %s %s | " % (f["max_samples"], pct(budget), pct(f["accuracy"]), ci(f["accuracy_ci"]))
+              + " | ".join(row) + " |")
+    if d.get("per_level"):
+        print()
+        print("| level | questions | pass@%d | fixed best-of-%d | share of its tokens |" % (n_max, n_max))
+        print("|---|---|---|---|---|")
+        for lv in d["per_level"]:
+            print("| %s | %s | %s | %s | %s |" % (lv["level"], lv["questions"], pct(lv["pass_accuracy"]),
+                  pct(lv["fixed_accuracy"]), pct(lv["token_share"])))
+
+
+def runs(paths):
+    print("| run | rule | C | accuracy | mean samples | mean tokens | budget fraction | gave up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        d = json.load(open(path))
+        qs = d.get("questions", [])
+        gave_up = sum(1 for q in qs if q.get("stop") == "gave_up")
+        rule = d.get("budget_rule") if d.get("adaptive") else "fixed"
+        print("| %s | %s | %s | %s | %.2f | %.0f | %s | %d |" % (path.split("/")[-1], rule, d.get("confidence"),
+              pct(d["accuracy"]), d["mean_samples"], d["mean_generated_tokens"], pct(d["budget_fraction"]), gave_up))
+    for path in paths:
+        d = json.load(open(path))
+        print()
+        print("`%s` by level:" % path.split("/")[-1])
+        print()
+        print("| level | accuracy | mean samples | mean tokens | budget fraction |")
+        print("|---|---|---|---|---|")
+        for lv in d["per_level"]:
+            print("| %d | %s | %.2f | %.0f | %s |" % (lv["level"], pct(lv["accuracy"]), lv["mean_samples"],
+                  lv["mean_generated_tokens"], pct(lv["budget_fraction"])))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("sweep", "run"):
+        sys.exit(__doc__)
+    if sys.argv[1] == "sweep":
+        sweep(json.load(open(sys.argv[2])))
+    else:
+        runs(sys.argv[2:])
