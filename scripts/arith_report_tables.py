@@ -3,6 +3,7 @@
 
     scripts/arith_report_tables.py sweep SWEEP.json     # fixed, pass@N, rules, equal tokens, per level
     scripts/arith_report_tables.py run RUN.json...      # runs through the reasoning runtime
+    scripts/arith_report_tables.py chosen CALIB.json TEST.json  # points chosen on calib, read on test
 """
 import json
 import sys
@@ -105,10 +106,43 @@ def runs(paths):
                   lv["mean_generated_tokens"], pct(lv["budget_fraction"])))
 
 
+def chosen(calib, test):
+    """Each choice made on the calib sweep, and the same grid point on the test sweep."""
+    by_label = {p["label"]: p for p in test["points"]}
+    fixed = {p["max_samples"]: p for p in calib["points"] if p["rule"] is None}
+    fixed_test = {p["max_samples"]: p for p in test["points"] if p["rule"] is None}
+    top = fixed[calib["max_samples"]]
+    calibrated = [p for p in calib["points"] if p["estimator"] == "calibrated"]
+    rows = []
+    near = [p for p in calibrated if p["accuracy"] >= top["accuracy"] - 0.01 - 1e-9]
+    confident = [p for p in near if p["confidence"] >= 0.9]
+    for what, pool in (("cheapest within 1 point of fixed N_max", near),
+                       ("the same with C >= 0.9 (the default)", confident)):
+        if pool:
+            rows.append((what, min(pool, key=lambda p: (p["tokens_vs_fixed_max"], -p["accuracy"])), None))
+    for n in sorted(fixed):
+        if n in (1, calib["max_samples"]):
+            continue
+        ok = [p for p in calibrated if p["tokens_vs_fixed_max"] <= fixed[n]["tokens_vs_fixed_max"] + 1e-9]
+        if ok:
+            rows.append(("most accurate within fixed N=%d's tokens" % n,
+                         max(ok, key=lambda p: (p["accuracy"], -p["tokens_vs_fixed_max"])), n))
+    print("| chosen on calib | point | calib accuracy | calib tokens | test accuracy (95% interval) | test tokens | test fixed N |")
+    print("|---|---|---|---|---|---|---|")
+    for what, p, n in rows:
+        t = by_label[p["label"]]
+        f = fixed_test.get(n) if n else fixed_test[test["max_samples"]]
+        print("| %s | %s | %s | %s | %s %s | %s | %s %s |" % (what, p["label"], pct(p["accuracy"]),
+              pct(p["tokens_vs_fixed_max"]), pct(t["accuracy"]), ci(t["accuracy_ci"]),
+              pct(t["tokens_vs_fixed_max"]), pct(f["accuracy"]), ci(f["accuracy_ci"])))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("sweep", "run"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("sweep", "run", "chosen"):
         sys.exit(__doc__)
     if sys.argv[1] == "sweep":
         sweep(json.load(open(sys.argv[2])))
+    elif sys.argv[1] == "chosen":
+        chosen(json.load(open(sys.argv[2])), json.load(open(sys.argv[3])))
     else:
         runs(sys.argv[2:])

@@ -39,6 +39,8 @@ struct State {
     extend_calls: Vec<usize>,
     score_calls: Vec<usize>,
     forks: Vec<usize>,
+    /// The sizes of the forks from the question itself.
+    root_forks: Vec<usize>,
 }
 
 impl Fake {
@@ -57,6 +59,7 @@ impl Fake {
                 extend_calls: vec![],
                 score_calls: vec![],
                 forks: vec![],
+                root_forks: vec![],
             }),
         }
     }
@@ -79,6 +82,9 @@ impl Trajectories for Fake {
     fn fork(&self, t: Traj, k: usize) -> Result<Vec<Traj>, ReasoningError> {
         let mut st = self.st.borrow_mut();
         st.forks.push(k);
+        if t == 0 {
+            st.root_forks.push(k);
+        }
         let (steps, inherited) = {
             let parent = st.trajs.get(&t).ok_or(ReasoningError::UnknownTrajectory(t))?;
             (parent.steps.clone(), parent.correct)
@@ -382,6 +388,39 @@ fn beam_gives_up_on_hopeless_paths_and_finishes_one_alone() {
     assert_eq!(st.extend_calls, [vec![16], vec![1; STEPS]].concat());
     assert_eq!(out.answers.len(), 1);
     assert!(out.accounting.tokens_saved > out.accounting.tokens_generated);
+    drop(st);
+    assert_eq!(fake.live(), 0, "every path was released");
+}
+
+#[test]
+fn sequential_beam_stops_once_a_finished_path_is_confident() {
+    // Right paths score q10 0.8: confident at C 0.75, so one search suffices.
+    let fake = Fake::new(0.9, Quantiles::sorted([0.3, 0.4, 0.5]));
+    let out = run_fake(&fake, &with_rule(Strategy::Beam, BudgetRule::Sequential, 0.75));
+    let st = fake.st.borrow();
+    assert_eq!(out.accounting.stop, Stop::Confident);
+    assert_eq!(out.answers[0].answer, "42");
+    assert_eq!(st.root_forks.len(), 1, "one search from the question: {:?}", st.root_forks);
+    assert!(out.accounting.tokens_saved > 0);
+}
+
+#[test]
+fn a_beam_search_without_a_confident_answer_is_followed_by_another_within_n_max() {
+    // Every path is wrong but not hopeless (q10 0.3): no search ends
+    // confident, so searches follow one another while their initial paths
+    // fit within N_max, and the request ends exhausted.
+    let fake = Fake::new(0.0, Quantiles::sorted([0.5, 0.6, 0.7]))
+        .with_wrong_scores(Quantiles::sorted([0.3, 0.4, 0.5]));
+    let mut p = with_rule(Strategy::Beam, BudgetRule::Sequential, 0.9);
+    p.max_samples = 16;
+    let out = run_fake(&fake, &p);
+    let st = fake.st.borrow();
+    let first = ias::samples(0.5, 0.9, 16);
+    assert!(st.root_forks.len() > 1, "{:?}", st.root_forks);
+    assert!(st.root_forks.iter().all(|&k| k == first), "{:?}", st.root_forks);
+    assert!(st.root_forks.iter().sum::<usize>() <= 16, "{:?}", st.root_forks);
+    assert_eq!(st.root_forks.len(), 16 / first);
+    assert_eq!(out.accounting.stop, Stop::Exhausted);
     drop(st);
     assert_eq!(fake.live(), 0, "every path was released");
 }
