@@ -63,7 +63,7 @@ pub struct EvalArgs {
     /// the default is the one served for a model with a PRM.
     #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::GiveUp)]
     pub rule: BudgetRule,
-    /// Samples per round (rules that draw in rounds).
+    /// Samples per round (rules that draw in rounds); beam search: each search's initial and kept paths.
     #[arg(long, default_value_t = 2)]
     pub round_size: usize,
     /// give_up: the least expected gain of another round worth drawing.

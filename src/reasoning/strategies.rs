@@ -183,9 +183,11 @@ async fn best_of_n<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcom
 /// children; fixed K = K_max, M = M_max, or the IAS K and M rules. Under
 /// `sequential` and `give_up` each pruning point also asks whether to stop
 /// (a finished path confident enough ends the search; under `give_up`, so
-/// does a search whose kept paths are not worth expanding), and a search
-/// that ends with no confident answer is followed by another from the
-/// question, in rounds, while the rule finds one worth its tokens.
+/// does a search whose kept paths are not worth expanding). Under those
+/// rules searches come in rounds: each is narrow (`round_size` initial
+/// paths, at most N_IAS, and as many kept paths), and one that ends with no
+/// confident answer is followed by another from the question while the
+/// rule finds one worth its tokens and the fixed beam's cost allows.
 async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, ReasoningError> {
     let mut ledger = Ledger::new();
     let root = b.root();
@@ -197,28 +199,38 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
     }
     .max(p.n);
     let in_rounds = adaptive && matches!(p.rule, BudgetRule::Sequential | BudgetRule::GiveUp);
+    // Why narrow: a wide first search is the whole fixed budget on a hard
+    // question before any rule can look at a finished path.
+    let (first, k_max) = if in_rounds {
+        let n = first.min(p.round.max(p.n)).max(1);
+        (n, n.min(p.beams))
+    } else {
+        (first, p.beams)
+    };
     let mut prior = root_q.map(rules::SuccessPrior::new);
     let mut pool: Vec<Candidate> = Vec::new();
     let mut cost = BeamCost::new(p);
     let mut drawn = 0;
     loop {
-        let before = pool.len();
-        let end = beam_round(b, p, root, first, &mut ledger, &mut cost, &mut pool).await?;
+        let before = (pool.len(), cost.path_steps);
+        let end = beam_round(b, p, (root, first, k_max), &mut ledger, &mut cost, &mut pool).await?;
         drawn += first;
         ledger.stop = end;
         if !in_rounds || end != Stop::Budget {
             break;
         }
         // A search that ended with no confident answer: another from the
-        // question, within N_max initial paths, while it is worth it.
-        if drawn + first > p.max_samples {
+        // question, within N_max initial paths and (priced at this search's
+        // path-steps) the fixed beam's, while it is worth it.
+        let last = cost.path_steps - before.1;
+        if drawn + first > p.max_samples || cost.path_steps + last > cost.fixed_path_steps {
             ledger.stop = Stop::Exhausted;
             break;
         }
         let held =
             choose(&pool, p.select, 1).first().and_then(|c| c.score).map_or(0.0, |s| s.quantiles.q50 as f64);
         if let (BudgetRule::GiveUp, Some(prior)) = (p.rule, prior.as_mut()) {
-            for c in &pool[before..] {
+            for c in &pool[before.0..] {
                 prior.observe(c.score.map_or(0.0, |s| s.quantiles.q50 as f64));
             }
             if rules::round_gain(prior, held, first) < p.give_up_gain {
@@ -232,14 +244,14 @@ async fn beam<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcome, Re
     Ok(ledger.finish(b, p, pool, cost.fixed_samples, fixed_tokens))
 }
 
-/// One beam search from the question with `first` initial paths, its
-/// finished paths added to `pool`. Returns how it ended: `Budget` when it
-/// ran to the end, `Confident` or `GaveUp` when a rule stopped it.
+/// One beam search from the question with `first` initial paths and at
+/// most `k_max` kept paths, its finished paths added to `pool`. Returns how
+/// it ended: `Budget` when it ran to the end, `Confident` or `GaveUp` when
+/// a rule stopped it.
 async fn beam_round<B: Trajectories>(
     b: &B,
     p: &ReasoningParams,
-    root: Traj,
-    first: usize,
+    (root, first, k_max): (Traj, usize, usize),
     ledger: &mut Ledger,
     cost: &mut BeamCost,
     pool: &mut Vec<Candidate>,
@@ -285,7 +297,7 @@ async fn beam_round<B: Trajectories>(
             Budget::Adaptive => {
                 let mut lower: Vec<f64> = ranked.iter().map(|r| r.1.quantiles.q10 as f64).collect();
                 lower.sort_by(|a, b| b.total_cmp(a));
-                let k = ias::keep(&lower, p.confidence, p.beams, p.beam_width);
+                let k = ias::keep(&lower, p.confidence, k_max, p.beam_width);
                 let s_min = ranked[..k].iter().map(|r| r.1.quantiles.q10 as f64).fold(1.0, f64::min);
                 (k, ias::children(s_min, k, p.confidence, p.beam_width))
             }

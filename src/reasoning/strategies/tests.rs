@@ -384,8 +384,9 @@ fn beam_gives_up_on_hopeless_paths_and_finishes_one_alone() {
     let out = run_fake(&fake, &p);
     let st = fake.st.borrow();
     assert_eq!(out.accounting.stop, Stop::GaveUp);
-    // 16 paths take one step; then only the best one goes on, step by step.
-    assert_eq!(st.extend_calls, [vec![16], vec![1; STEPS]].concat());
+    // The first search's 4 paths (a round) take one step; then only the
+    // best one goes on, step by step.
+    assert_eq!(st.extend_calls, [vec![4], vec![1; STEPS]].concat());
     assert_eq!(out.answers.len(), 1);
     assert!(out.accounting.tokens_saved > out.accounting.tokens_generated);
     drop(st);
@@ -405,7 +406,7 @@ fn sequential_beam_stops_once_a_finished_path_is_confident() {
 }
 
 #[test]
-fn a_beam_search_without_a_confident_answer_is_followed_by_another_within_n_max() {
+fn a_beam_search_without_a_confident_answer_is_followed_by_narrow_ones_within_the_fixed_cost() {
     // Every path is wrong but not hopeless (q10 0.3): no search ends
     // confident, so searches follow one another while their initial paths
     // fit within N_max, and the request ends exhausted.
@@ -420,6 +421,9 @@ fn a_beam_search_without_a_confident_answer_is_followed_by_another_within_n_max(
     assert!(st.root_forks.iter().all(|&k| k == first), "{:?}", st.root_forks);
     assert!(st.root_forks.iter().sum::<usize>() <= 16, "{:?}", st.root_forks);
     assert_eq!(st.root_forks.len(), 16 / first);
+    // Each search is narrow: at most `first` kept paths of M_max children.
+    assert!(st.extend_calls.iter().all(|&n| n <= first * p.beam_width), "{:?}", st.extend_calls);
+    assert!(out.accounting.tokens_generated <= out.accounting.fixed_tokens_estimate);
     assert_eq!(out.accounting.stop, Stop::Exhausted);
     drop(st);
     assert_eq!(fake.live(), 0, "every path was released");
