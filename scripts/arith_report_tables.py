@@ -4,8 +4,12 @@
     scripts/arith_report_tables.py sweep SWEEP.json     # fixed, pass@N, rules, equal tokens, per level
     scripts/arith_report_tables.py run RUN.json...      # runs through the reasoning runtime
     scripts/arith_report_tables.py chosen CALIB.json TEST.json  # points chosen on calib, read on test
+    scripts/arith_report_tables.py beam QUESTIONS.jsonl[.gz]|SWEEP.json FIXED_BEAM.json RUN.json...
+        # beam runs against the fixed beam and fixed best-of-N_max on the same questions
 """
+import gzip
 import json
+import random
 import sys
 
 
@@ -137,11 +141,56 @@ def chosen(calib, test):
               pct(t["tokens_vs_fixed_max"]), pct(f["accuracy"]), ci(f["accuracy_ci"])))
 
 
+def bootstrap(correct, resamples=2000, seed=0):
+    """The 95% percentile interval of the mean over questions."""
+    rng = random.Random(seed)
+    n = len(correct)
+    means = sorted(sum(correct[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return [means[int(0.025 * (resamples - 1))], means[int(0.975 * (resamples - 1))]]
+
+
+def beam(questions_path, fixed_path, paths):
+    fixed = json.load(open(fixed_path))
+    ids = {q["id"] for q in fixed["questions"]}
+    if questions_path.endswith(".json"):
+        # A sweep over exactly these questions: its fixed best-of-N_max point.
+        sweep = json.load(open(questions_path))
+        top = next(p for p in sweep["points"] if p["rule"] is None and p["max_samples"] == sweep["max_samples"])
+        assert sweep["questions"] == len(ids), "the sweep has other questions than the beam runs"
+        n, accuracy, interval, bon_tokens = sweep["max_samples"], top["accuracy"], top["accuracy_ci"], \
+            top["mean_generated_tokens"]
+    else:
+        opener = gzip.open if questions_path.endswith(".gz") else open
+        rows = [r for r in map(json.loads, opener(questions_path, "rt")) if r["id"] in ids]
+        assert len(rows) == len(ids), "the questions file lacks some of the beam run's questions"
+        correct = [max(r["candidates"], key=lambda c: c["score"]["quantiles"]["q50"])["correct"] for r in rows]
+        n, accuracy, interval = len(rows[0]["candidates"]), sum(correct) / len(rows), bootstrap(correct)
+        bon_tokens = sum(c["tokens"] for r in rows for c in r["candidates"]) / len(rows)
+    print("Fixed best-of-%d on the same %d questions: %s %s, %.0f tokens."
+          % (n, len(ids), pct(accuracy), ci(interval), bon_tokens))
+    print()
+    print("| run | rule | C | accuracy | 95% interval | mean tokens | vs fixed beam | vs best-of-N_max | gave up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in [fixed_path] + paths:
+        d = json.load(open(path))
+        correct = [q["correct"] for q in d["questions"]]
+        adaptive = d.get("adaptive")
+        rule = d.get("budget_rule") if adaptive else "fixed"
+        gave_up = sum(1 for q in d["questions"] if q.get("stop") == "gave_up")
+        print("| %s | %s | %s | %s | %s | %.0f | %s | %s | %d |" % (
+            path.split("/")[-1], rule, d.get("confidence") if adaptive else "-",
+            pct(d["accuracy"]), ci(bootstrap(correct)), d["mean_generated_tokens"],
+            pct(d["mean_generated_tokens"] / fixed["mean_generated_tokens"]), pct(d["mean_generated_tokens"] / bon_tokens),
+            gave_up))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("sweep", "run", "chosen"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("sweep", "run", "chosen", "beam"):
         sys.exit(__doc__)
     if sys.argv[1] == "sweep":
         sweep(json.load(open(sys.argv[2])))
+    elif sys.argv[1] == "beam":
+        beam(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif sys.argv[1] == "chosen":
         chosen(json.load(open(sys.argv[2])), json.load(open(sys.argv[3])))
     else:
