@@ -201,15 +201,20 @@ fn reasoning_params(
     if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
         return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
     }
+    // Beam search has its own C and round size (its rounds are searches).
+    let (d_confidence, d_round_size) = match strategy {
+        Strategy::Beam => (d.beam_confidence, d.beam_round_size),
+        _ => (d.confidence, d.round_size),
+    };
     let checked = knobs::check(
         KnobValues {
             max_samples: w.max_samples.unwrap_or(d.max_samples as i64),
             beam_width: w.beam_width.unwrap_or(d.beam_width as i64),
             beams: w.beams.unwrap_or(d.beams as i64),
             prune_every: w.prune_every.unwrap_or(d.prune_every as i64),
-            confidence: w.confidence.unwrap_or(d.confidence),
+            confidence: w.confidence.unwrap_or(d_confidence),
             budget_quantile: w.budget_quantile.unwrap_or(d.budget_quantile),
-            round_size: w.round_size.unwrap_or(d.round_size as i64),
+            round_size: w.round_size.unwrap_or(d_round_size as i64),
             give_up_gain: w.give_up_gain.unwrap_or(d.give_up_gain),
         },
         rl.max_sequences,
@@ -632,4 +637,39 @@ pub fn pooling(
         ));
     }
     Ok(ValidPooling { model: req.model, inputs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limits;
+
+    fn params(w: ReasoningWire) -> ReasoningParams {
+        let (limits, defaults) = (Limits::default(), ReasoningDefaults::default());
+        let rl = RequestLimits {
+            limits: &limits,
+            max_sequences: 256,
+            reasoning: &defaults,
+            has_prm: true,
+            model: "m",
+        };
+        reasoning_params(&w, rl, 1, 64).expect("a valid request")
+    }
+
+    #[test]
+    fn beam_search_takes_its_own_default_confidence_and_round_size() {
+        let d = ReasoningDefaults::default();
+        let beam = params(ReasoningWire { strategy: Some(Strategy::Beam), ..Default::default() });
+        assert_eq!((beam.confidence, beam.round), (d.beam_confidence, d.beam_round_size));
+        let best_of_n = params(ReasoningWire { strategy: Some(Strategy::BestOfN), ..Default::default() });
+        assert_eq!((best_of_n.confidence, best_of_n.round), (d.confidence, d.round_size));
+        // A request's own values apply to either strategy.
+        let named = params(ReasoningWire {
+            strategy: Some(Strategy::Beam),
+            confidence: Some(0.5),
+            round_size: Some(3),
+            ..Default::default()
+        });
+        assert_eq!((named.confidence, named.round), (0.5, 3));
+    }
 }

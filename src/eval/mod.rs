@@ -54,18 +54,19 @@ pub struct EvalArgs {
     /// N_max.
     #[arg(long, default_value_t = 64)]
     pub max_samples: usize,
-    /// C (the default is the one served for a model with a PRM).
-    #[arg(long, default_value_t = 0.9)]
-    pub confidence: f64,
+    /// C [default: the one served for a model with a PRM: 0.9, beam search 0.99].
+    #[arg(long)]
+    pub confidence: Option<f64>,
     #[arg(long, default_value_t = 0.1)]
     pub budget_quantile: f64,
     /// How an adaptive budget is set (`--sweep` replays every rule instead);
     /// the default is the one served for a model with a PRM.
     #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::GiveUp)]
     pub rule: BudgetRule,
-    /// Samples per round (rules that draw in rounds); beam search: each search's initial and kept paths.
-    #[arg(long, default_value_t = 2)]
-    pub round_size: usize,
+    /// Samples per round (rules that draw in rounds); beam search: each search's initial and kept
+    /// paths [default: the served one: 2, beam search 4].
+    #[arg(long)]
+    pub round_size: Option<usize>,
     /// give_up: the least expected gain of another round worth drawing.
     #[arg(long, default_value_t = 0.01)]
     pub give_up_gain: f64,
@@ -225,5 +226,17 @@ pub(crate) fn source_name(args: &EvalArgs) -> String {
     match &args.jsonl {
         Some(p) => p.display().to_string(),
         None => args.split.name().to_string(),
+    }
+}
+
+impl EvalArgs {
+    /// C and the round size as given, else the served defaults for `strategy`.
+    pub(crate) fn confidence_and_round(&self, strategy: Strategy) -> (f64, usize) {
+        let d = crate::config::ReasoningDefaults::default();
+        let (c, r) = match strategy {
+            Strategy::Beam => (d.beam_confidence, d.beam_round_size),
+            _ => (d.confidence, d.round_size),
+        };
+        (self.confidence.unwrap_or(c), self.round_size.unwrap_or(r))
     }
 }

@@ -21,14 +21,15 @@ pub(super) fn params(
     budget: Budget,
     candidates: Candidates,
 ) -> ReasoningParams {
+    let (confidence, round) = args.confidence_and_round(strategy);
     ReasoningParams {
         strategy,
         budget,
         max_samples: args.max_samples,
-        confidence: args.confidence,
+        confidence,
         budget_quantile: args.budget_quantile,
         rule: args.rule,
-        round: args.round_size,
+        round,
         give_up_gain: args.give_up_gain,
         beam_width: args.beam_width,
         beams: args.beams,
@@ -156,6 +157,8 @@ struct SearchReport {
     select: Select,
     prm: HeadOutput,
     confidence: f64,
+    round_size: usize,
+    give_up_gain: f64,
     max_samples: usize,
     /// The rule of adaptive runs (null for fixed ones).
     budget_rule: Option<crate::reasoning::BudgetRule>,
@@ -222,7 +225,9 @@ pub fn run(
         adaptive: args.adaptive,
         select: args.select,
         prm: args.prm,
-        confidence: args.confidence,
+        confidence: args.confidence_and_round(args.strategy).0,
+        round_size: args.confidence_and_round(args.strategy).1,
+        give_up_gain: args.give_up_gain,
         max_samples: args.max_samples,
         budget_rule: args.adaptive.then_some(args.rule),
         overall: summarize(&rows),

@@ -27,6 +27,10 @@ pub struct ReasoningDefaults {
     pub round_size: usize,
     /// `give_up`: the least expected gain of another round worth drawing.
     pub give_up_gain: f64,
+    /// C for beam search (whose rounds are whole searches, each narrow).
+    pub beam_confidence: f64,
+    /// Initial (and most kept) paths of each of beam search's rounds.
+    pub beam_round_size: usize,
     /// M_max.
     pub beam_width: usize,
     /// K_max.
@@ -55,6 +59,11 @@ impl Default for ReasoningDefaults {
             budget_rule: BudgetRule::GiveUp,
             round_size: 2,
             give_up_gain: 0.01,
+            // Beam search's own: give_up at C 0.99 in rounds of 4 is the
+            // cheapest beam setting within a point of fixed best-of-64 on
+            // the same calib split.
+            beam_confidence: 0.99,
+            beam_round_size: 4,
             beam_width: 8,
             beams: 8,
             prune_every: 1,
@@ -191,6 +200,15 @@ pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobEr
 /// The checks that only a model's defaults need (a request cannot set these).
 pub fn check_defaults(d: &ReasoningDefaults, max_sequences: usize) -> Result<(), KnobError> {
     check(d.into(), max_sequences)?;
+    // Beam search's C and round size, under their own keys.
+    let beam = KnobValues { confidence: d.beam_confidence, round_size: d.beam_round_size as i64, ..d.into() };
+    check(beam, max_sequences).map_err(|e| {
+        let rename = |s: &str| {
+            s.replace("reasoning.confidence", "reasoning.beam_confidence")
+                .replace("reasoning.round_size", "reasoning.beam_round_size")
+        };
+        KnobError { key: rename(&e.key), message: rename(&e.message) }
+    })?;
     for (key, v) in [("max_step_tokens", d.max_step_tokens), ("max_steps", d.max_steps)] {
         if v == 0 {
             return Err(KnobError {
@@ -232,5 +250,11 @@ mod tests {
         );
         let d = ReasoningDefaults { give_up_gain: 1.5, ..Default::default() };
         assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.give_up_gain");
+        let d = ReasoningDefaults { beam_confidence: 1.0, ..Default::default() };
+        let e = check_defaults(&d, 64).unwrap_err();
+        assert_eq!(e.key, "reasoning.beam_confidence");
+        assert!(e.message.contains("beam_confidence must be greater than 0 and less than 1, got 1"), "{e}");
+        let d = ReasoningDefaults { beam_round_size: 0, ..Default::default() };
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.beam_round_size");
     }
 }
