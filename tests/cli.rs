@@ -147,6 +147,43 @@ fn the_model_fetch_script_says_clearly_when_python_or_pip_is_missing() {
 }
 
 #[test]
+fn arith_train_prm_labels_the_policys_trajectories_and_writes_a_verifier_with_its_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("verifier");
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith");
+    #[rustfmt::skip]
+    let (ok, stdout, stderr) = ponder(&[
+        "arith", "train-prm", "--policy", policy.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--per-level", "1", "--n-val", "2", "--n-mc", "2", "--pretrain-steps", "2", "--steps", "2",
+        "--warmup", "1", "--eval-every", "2", "--batch", "2", "--synthetic-batch", "4",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    for f in
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "labels_train.jsonl"]
+    {
+        assert!(out.join(f).is_file(), "{f}");
+    }
+    let log: Vec<serde_json::Value> = std::fs::read_to_string(out.join("train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 4, "one line per step");
+    // Two synthetic steps first, then the policy's trajectories and synthetic solutions in turn.
+    let synthetic: Vec<bool> = log.iter().map(|e| e["synthetic"].as_bool().unwrap()).collect();
+    assert_eq!(synthetic, [true, true, false, true]);
+    assert!(log.iter().all(|e| e["loss"].as_f64().is_some_and(f64::is_finite)));
+    let last = log.last().unwrap();
+    assert_eq!(last["synthetic_accuracy_by_level"].as_array().unwrap().len(), 6, "{last}");
+    assert!(last["val"]["selection"].is_number(), "{last}");
+    let args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("train_args.json")).unwrap()).unwrap();
+    assert_eq!((args["pretrain_steps"].as_u64(), args["steps"].as_u64()), (Some(2), Some(2)));
+    assert!(args["labelled_rows"].as_u64().unwrap() > 0, "{args}");
+}
+
+#[test]
 fn arith_train_writes_a_checkpoint_that_eval_and_export_use() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tiny-arith");

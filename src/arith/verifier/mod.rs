@@ -568,6 +568,19 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
     bar.finish();
     model.save(&args.out, data.tok.eos_id().unwrap_or(super::vocab::EOS))?;
     let minutes = start.elapsed().as_secs_f64() / 60.0;
+    write_train_args(&args, &data, last_val, minutes)?;
+    println!("wrote {} in {minutes:.1} minutes", args.out.display());
+    Ok(())
+}
+
+/// `train_args.json`: the arguments, the data's sizes, the last held-out
+/// validation and the minutes it took.
+fn write_train_args(
+    args: &TrainPrmArgs,
+    data: &Prepared,
+    last_val: Option<Validation>,
+    minutes: f64,
+) -> anyhow::Result<()> {
     std::fs::write(
         args.out.join("train_args.json"),
         serde_json::to_string_pretty(&serde_json::json!({
@@ -579,7 +592,6 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
             "minutes": {"labels": data.label_minutes, "total": minutes},
         }))?,
     )?;
-    println!("wrote {} in {minutes:.1} minutes", args.out.display());
     Ok(())
 }
 
