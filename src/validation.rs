@@ -201,11 +201,7 @@ fn reasoning_params(
     if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
         return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
     }
-    // Beam search has its own C and round size (its rounds are searches).
-    let (d_confidence, d_round_size) = match strategy {
-        Strategy::Beam => (d.beam_confidence, d.beam_round_size),
-        _ => (d.confidence, d.round_size),
-    };
+    let (d_confidence, d_round_size) = d.confidence_and_round(strategy);
     let checked = knobs::check(
         KnobValues {
             max_samples: w.max_samples.unwrap_or(d.max_samples as i64),

@@ -232,11 +232,7 @@ pub(crate) fn source_name(args: &EvalArgs) -> String {
 impl EvalArgs {
     /// C and the round size as given, else the served defaults for `strategy`.
     pub(crate) fn confidence_and_round(&self, strategy: Strategy) -> (f64, usize) {
-        let d = crate::config::ReasoningDefaults::default();
-        let (c, r) = match strategy {
-            Strategy::Beam => (d.beam_confidence, d.beam_round_size),
-            _ => (d.confidence, d.round_size),
-        };
+        let (c, r) = crate::config::ReasoningDefaults::default().confidence_and_round(strategy);
         (self.confidence.unwrap_or(c), self.round_size.unwrap_or(r))
     }
 }

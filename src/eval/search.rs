@@ -218,6 +218,7 @@ pub fn run(
     let mut levels: Vec<u8> = rows.iter().map(|r| r.0).collect();
     levels.sort_unstable();
     levels.dedup();
+    let (confidence, round_size) = args.confidence_and_round(args.strategy);
     let report = SearchReport {
         model: args.model.clone(),
         source: source_name(args),
@@ -225,8 +226,8 @@ pub fn run(
         adaptive: args.adaptive,
         select: args.select,
         prm: args.prm,
-        confidence: args.confidence_and_round(args.strategy).0,
-        round_size: args.confidence_and_round(args.strategy).1,
+        confidence,
+        round_size,
         give_up_gain: args.give_up_gain,
         max_samples: args.max_samples,
         budget_rule: args.adaptive.then_some(args.rule),

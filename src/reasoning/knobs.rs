@@ -75,6 +75,17 @@ impl Default for ReasoningDefaults {
     }
 }
 
+impl ReasoningDefaults {
+    /// C and the round size for `strategy`: beam search has its own (its
+    /// rounds are whole searches, each narrow).
+    pub fn confidence_and_round(&self, strategy: Strategy) -> (f64, usize) {
+        match strategy {
+            Strategy::Beam => (self.beam_confidence, self.beam_round_size),
+            _ => (self.confidence, self.round_size),
+        }
+    }
+}
+
 /// The sizes and levels a request (or a model's defaults) asks for, before
 /// their ranges are checked. Integers are `i64` so that a negative request
 /// value is reported as given.
