@@ -143,16 +143,22 @@ struct Common<'a> {
     reasoning: Option<&'a ReasoningWire>,
 }
 
-fn reasoning_params(
-    w: &ReasoningWire,
-    rl: RequestLimits<'_>,
-    n: usize,
-    max_tokens: usize,
-) -> Result<ReasoningParams, ValidationError> {
+/// What a request asks of the search, the model's defaults filled in.
+#[derive(Clone, Copy)]
+struct SearchChoice {
+    strategy: Strategy,
+    rule: BudgetRule,
+    select: Select,
+    adaptive: bool,
+}
+
+/// Fills the strategy, rule, selection and budget kind from the model's
+/// defaults. A model without a PRM falls back from defaults that need one
+/// (the built-in ones do) to those that do not; [`check_choice`] then gives
+/// 400 to a request that names them.
+fn choose(w: &ReasoningWire, rl: &RequestLimits<'_>) -> SearchChoice {
     let d = rl.reasoning;
     let strategy = w.strategy.unwrap_or(d.strategy);
-    // A model without a PRM falls back from defaults that need one (the
-    // built-in ones do) to those that do not; a request that names them gets 400.
     let rule = match w.budget_rule {
         Some(r) => r,
         None if d.budget_rule.needs_prm() && !rl.has_prm => BudgetRule::Vote,
@@ -170,6 +176,13 @@ fn reasoning_params(
     let adaptive = w.adaptive.unwrap_or(
         strategy != Strategy::Single && (rl.has_prm || !rule.needs_prm() || w.budget_rule.is_some()),
     );
+    SearchChoice { strategy, rule, select, adaptive }
+}
+
+/// Refuses a combination the model or the strategy cannot serve, naming
+/// the field that asked for it.
+fn check_choice(c: &SearchChoice, w: &ReasoningWire, rl: &RequestLimits<'_>) -> Result<(), ValidationError> {
+    let SearchChoice { strategy, rule, select, adaptive } = *c;
     let no_prm = |param: &str, what: &str| {
         ValidationError::new(
             param,
@@ -201,6 +214,19 @@ fn reasoning_params(
     if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
         return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
     }
+    Ok(())
+}
+
+fn reasoning_params(
+    w: &ReasoningWire,
+    rl: RequestLimits<'_>,
+    n: usize,
+    max_tokens: usize,
+) -> Result<ReasoningParams, ValidationError> {
+    let d = rl.reasoning;
+    let choice = choose(w, &rl);
+    check_choice(&choice, w, &rl)?;
+    let SearchChoice { strategy, rule, select, adaptive } = choice;
     let (d_confidence, d_round_size) = d.confidence_and_round(strategy);
     let checked = knobs::check(
         KnobValues {
@@ -319,37 +345,7 @@ fn build(
             ),
         ));
     }
-    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        let param = if prompts.len() > 1 { format!("{prompt_param}[{i}]") } else { prompt_param.to_string() };
-        return Err(ValidationError::new(&param, format!("{prompt_param} must not be empty")));
-    }
-    if longest > limits.max_prompt_tokens {
-        return Err(ValidationError::new(
-            prompt_param,
-            format!(
-                "{prompt_param} has {longest} tokens, more than the limit of {}",
-                limits.max_prompt_tokens
-            ),
-        ));
-    }
-    let context = view.context_length;
-    let room = context.saturating_sub(longest);
-    let max_tokens = match c.max_tokens {
-        Some(m) => in_range_i(c.max_tokens_param, m, 1, limits.max_tokens as i64)?,
-        None => limits.default_max_tokens.min(room),
-    };
-    if longest + max_tokens > context || max_tokens == 0 {
-        return Err(ValidationError {
-            param: Some(if c.max_tokens.is_some() { c.max_tokens_param } else { prompt_param }.to_string()),
-            message: format!(
-                "this model's context is {context} tokens; the prompt has {longest} and {} = {max_tokens} asks for {} in all",
-                c.max_tokens_param,
-                longest + max_tokens
-            ),
-            code: Some("context_length_exceeded"),
-        });
-    }
+    let max_tokens = checked_max_tokens(&prompts, prompt_param, &c, view.context_length, limits)?;
     let reasoning = match c.reasoning {
         None => None,
         Some(w) => {
@@ -390,6 +386,48 @@ fn build(
         streaming,
         prompt_text,
     })
+}
+
+/// `max_tokens` (the model's default when absent), after checking that
+/// every prompt is non-empty and that prompt and completion fit the context.
+fn checked_max_tokens(
+    prompts: &[Vec<u32>],
+    prompt_param: &str,
+    c: &Common<'_>,
+    context: usize,
+    limits: &Limits,
+) -> Result<usize, ValidationError> {
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        let param = if prompts.len() > 1 { format!("{prompt_param}[{i}]") } else { prompt_param.to_string() };
+        return Err(ValidationError::new(&param, format!("{prompt_param} must not be empty")));
+    }
+    if longest > limits.max_prompt_tokens {
+        return Err(ValidationError::new(
+            prompt_param,
+            format!(
+                "{prompt_param} has {longest} tokens, more than the limit of {}",
+                limits.max_prompt_tokens
+            ),
+        ));
+    }
+    let room = context.saturating_sub(longest);
+    let max_tokens = match c.max_tokens {
+        Some(m) => in_range_i(c.max_tokens_param, m, 1, limits.max_tokens as i64)?,
+        None => limits.default_max_tokens.min(room),
+    };
+    if longest + max_tokens > context || max_tokens == 0 {
+        return Err(ValidationError {
+            param: Some(if c.max_tokens.is_some() { c.max_tokens_param } else { prompt_param }.to_string()),
+            message: format!(
+                "this model's context is {context} tokens; the prompt has {longest} and {} = {max_tokens} asks for {} in all",
+                c.max_tokens_param,
+                longest + max_tokens
+            ),
+            code: Some("context_length_exceeded"),
+        });
+    }
+    Ok(max_tokens)
 }
 
 fn template_error(e: TokenizerError) -> ValidationError {
