@@ -243,8 +243,14 @@ pub fn run(
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
+    } else {
+        print_table(&report);
     }
+    Ok(())
+}
+
+/// The report as a table per level, for a reader at a terminal.
+fn print_table(report: &SearchReport) {
     println!(
         "{} on {}: {} {} (select {}, PRM {:?}, C {}, N_max {})",
         report.model,
@@ -271,5 +277,4 @@ pub fn run(
         line(l.level.to_string(), &l.summary);
     }
     line("all".into(), &report.overall);
-    Ok(())
 }

@@ -292,16 +292,7 @@ async fn beam_round<B: Trajectories>(
         let scores = ledger.score(b, &open).await?;
         let mut ranked: Vec<(Traj, PrmScore)> = open.iter().copied().zip(scores).collect();
         ranked.sort_by(|a, b| b.1.quantiles.q50.total_cmp(&a.1.quantiles.q50));
-        let (k, m) = match p.budget {
-            Budget::Fixed => (p.beams.min(ranked.len()), p.beam_width),
-            Budget::Adaptive => {
-                let mut lower: Vec<f64> = ranked.iter().map(|r| r.1.quantiles.q10 as f64).collect();
-                lower.sort_by(|a, b| b.total_cmp(a));
-                let k = ias::keep(&lower, p.confidence, k_max, p.beam_width);
-                let s_min = ranked[..k].iter().map(|r| r.1.quantiles.q10 as f64).fold(1.0, f64::min);
-                (k, ias::children(s_min, k, p.confidence, p.beam_width))
-            }
-        };
+        let (k, m) = paths_and_children(p, &ranked, k_max);
         if adaptive && p.rule == BudgetRule::GiveUp {
             let kept: Vec<Quantiles> = ranked[..k].iter().map(|r| r.1.quantiles).collect();
             let held = held.map_or(0.0, |q| q.q50 as f64);
@@ -329,6 +320,22 @@ async fn beam_round<B: Trajectories>(
         live = next;
     }
     Ok(Stop::Budget)
+}
+
+/// K paths to keep of `ranked` (best first) and M children for each: the
+/// configured beam when fixed, the IAS rules on the paths' lower quantile
+/// when adaptive.
+fn paths_and_children(p: &ReasoningParams, ranked: &[(Traj, PrmScore)], k_max: usize) -> (usize, usize) {
+    match p.budget {
+        Budget::Fixed => (p.beams.min(ranked.len()), p.beam_width),
+        Budget::Adaptive => {
+            let mut lower: Vec<f64> = ranked.iter().map(|r| r.1.quantiles.q10 as f64).collect();
+            lower.sort_by(|a, b| b.total_cmp(a));
+            let k = ias::keep(&lower, p.confidence, k_max, p.beam_width);
+            let s_min = ranked[..k].iter().map(|r| r.1.quantiles.q10 as f64).fold(1.0, f64::min);
+            (k, ias::children(s_min, k, p.confidence, p.beam_width))
+        }
+    }
 }
 
 /// What beam search generated and what the fixed beam would have: N_max
