@@ -119,39 +119,10 @@ pub fn label_batch(
     problems: &[Problem],
     cfg: &LabelConfig,
 ) -> anyhow::Result<Vec<LabelRow>> {
-    let tok = engine.tokenizer();
     let mut pending: Vec<Pending> = Vec::new();
     let mut seqs: Vec<(Role, Sequence)> = Vec::new();
     for (q, p) in problems.iter().enumerate() {
-        let text = tok.apply_chat_template(&[ChatMessage::new("user", p.question.clone())])?;
-        let prompt = tok.encode(&text, AddSpecial::No)?;
-        let opts = SeqOptions {
-            sampling: SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed: cfg.seed },
-            stop: step_stop(cfg),
-            // The chosen tokens' logprobs are PRM features.
-            logprobs: Logprobs::Top(0),
-            capture: HiddenCapture::AtStop,
-        };
-        let mut root = engine.start(prompt.clone(), opts)?;
-        while root.cached_len() < root.prompt_len() {
-            engine.step(&mut [&mut root])?;
-        }
-        let base = cfg.seed ^ qhash(&p.id);
-        let mut state = Pending { problem: p.clone(), rows: Vec::new(), seen: HashSet::new(), live: 0 };
-        // The empty prefix: continuations straight from the prompt.
-        state.seen.insert(String::new());
-        state.rows.push(row(p, 0, Vec::new(), &root));
-        let roll_seeds: Vec<u64> = (0..cfg.n_mc as u64).map(|m| child_seed(base ^ 0x5EED, m)).collect();
-        for mut r in engine.fork(&mut root, &roll_seeds)? {
-            r.resume(rollout_stop(cfg, 0));
-            seqs.push((Role::Rollout { q, row: 0 }, r));
-        }
-        let traj_seeds: Vec<u64> = (0..cfg.n_val as u64).map(|j| child_seed(base, j)).collect();
-        for t in engine.fork(&mut root, &traj_seeds)? {
-            seqs.push((Role::Trajectory { q, steps: Vec::new() }, t));
-        }
-        state.live = cfg.n_mc + cfg.n_val;
-        pending.push(state);
+        pending.push(start_question(engine, q, p, cfg, &mut seqs)?);
     }
     while seqs.iter().any(|(_, s)| s.needs_work()) {
         let mut live: Vec<&mut Sequence> =
@@ -220,15 +191,56 @@ pub fn label_batch(
         seqs.extend(spawned);
     }
     debug_assert!(pending.iter().all(|p| p.live == 0));
-    let mut rows = Vec::new();
-    for p in pending {
-        for mut r in p.rows {
-            r.success =
-                if r.final_answer { r.correct as f64 } else { r.correct as f64 / r.n_mc.max(1) as f64 };
-            rows.push(r);
-        }
+    Ok(pending.into_iter().flat_map(|p| p.rows).map(with_success).collect())
+}
+
+/// A row's success label: the share of its rollouts that reached the right
+/// answer, or for a finished solution whether it is right.
+pub(crate) fn with_success(mut r: LabelRow) -> LabelRow {
+    r.success = if r.final_answer { r.correct as f64 } else { r.correct as f64 / r.n_mc.max(1) as f64 };
+    r
+}
+
+/// Prefills question `q`'s prompt and pushes its first sequences: `n_mc`
+/// rollouts from the empty prefix and `n_val` trajectories that will be
+/// labelled step by step.
+fn start_question(
+    engine: &Engine,
+    q: usize,
+    p: &Problem,
+    cfg: &LabelConfig,
+    seqs: &mut Vec<(Role, Sequence)>,
+) -> anyhow::Result<Pending> {
+    let tok = engine.tokenizer();
+    let text = tok.apply_chat_template(&[ChatMessage::new("user", p.question.clone())])?;
+    let prompt = tok.encode(&text, AddSpecial::No)?;
+    let opts = SeqOptions {
+        sampling: SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed: cfg.seed },
+        stop: step_stop(cfg),
+        // The chosen tokens' logprobs are PRM features.
+        logprobs: Logprobs::Top(0),
+        capture: HiddenCapture::AtStop,
+    };
+    let mut root = engine.start(prompt, opts)?;
+    while root.cached_len() < root.prompt_len() {
+        engine.step(&mut [&mut root])?;
     }
-    Ok(rows)
+    let base = cfg.seed ^ qhash(&p.id);
+    let mut state = Pending { problem: p.clone(), rows: Vec::new(), seen: HashSet::new(), live: 0 };
+    // The empty prefix: continuations straight from the prompt.
+    state.seen.insert(String::new());
+    state.rows.push(row(p, 0, Vec::new(), &root));
+    let roll_seeds: Vec<u64> = (0..cfg.n_mc as u64).map(|m| child_seed(base ^ 0x5EED, m)).collect();
+    for mut r in engine.fork(&mut root, &roll_seeds)? {
+        r.resume(rollout_stop(cfg, 0));
+        seqs.push((Role::Rollout { q, row: 0 }, r));
+    }
+    let traj_seeds: Vec<u64> = (0..cfg.n_val as u64).map(|j| child_seed(base, j)).collect();
+    for t in engine.fork(&mut root, &traj_seeds)? {
+        seqs.push((Role::Trajectory { q, steps: Vec::new() }, t));
+    }
+    state.live = cfg.n_mc + cfg.n_val;
+    Ok(state)
 }
 
 fn row(p: &Problem, k: usize, prefix: Vec<String>, seq: &Sequence) -> LabelRow {

@@ -10,7 +10,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::labels::{LabelConfig, LabelRow, qhash, split_of};
+use super::labels::{LabelConfig, LabelRow, qhash, split_of, with_success};
 use crate::arith::task::{self, Problem, STEP_DELIMITER};
 use crate::config::RemoteEngine;
 use crate::engine::SamplingParams;
@@ -77,25 +77,13 @@ impl RemoteLabeler {
         while !live.is_empty() {
             // One call per distinct prefix (or several, where the engine
             // takes fewer choices per call).
-            let mut shared: Vec<Vec<Path>> = Vec::new();
-            for path in live.drain(..) {
-                match shared.iter_mut().find(|g| g[0].ids == path.ids) {
-                    Some(g) => g.push(path),
-                    None => shared.push(vec![path]),
-                }
-            }
-            let mut groups: Vec<Vec<Path>> = Vec::new();
-            for g in shared {
-                for (offset, count) in self.upstream.split_n(g.len()) {
-                    groups.push(g[offset..offset + count].to_vec());
-                }
-            }
+            let groups = self.group_by_prefix(live.drain(..));
             let calls: Vec<CompletionCall> = groups
                 .iter()
                 .map(|g| {
-                    let call_prompt = prompt.iter().chain(&g[0].ids).copied().collect();
                     let seed = base.wrapping_add(draws);
                     draws += g.len() as u64;
+                    let call_prompt = prompt.iter().chain(&g[0].ids).copied().collect();
                     step_call(
                         self.upstream.model(),
                         call_prompt,
@@ -154,11 +142,27 @@ impl RemoteLabeler {
             rows[i].correct = correct;
             rows[i].n_mc = n;
         }
-        for r in &mut rows {
-            r.success =
-                if r.final_answer { r.correct as f64 } else { r.correct as f64 / r.n_mc.max(1) as f64 };
+        Ok(rows.into_iter().map(with_success).collect())
+    }
+
+    /// The live paths grouped so that one call serves a group: paths with
+    /// the same prefix share a call, split where the engine takes fewer
+    /// choices per call.
+    fn group_by_prefix(&self, live: impl Iterator<Item = Path>) -> Vec<Vec<Path>> {
+        let mut shared: Vec<Vec<Path>> = Vec::new();
+        for path in live {
+            match shared.iter_mut().find(|g| g[0].ids == path.ids) {
+                Some(g) => g.push(path),
+                None => shared.push(vec![path]),
+            }
         }
-        Ok(rows)
+        let mut groups: Vec<Vec<Path>> = Vec::new();
+        for g in shared {
+            for (offset, count) in self.upstream.split_n(g.len()) {
+                groups.push(g[offset..offset + count].to_vec());
+            }
+        }
+        groups
     }
 
     /// N_MC continuations of `path` to the end: how many reach the answer,
