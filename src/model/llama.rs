@@ -133,60 +133,8 @@ impl Llama {
         let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| ModelError::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
-        let arch_name = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        let arch = match arch_name.as_str() {
-            "llama" => Arch::Llama,
-            "qwen2" => Arch::Qwen2,
-            other => {
-                return Err(ModelError::Unsupported(format!(
-                    "GGUF architecture {other:?}; ponder runs llama and qwen2"
-                )));
-            }
-        };
-        let meta = GgufMeta { ct: &ct, arch: &arch_name };
-        let hidden = meta.usize("embedding_length")?;
-        let n_heads = meta.usize("attention.head_count")?;
-        let head_dim = meta.opt_usize("attention.key_length").unwrap_or(hidden / n_heads.max(1));
-        if let Some(rope_dim) = meta.opt_usize("rope.dimension_count")
-            && rope_dim != head_dim
-        {
-            return Err(ModelError::Unsupported(format!(
-                "partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim})"
-            )));
-        }
-        let has_output = ct.tensor_infos.contains_key("output.weight");
-        let vocab = match meta.opt_usize("vocab_size") {
-            Some(v) => v,
-            None => ct
-                .tensor_infos
-                .get("token_embd.weight")
-                .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?
-                .shape
-                .dims()[0],
-        };
-        let cfg = ModelConfig {
-            arch,
-            hidden,
-            intermediate: meta.usize("feed_forward_length")?,
-            n_layers: meta.usize("block_count")?,
-            n_heads,
-            n_kv_heads: meta.opt_usize("attention.head_count_kv").unwrap_or(n_heads),
-            head_dim,
-            vocab,
-            rms_eps: meta.f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
-            rope_theta: meta.f32("rope.freq_base").unwrap_or(10_000.0),
-            rope_style: match arch {
-                Arch::Llama => RopeStyle::Interleaved,
-                Arch::Qwen2 => RopeStyle::HalfSplit,
-            },
-            max_position: meta.opt_usize("context_length").unwrap_or(4096),
-            tie_embeddings: !has_output,
-        };
+        let cfg = gguf_config(&ct)?;
+        let has_output = !cfg.tie_embeddings;
         cfg.validate()?;
         let quantized = ct.tensor_infos.values().any(|t| {
             !matches!(
@@ -219,7 +167,7 @@ impl Llama {
                 let b = if bias { Some(get(&format!("{p}.{name}.bias"))?.dequantize(device)?) } else { None };
                 Ok(Linear::from_qtensor(w, storage, b)?)
             };
-            let qkv_bias = arch == Arch::Qwen2;
+            let qkv_bias = cfg.arch == Arch::Qwen2;
             let (q, k, v) = (lin("attn_q", qkv_bias)?, lin("attn_k", qkv_bias)?, lin("attn_v", qkv_bias)?);
             let (o, gate, up, down) = (
                 lin("attn_output", false)?,
@@ -698,6 +646,62 @@ struct Scratch {
 /// `weights = "stored"` on a GPU runs the file's own types through candle's
 /// CUDA kernels: there are matmuls for Q4_0..Q8_0 and Q2K..Q6K, none for the
 /// 8-bit intermediate types.
+/// The model's shape from a GGUF file's metadata (`{arch}.*` keys), with
+/// the vocabulary from the embedding when the metadata omits it.
+fn gguf_config(ct: &gguf_file::Content) -> Result<ModelConfig, ModelError> {
+    let arch_name =
+        ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+    let arch = match arch_name.as_str() {
+        "llama" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        other => {
+            return Err(ModelError::Unsupported(format!(
+                "GGUF architecture {other:?}; ponder runs llama and qwen2"
+            )));
+        }
+    };
+    let meta = GgufMeta { ct, arch: &arch_name };
+    let hidden = meta.usize("embedding_length")?;
+    let n_heads = meta.usize("attention.head_count")?;
+    let head_dim = meta.opt_usize("attention.key_length").unwrap_or(hidden / n_heads.max(1));
+    if let Some(rope_dim) = meta.opt_usize("rope.dimension_count")
+        && rope_dim != head_dim
+    {
+        return Err(ModelError::Unsupported(format!(
+            "partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim})"
+        )));
+    }
+    let has_output = ct.tensor_infos.contains_key("output.weight");
+    let vocab = match meta.opt_usize("vocab_size") {
+        Some(v) => v,
+        None => ct
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?
+            .shape
+            .dims()[0],
+    };
+    let cfg = ModelConfig {
+        arch,
+        hidden,
+        intermediate: meta.usize("feed_forward_length")?,
+        n_layers: meta.usize("block_count")?,
+        n_heads,
+        n_kv_heads: meta.opt_usize("attention.head_count_kv").unwrap_or(n_heads),
+        head_dim,
+        vocab,
+        rms_eps: meta.f32("attention.layer_norm_rms_epsilon").unwrap_or(1e-5) as f64,
+        rope_theta: meta.f32("rope.freq_base").unwrap_or(10_000.0),
+        rope_style: match arch {
+            Arch::Llama => RopeStyle::Interleaved,
+            Arch::Qwen2 => RopeStyle::HalfSplit,
+        },
+        max_position: meta.opt_usize("context_length").unwrap_or(4096),
+        tie_embeddings: !has_output,
+    };
+    Ok(cfg)
+}
+
 fn refuse_types_without_cuda_kernels(
     ct: &gguf_file::Content,
     storage: Storage,

@@ -284,28 +284,7 @@ impl ModelPrm {
                 let db = (b.i(1)? - b.i(0)?)?.unsqueeze(0)?.repeat(3)?;
                 (fc1, Some((dw, db)))
             }
-            HeadChoice::Trained(path) => {
-                let t = candle_core::safetensors::load(path, &device).map_err(|e| file_err(path, e))?;
-                let w = t
-                    .get("score.2.weight")
-                    .ok_or_else(|| file_err(path, "no score.2.weight"))?
-                    .to_dtype(DType::F32)?;
-                let b = t
-                    .get("score.2.bias")
-                    .ok_or_else(|| file_err(path, "no score.2.bias"))?
-                    .to_dtype(DType::F32)?;
-                if w.dim(0)? != 3 {
-                    return Err(file_err(
-                        path,
-                        format!("score.2.weight has {} rows, a quantile head has 3", w.dim(0)?),
-                    ));
-                }
-                let fc1 = match (t.get("score.0.weight"), t.get("score.0.bias")) {
-                    (Some(w1), Some(b1)) => (w1.to_dtype(DType::F32)?, b1.to_dtype(DType::F32)?),
-                    _ => fc1,
-                };
-                (fc1, Some((w, b)))
-            }
+            HeadChoice::Trained(path) => trained_head(path, fc1, &device)?,
         };
         let vb =
             VarBuilder::from_tensors(tensors, weights.resolve(false, &device).activation_dtype(), &device);
@@ -478,6 +457,27 @@ impl ModelPrm {
         (&self.fc1.0, &self.fc1.1)
     }
 }
+
+/// A quantile head trained by `ponder calibrate`: its 3-row output layer,
+/// and its own first layer where it retrained one (else the checkpoint's).
+fn trained_head(path: &Path, fc1: (Tensor, Tensor), device: &Device) -> Result<HeadLayers, PrmError> {
+    let t = candle_core::safetensors::load(path, device).map_err(|e| file_err(path, e))?;
+    let get = |name: &str| -> Result<Tensor, PrmError> {
+        Ok(t.get(name).ok_or_else(|| file_err(path, format!("no {name}")))?.to_dtype(DType::F32)?)
+    };
+    let (w, b) = (get("score.2.weight")?, get("score.2.bias")?);
+    if w.dim(0)? != 3 {
+        return Err(file_err(path, format!("score.2.weight has {} rows, a quantile head has 3", w.dim(0)?)));
+    }
+    let fc1 = match (t.get("score.0.weight"), t.get("score.0.bias")) {
+        (Some(w1), Some(b1)) => (w1.to_dtype(DType::F32)?, b1.to_dtype(DType::F32)?),
+        _ => fc1,
+    };
+    Ok((fc1, Some((w, b))))
+}
+
+/// A head's first layer (weight, bias) and, for a quantile head, its output layer.
+type HeadLayers = ((Tensor, Tensor), Option<(Tensor, Tensor)>);
 
 impl super::Scorer for ModelPrm {
     /// Each prefix's last score: its last step's (the question's when
