@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """Which right answers of a ponder-arith fixed run were reached by a sound chain of steps?
 
-    scripts/arith_process_check.py QUESTIONS.jsonl[.gz]   # from `ponder eval --sweep --questions-out`
+    scripts/arith_process_check.py QUESTIONS.jsonl[.gz] [SPLIT.jsonl]
+        # QUESTIONS from `ponder eval --sweep --questions-out`; SPLIT from
+        # `ponder arith export` (the same split and --per-level) adds what went
+        # wrong in the right answers of questions that only unsound chains solve
 
 pass@N counts a question if any sample's final answer is right. A sample can reach the right
-answer through a wrong step (two slips that cancel, or a slip in a digit a later step drops);
+answer through wrong steps whose errors cancel (two slips, or a slip and a misread operand);
 a process reward model is trained to reject such a chain. A sample is *sound* here when every
 step `a op b = c` is arithmetically right and starts from the previous step's result. The
 table gives, per level, pass@N, pass@N counting sound samples only, PRM-max selection (on the
@@ -34,6 +37,40 @@ def sound(text):
             return False
         previous, steps = c, steps + 1
     return steps > 0
+
+
+def slips(text, numbers):
+    """(wrong arithmetic steps, steps not starting from the previous result, operands
+    that differ from the question's numbers in order) of one chain."""
+    steps = [m for m in (STEP.match(line.strip()) for line in text.split("\n")) if m]
+    arith = sum({"+": int(m[1]) + int(m[3]), "-": int(m[1]) - int(m[3]), "*": int(m[1]) * int(m[3])}[m[2]]
+                != int(m[4]) for m in steps)
+    chain = sum(int(steps[i][1]) != int(steps[i - 1][4]) for i in range(1, len(steps)))
+    read = [int(steps[0][1])] + [int(m[3]) for m in steps] if steps else []
+    misread = sum(a != b for a, b in zip(read, numbers)) + abs(len(read) - len(numbers))
+    return arith, chain, misread
+
+
+def lucky(path, split):
+    """What went wrong in the right samples of questions no sound chain solves."""
+    numbers = {}
+    for line in open(split):
+        q = json.loads(line)
+        numbers[q["id"]] = [int(x) for x in re.findall(r"\d+", q["question"])]
+    kinds, questions = collections.Counter(), collections.Counter()
+    for line in (gzip.open if path.endswith(".gz") else open)(path, "rt"):
+        q = json.loads(line)
+        right = [x for x in q["candidates"] if x["correct"]]
+        if not right or any(sound(x["text"]) for x in right):
+            continue
+        questions[q["level"]] += 1
+        kinds.update(slips(x["text"], numbers[q["id"]]) for x in right)
+    print()
+    print("Questions solved by unsound chains only, by level: %s" % dict(sorted(questions.items())))
+    print("| wrong arithmetic steps | broken links | misread operands | right samples |")
+    print("|---|---|---|---|")
+    for (a, c, m), n in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print("| %d | %d | %d | %d |" % (a, c, m, n))
 
 
 def main(path):
@@ -69,6 +106,8 @@ def main(path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     main(sys.argv[1])
+    if len(sys.argv) == 3:
+        lucky(sys.argv[1], sys.argv[2])
