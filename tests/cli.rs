@@ -240,6 +240,14 @@ fn arith_train_writes_a_checkpoint_that_eval_and_export_use() {
     let (ok, stdout, _) = ponder(&["arith", "export", "--split", "calib", "--per-level", "2"]);
     assert!(ok);
     assert_eq!(stdout.lines().count(), 12);
+    // Another stream: as many questions, none of them among stream 0's.
+    let (ok, fresh, _) =
+        ponder(&["arith", "export", "--split", "calib", "--per-level", "2", "--stream", "3"]);
+    assert!(ok);
+    let question = |l: &str| serde_json::from_str::<serde_json::Value>(l).unwrap()["question"].clone();
+    let shown: Vec<serde_json::Value> = stdout.lines().map(question).collect();
+    assert_eq!(fresh.lines().count(), 12);
+    assert!(fresh.lines().all(|l| !shown.contains(&question(l))));
 }
 
 /// `ponder calibrate` on a few questions with two trajectories and two

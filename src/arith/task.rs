@@ -209,8 +209,25 @@ pub fn generate(split: Split, per_level: usize) -> Vec<Problem> {
 /// As [`generate`], from another stream of the same split (for training
 /// data beyond a fixed set).
 pub fn generate_seeded(split: Split, per_level: usize, stream: u64) -> Vec<Problem> {
+    draw_problems(split, per_level, stream, std::collections::HashSet::new())
+}
+
+/// `per_level` problems of every level from stream `stream` (> 0) of
+/// `split`, none of which is among [`generate`]'s at the same `per_level`:
+/// questions new to every evaluation that read stream 0 at that size.
+pub fn generate_unseen(split: Split, per_level: usize, stream: u64) -> Vec<Problem> {
+    let seen = generate(split, per_level).into_iter().map(|p| p.question).collect();
+    draw_problems(split, per_level, stream, seen)
+}
+
+/// Draws from `stream` of `split`, skipping questions already in `seen`.
+fn draw_problems(
+    split: Split,
+    per_level: usize,
+    stream: u64,
+    mut seen: std::collections::HashSet<String>,
+) -> Vec<Problem> {
     let mut rng = ChaCha8Rng::seed_from_u64(split.seed() ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut seen = std::collections::HashSet::new();
     let mut out = Vec::with_capacity(per_level * LEVELS.count());
     for level in LEVELS {
         let mut made = 0;
@@ -327,6 +344,17 @@ pub fn to_jsonl(problems: &[Problem]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_stream_draws_questions_of_the_split_that_stream_zero_does_not_hold() {
+        let shown: std::collections::HashSet<String> =
+            generate(Split::Test, 20).into_iter().map(|p| p.question).collect();
+        let unseen = generate_unseen(Split::Test, 20, 1);
+        assert_eq!(unseen.len(), 20 * LEVELS.count());
+        assert!(unseen.iter().all(|p| !shown.contains(&p.question) && Split::Test.owns(&p.question)));
+        assert!(unseen.iter().all(|p| p.id.starts_with("test-1-")));
+        assert_eq!(unseen, generate_unseen(Split::Test, 20, 1));
+    }
 
     #[test]
     fn generation_is_deterministic_and_covers_every_level() {

@@ -55,6 +55,11 @@ struct ExportArgs {
     /// Problems per level (six levels).
     #[arg(long, default_value_t = 50)]
     per_level: usize,
+    /// 0: the questions `ponder eval --split` reads. N > 0: questions of the
+    /// same split from another seed, none of them among stream 0's at the
+    /// same --per-level (new questions to check a result on).
+    #[arg(long, default_value_t = 0)]
+    stream: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,7 +99,11 @@ pub fn main() -> ExitCode {
         Command::Arith(ArithCommand::Train(args)) => crate::arith::train::run(args),
         Command::Arith(ArithCommand::TrainPrm(args)) => crate::arith::verifier::run(args),
         Command::Arith(ArithCommand::Export(a)) => {
-            print!("{}", crate::arith::task::to_jsonl(&crate::arith::task::generate(a.split, a.per_level)));
+            let problems = match a.stream {
+                0 => crate::arith::task::generate(a.split, a.per_level),
+                n => crate::arith::task::generate_unseen(a.split, a.per_level, n),
+            };
+            print!("{}", crate::arith::task::to_jsonl(&problems));
             Ok(())
         }
     };
