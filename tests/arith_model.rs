@@ -25,7 +25,7 @@ fn tiny() -> ArithConfig {
 
 fn examples(n: usize) -> (Encoder, Vec<Example>) {
     let enc = Encoder::new().unwrap();
-    let ex = generate_seeded(Split::Train, n, 42).iter().map(|p| enc.example(p).unwrap()).collect();
+    let ex = generate_seeded(Split::Train, n, 42).unwrap().iter().map(|p| enc.example(p).unwrap()).collect();
     (enc, ex)
 }
 

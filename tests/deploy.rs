@@ -204,7 +204,7 @@ async fn some_requests(ponder: &TestServer) {
         json!({"strategy": "beam", "beams": 2, "beam_width": 2}),
     ];
     for (i, reasoning) in reasoning.into_iter().enumerate() {
-        let q = &ponder::arith::task::generate(ponder::arith::task::Split::Test, 4)[i].question;
+        let q = &ponder::arith::task::generate(ponder::arith::task::Split::Test, 4).unwrap()[i].question;
         ask(json!({"model": "ponder-arith", "messages": [{"role": "user", "content": q}], "max_tokens": 160,
                    "temperature": 0.7, "seed": 3, "reasoning": reasoning}))
         .await;

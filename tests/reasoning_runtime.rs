@@ -69,6 +69,7 @@ fn run(rt: &mut Runtime, engine: &Engine, n: usize) -> Vec<(u64, Outcome)> {
 
 fn question(level: u8) -> (String, String) {
     let p = ponder::arith::task::generate(ponder::arith::task::Split::Test, 3)
+        .unwrap()
         .into_iter()
         .find(|p| p.level == level)
         .expect("every level has problems");

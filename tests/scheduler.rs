@@ -194,6 +194,7 @@ fn a_beam_gives_back_what_pruning_frees() {
 fn a_plain_request_completes_while_reasoning_requests_hold_the_worker() {
     let (mut s, e, _) = scheduler(0.01, 64);
     let hard = ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
+        .unwrap()
         .into_iter()
         .find(|p| p.level == 6)
         .expect("level 6 has problems")

@@ -94,6 +94,7 @@ async fn send_and_leave(s: &TestServer, path: &str, body: &Value, model: &str) {
 
 fn hard_question() -> String {
     ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
+        .unwrap()
         .into_iter()
         .find(|p| p.level == 6)
         .expect("level 6 has problems")

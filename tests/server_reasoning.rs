@@ -25,6 +25,7 @@ fn server() -> &'static TestServer {
 
 fn question(level: u8, index: usize) -> (String, String) {
     let p = ponder::arith::task::generate(ponder::arith::task::Split::Test, 4)
+        .unwrap()
         .into_iter()
         .filter(|p| p.level == level)
         .nth(index)

@@ -31,7 +31,7 @@ fn heldout() -> Vec<LabelRow> {
 /// (raw P(good), calibrated mean) of every row.
 fn scores(rows: &[LabelRow]) -> (Vec<f64>, Vec<f64>) {
     let questions: HashMap<String, String> =
-        task::generate(Split::Test, 50).into_iter().map(|p| (p.id, p.question)).collect();
+        task::generate(Split::Test, 50).unwrap().into_iter().map(|p| (p.id, p.question)).collect();
     let calibrated =
         load(HeadChoice::Trained(verifier_dir().join("calibration/prm_quantile_head.safetensors")));
     let (mut raw, mut cal) = (Vec::new(), Vec::new());
@@ -77,7 +77,8 @@ fn the_raw_verifier_overestimates_held_out_labels_and_the_calibrated_one_does_no
 fn a_right_solution_scores_above_the_same_solution_with_one_wrong_digit() {
     let prm = load(HeadChoice::TwoClass);
     let mut wins = 0;
-    let problems: Vec<_> = task::generate(Split::Test, 4).into_iter().filter(|p| p.level >= 3).collect();
+    let problems: Vec<_> =
+        task::generate(Split::Test, 4).unwrap().into_iter().filter(|p| p.level >= 3).collect();
     for p in &problems {
         let right = p.steps();
         let mut wrong = right.clone();

@@ -201,24 +201,42 @@ fn draw(rng: &mut ChaCha8Rng, level: u8) -> (String, i64, Vec<Op>) {
     (question, x, ops)
 }
 
+/// A split's level holds fewer distinct questions than were asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "per_level {per_level}: level {level} of the {split} split gave only {made} distinct questions in {tries} draws; ask for fewer per level"
+)]
+pub struct TooFewQuestions {
+    pub split: &'static str,
+    pub level: u8,
+    pub per_level: usize,
+    pub made: usize,
+    pub tries: usize,
+}
+
 /// `per_level` problems of every level for `split`, the same every time.
-pub fn generate(split: Split, per_level: usize) -> Vec<Problem> {
+pub fn generate(split: Split, per_level: usize) -> Result<Vec<Problem>, TooFewQuestions> {
     generate_seeded(split, per_level, 0)
 }
 
 /// As [`generate`], from another stream of the same split (for training
 /// data beyond a fixed set).
-pub fn generate_seeded(split: Split, per_level: usize, stream: u64) -> Vec<Problem> {
+pub fn generate_seeded(split: Split, per_level: usize, stream: u64) -> Result<Vec<Problem>, TooFewQuestions> {
     draw_problems(split, per_level, stream, std::collections::HashSet::new())
 }
 
 /// `per_level` problems of every level from stream `stream` (> 0) of
 /// `split`, none of which is among [`generate`]'s at the same `per_level`:
 /// questions new to every evaluation that read stream 0 at that size.
-pub fn generate_unseen(split: Split, per_level: usize, stream: u64) -> Vec<Problem> {
-    let seen = generate(split, per_level).into_iter().map(|p| p.question).collect();
+pub fn generate_unseen(split: Split, per_level: usize, stream: u64) -> Result<Vec<Problem>, TooFewQuestions> {
+    let seen = generate(split, per_level)?.into_iter().map(|p| p.question).collect();
     draw_problems(split, per_level, stream, seen)
 }
+
+/// Draws in a row that found nothing new, after which a level counts as
+/// exhausted: far more than a level with questions left ever needs (about
+/// ten draws per question while a split's pool is far from used up).
+const MAX_MISSES: usize = 200_000;
 
 /// Draws from `stream` of `split`, skipping questions already in `seen`.
 fn draw_problems(
@@ -226,22 +244,22 @@ fn draw_problems(
     per_level: usize,
     stream: u64,
     mut seen: std::collections::HashSet<String>,
-) -> Vec<Problem> {
+) -> Result<Vec<Problem>, TooFewQuestions> {
     let mut rng = ChaCha8Rng::seed_from_u64(split.seed() ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let mut out = Vec::with_capacity(per_level * LEVELS.count());
+    let mut out = Vec::with_capacity(per_level.min(10_000) * LEVELS.count());
     for level in LEVELS {
-        let mut made = 0;
-        let mut tries = 0;
+        let (mut made, mut tries, mut misses) = (0, 0, 0);
         while made < per_level {
             tries += 1;
-            assert!(
-                tries < per_level * 1000 + 10_000,
-                "level {level} cannot yield {per_level} distinct problems"
-            );
+            if misses >= MAX_MISSES {
+                return Err(TooFewQuestions { split: split.name(), level, per_level, made, tries });
+            }
             let (question, answer, ops) = draw(&mut rng, level);
             if !split.owns(&question) || !seen.insert(question.clone()) {
+                misses += 1;
                 continue;
             }
+            misses = 0;
             let start = ops_start(&question, answer, &ops);
             out.push(Problem {
                 id: format!("{}-{stream}-{level}-{made}", split.name()),
@@ -254,7 +272,7 @@ fn draw_problems(
             made += 1;
         }
     }
-    out
+    Ok(out)
 }
 
 /// The starting value, recovered by undoing the operations.
@@ -346,31 +364,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn asking_more_questions_than_a_level_holds_is_an_error_naming_the_level_not_a_panic() {
+        // Level 1 of the test split holds about 12,700 questions.
+        let err = generate(Split::Test, 20_000).unwrap_err();
+        assert_eq!((err.split, err.level, err.per_level), ("test", 1, 20_000));
+        assert!(err.made < 20_000);
+        assert!(err.to_string().contains("per_level 20000: level 1 of the test split"), "{err}");
+    }
+
+    #[test]
     fn another_stream_draws_questions_of_the_split_that_stream_zero_does_not_hold() {
         let shown: std::collections::HashSet<String> =
-            generate(Split::Test, 20).into_iter().map(|p| p.question).collect();
-        let unseen = generate_unseen(Split::Test, 20, 1);
+            generate(Split::Test, 20).unwrap().into_iter().map(|p| p.question).collect();
+        let unseen = generate_unseen(Split::Test, 20, 1).unwrap();
         assert_eq!(unseen.len(), 20 * LEVELS.count());
         assert!(unseen.iter().all(|p| !shown.contains(&p.question) && Split::Test.owns(&p.question)));
         assert!(unseen.iter().all(|p| p.id.starts_with("test-1-")));
-        assert_eq!(unseen, generate_unseen(Split::Test, 20, 1));
+        assert_eq!(unseen, generate_unseen(Split::Test, 20, 1).unwrap());
     }
 
     #[test]
     fn generation_is_deterministic_and_covers_every_level() {
-        let a = generate(Split::Test, 20);
-        assert_eq!(a, generate(Split::Test, 20));
+        let a = generate(Split::Test, 20).unwrap();
+        assert_eq!(a, generate(Split::Test, 20).unwrap());
         for level in LEVELS {
             assert_eq!(a.iter().filter(|p| p.level == level).count(), 20);
         }
-        assert_ne!(generate_seeded(Split::Train, 5, 1), generate_seeded(Split::Train, 5, 2));
+        assert_ne!(
+            generate_seeded(Split::Train, 5, 1).unwrap(),
+            generate_seeded(Split::Train, 5, 2).unwrap()
+        );
     }
 
     #[test]
     fn the_three_splits_share_no_question() {
         let sets: Vec<std::collections::HashSet<String>> = [Split::Train, Split::Calib, Split::Test]
             .iter()
-            .map(|&s| generate(s, 150).into_iter().map(|p| p.question).collect())
+            .map(|&s| generate(s, 150).unwrap().into_iter().map(|p| p.question).collect())
             .collect();
         assert!(
             sets[0].is_disjoint(&sets[1]) && sets[0].is_disjoint(&sets[2]) && sets[1].is_disjoint(&sets[2])
@@ -383,7 +413,7 @@ mod tests {
 
     #[test]
     fn reference_solutions_compute_the_answer_one_operation_per_step() {
-        for p in generate(Split::Calib, 30) {
+        for p in generate(Split::Calib, 30).unwrap() {
             let sol = p.solution();
             let steps = p.steps();
             assert_eq!(steps.len(), p.ops.len() + 1);
@@ -429,7 +459,7 @@ mod tests {
 
     #[test]
     fn jsonl_export_has_id_level_question_and_answer() {
-        let line = to_jsonl(&generate(Split::Test, 1)[..1]);
+        let line = to_jsonl(&generate(Split::Test, 1).unwrap()[..1]);
         let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
         for k in ["id", "level", "question", "answer"] {
             assert!(v.get(k).is_some(), "{k}");

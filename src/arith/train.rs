@@ -138,7 +138,7 @@ fn next_batches(
     // Enough problems per level that about four batches survive the weighting.
     let per_level = (batch * 4 * top as usize).div_ceil(total as usize) + 1;
     let mut pool: Vec<Example> = Vec::new();
-    for p in task::generate_seeded(Split::Train, per_level, stream) {
+    for p in task::generate_seeded(Split::Train, per_level, stream)? {
         // Keep a level-l problem with probability weight_l / max weight.
         if rng.random_range(0..top) < weights[p.level as usize - 1] {
             pool.push(enc.example(&p)?);

@@ -45,7 +45,7 @@ pub fn build() -> Result<tokenizers::Tokenizer, tokenizers::Error> {
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build()
         .into();
-    let corpus: Vec<String> = task::generate_seeded(Split::Train, 300, u64::MAX)
+    let corpus: Vec<String> = task::generate_seeded(Split::Train, 300, u64::MAX)?
         .iter()
         .flat_map(|p| [p.question.clone(), p.solution()])
         .collect();

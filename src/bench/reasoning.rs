@@ -108,16 +108,16 @@ pub struct ReasoningBenchReport {
 const POOL_PER_LEVEL: usize = 50;
 
 /// The first `n` test questions, taking one of each level in turn.
-fn questions(n: usize) -> Vec<Problem> {
+fn questions(n: usize) -> Result<Vec<Problem>, task::TooFewQuestions> {
     let levels = task::LEVELS.count();
     let per_level = n.div_ceil(levels).max(POOL_PER_LEVEL);
     // `generate` returns the problems grouped by level, `per_level` each.
-    let all = task::generate(Split::Test, per_level);
-    (0..per_level)
+    let all = task::generate(Split::Test, per_level)?;
+    Ok((0..per_level)
         .flat_map(|i| (0..levels).map(move |l| l * per_level + i))
         .map(|i| all[i].clone())
         .take(n)
-        .collect()
+        .collect())
 }
 
 fn reasoning_body(p: &Problem, seed: u64, mode: Mode) -> String {
@@ -364,7 +364,7 @@ async fn plain_under_load(addr: &str, qs: &[Problem], n: usize) -> PlainStats {
 
 async fn bench(addr: &str, args: &ReasoningBenchArgs) -> anyhow::Result<ReasoningBenchReport> {
     client::wait_healthy(addr, START_TIMEOUT).await?;
-    let qs = questions(args.questions);
+    let qs = questions(args.questions)?;
     eprintln!("warm-up");
     let _ = ask(addr, &reasoning_body(&qs[0], SEED_BASE, Mode::Adaptive), qs[0].answer).await;
     let mut runs = Vec::new();
@@ -469,9 +469,9 @@ mod tests {
 
     #[test]
     fn questions_cycle_through_the_levels() {
-        let qs = questions(8);
+        let qs = questions(8).unwrap();
         let levels: Vec<u8> = qs.iter().map(|p| p.level).collect();
         assert_eq!(levels, [1, 2, 3, 4, 5, 6, 1, 2]);
-        assert_eq!(questions(48).iter().filter(|p| p.level == 6).count(), 8);
+        assert_eq!(questions(48).unwrap().iter().filter(|p| p.level == 6).count(), 8);
     }
 }

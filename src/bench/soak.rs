@@ -391,7 +391,7 @@ async fn soak(server: &mut client::Server, args: &SoakBenchArgs) -> anyhow::Resu
     let ctx = Arc::new(Ctx {
         addr: addr.clone(),
         plain_model: plain_model.to_string(),
-        questions: task::generate(Split::Test, 20),
+        questions: task::generate(Split::Test, 20)?,
         tally: SharedTally::default(),
     });
     let before = scrape(&addr).await?;

@@ -171,8 +171,8 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
         Policy::Local(engine) => Source::Local(engine),
         Policy::Remote(labeler) => Source::Remote(labeler),
     };
-    let fit_problems = task::generate(args.split, args.per_level);
-    let eval_problems = task::generate(args.eval_split, args.eval_per_level);
+    let fit_problems = task::generate(args.split, args.per_level)?;
+    let eval_problems = task::generate(args.eval_split, args.eval_per_level)?;
     let labels_dir = args.labels.clone().unwrap_or_else(|| out.clone());
     std::fs::create_dir_all(&labels_dir)?;
     let fit_rows = collect_labels(&args, &source, &fit_problems, args.split, &labels_dir)?;

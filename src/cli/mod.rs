@@ -103,8 +103,7 @@ pub fn main() -> ExitCode {
                 0 => crate::arith::task::generate(a.split, a.per_level),
                 n => crate::arith::task::generate_unseen(a.split, a.per_level, n),
             };
-            print!("{}", crate::arith::task::to_jsonl(&problems));
-            Ok(())
+            problems.map(|p| print!("{}", crate::arith::task::to_jsonl(&p))).map_err(Into::into)
         }
     };
     match result {

@@ -133,7 +133,7 @@ impl EvalProblem {
 
 fn problems(args: &EvalArgs) -> anyhow::Result<Vec<EvalProblem>> {
     let Some(path) = &args.jsonl else {
-        return Ok(task::generate(args.split, args.per_level)
+        return Ok(task::generate(args.split, args.per_level)?
             .into_iter()
             .map(|p| EvalProblem {
                 id: p.id,

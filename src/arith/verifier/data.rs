@@ -264,7 +264,7 @@ mod tests {
     fn a_corrupted_solution_has_one_slip_and_computes_on_from_it() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let (mut wrong_seen, mut right_seen) = (0, 0);
-        for p in task::generate_seeded(task::Split::Train, 20, 7) {
+        for p in task::generate_seeded(task::Split::Train, 20, 7).unwrap() {
             let (steps, wrong) = corrupted_steps(&p, &mut rng);
             assert_eq!(steps.len(), p.ops.len() + 1);
             let answer = task::extract_answer(steps.last().unwrap()).unwrap();

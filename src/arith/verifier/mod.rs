@@ -361,7 +361,7 @@ fn synthetic_batch(
     rng: &mut ChaCha8Rng,
 ) -> anyhow::Result<Vec<Example>> {
     let per_level = if level.is_some() { size } else { size.div_ceil(6) };
-    let mut problems = task::generate_seeded(Split::Train, per_level, stream);
+    let mut problems = task::generate_seeded(Split::Train, per_level, stream)?;
     problems.retain(|p| level.is_none_or(|l| p.level == l));
     let mut out = data::synthetic(&problems, tok, marks, rng)?;
     out.shuffle(rng);
@@ -413,7 +413,7 @@ struct Prepared {
 
 fn prepare(args: &TrainPrmArgs, rng: &mut ChaCha8Rng, start: Instant) -> anyhow::Result<Prepared> {
     std::fs::create_dir_all(&args.out)?;
-    let problems = task::generate(Split::Train, args.per_level);
+    let problems = task::generate(Split::Train, args.per_level)?;
     let rows = train_labels(args, &problems)?;
     let label_minutes = start.elapsed().as_secs_f64() / 60.0;
     write_tokenizer(&args.policy, &args.out)?;
@@ -428,7 +428,7 @@ fn prepare(args: &TrainPrmArgs, rng: &mut ChaCha8Rng, start: Instant) -> anyhow:
     anyhow::ensure!(!train.is_empty() && !val.is_empty(), "too few labelled questions to train and validate");
     // 100 held-out synthetic solutions per level, from a stream no batch uses.
     let synthetic_val: Vec<(u8, Example)> = {
-        let problems = task::generate_seeded(Split::Train, 100, u64::MAX - 1);
+        let problems = task::generate_seeded(Split::Train, 100, u64::MAX - 1)?;
         let examples = data::synthetic(&problems, &tok, &marks, rng)?;
         let mut val: Vec<(u8, Example)> = problems.iter().map(|p| p.level).zip(examples).collect();
         val.shuffle(rng);
@@ -664,7 +664,7 @@ mod tests {
         .unwrap();
         let marks = Marks::new(&tok).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let problems = task::generate_seeded(Split::Train, 1, 2);
+        let problems = task::generate_seeded(Split::Train, 1, 2).unwrap();
         let examples = data::synthetic(&problems, &tok, &marks, &mut rng).unwrap();
         for e in &examples {
             let b = data::batch(&[e], &Device::Cpu).unwrap();
