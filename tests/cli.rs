@@ -95,6 +95,28 @@ fn a_missing_model_is_reported_with_its_path() {
 }
 
 #[test]
+fn eval_refuses_reasoning_flags_out_of_range_naming_the_flag_its_range_and_the_value() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--confidence", "2"], "--confidence must be greater than 0 and less than 1, got 2"),
+        (&["--max-samples", "100000"], "--max-samples must be between 1 and 1024, got 100000"),
+        (&["--round-size", "0"], "--round-size must be between 1 and 1024, got 0"),
+        (&["--give-up-gain", "1.5"], "--give-up-gain must be at least 0 and less than 1, got 1.5"),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["eval", "--model", "ponder-arith", "--per-level", "1", "--strategy", "best_of_n"];
+        args.extend_from_slice(flags);
+        let (ok, _, stderr) = ponder(&args);
+        assert!(!ok, "{flags:?} was accepted");
+        assert!(stderr.contains(want), "{flags:?}: {stderr}");
+    }
+    // Too many questions per level is an error too, not a panic.
+    let (ok, _, stderr) = ponder(&["arith", "export", "--split", "test", "--per-level", "100000"]);
+    assert!(!ok);
+    assert!(stderr.contains("per_level 100000: level 1 of the test split gave only"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
 fn serve_print_config_shows_the_effective_settings_with_keys_redacted() {
     let out = Command::new(env!("CARGO_BIN_EXE_ponder"))
         .args([

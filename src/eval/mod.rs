@@ -195,7 +195,7 @@ pub(crate) fn load_prm(
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
-    anyhow::ensure!(args.max_samples >= 1, "--max-samples must be at least 1");
+    check_knobs(&args)?;
     anyhow::ensure!(
         (args.plot.is_none() && args.questions_out.is_none() && args.questions_in.is_none()) || args.sweep,
         "--plot, --questions-out and --questions-in belong to the sweep: add --sweep"
@@ -219,6 +219,49 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     } else {
         search::run(engine, &prm, &problems, &args)
     }
+}
+
+/// The most sequences one question may hold at once in `ponder eval`
+/// (N_max, the beam's paths, a round): far above the served default
+/// (`queue.max_running`, 64), low enough that a mistyped flag fails at once
+/// instead of exhausting memory.
+pub const MAX_SEQUENCES: usize = 1024;
+
+/// The reasoning flags against the ranges a request's `reasoning` object
+/// meets in the server, the error naming the flag, its range and the value.
+fn check_knobs(args: &EvalArgs) -> anyhow::Result<()> {
+    let (confidence, round_size) = args.confidence_and_round(args.strategy);
+    let values = crate::reasoning::knobs::KnobValues {
+        max_samples: args.max_samples as i64,
+        beam_width: args.beam_width as i64,
+        beams: args.beams as i64,
+        prune_every: args.prune_every as i64,
+        confidence,
+        budget_quantile: args.budget_quantile,
+        round_size: round_size as i64,
+        give_up_gain: args.give_up_gain,
+    };
+    crate::reasoning::knobs::check(values, MAX_SEQUENCES).map(|_| ()).map_err(|e| {
+        // The server's words for these knobs are flags here: `reasoning.round_size` is `--round-size`.
+        let names = [
+            "max_samples",
+            "beam_width",
+            "beams",
+            "prune_every",
+            "confidence",
+            "budget_quantile",
+            "round_size",
+            "give_up_gain",
+        ];
+        let message = names.iter().fold(e.message, |m, n| {
+            m.replace(&format!("reasoning.{n}"), &format!("--{}", n.replace('_', "-")))
+        });
+        anyhow::anyhow!(
+            "{}",
+            message
+                .replace("a worker runs at once (queue.max_running)", "`ponder eval` runs for one question")
+        )
+    })
 }
 
 /// The question source, for reports.
