@@ -117,6 +117,27 @@ fn eval_refuses_reasoning_flags_out_of_range_naming_the_flag_its_range_and_the_v
 }
 
 #[test]
+fn arith_training_refuses_out_of_range_flags_before_writing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("m");
+    let out = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["arith", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (&["arith", "train", "--hidden", "0"], "--hidden must be at least 1, got 0"),
+        (&["arith", "train", "--lr", "0"], "--lr must be a positive number, got 0"),
+        (&["arith", "train-prm", "--lr", "0"], "--lr must be a positive number, got 0"),
+    ];
+    for (args, want) in cases {
+        let mut args = args.to_vec();
+        args.extend_from_slice(&["--out", out]);
+        let (ok, _, stderr) = ponder(&args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!std::path::Path::new(out).exists(), "{args:?} wrote {out}");
+    }
+}
+
+#[test]
 fn serve_print_config_shows_the_effective_settings_with_keys_redacted() {
     let out = Command::new(env!("CARGO_BIN_EXE_ponder"))
         .args([

@@ -216,6 +216,16 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         args.steps,
         args.warmup
     );
+    for (flag, v) in [
+        ("--batch", args.batch),
+        ("--hidden", args.hidden),
+        ("--layers", args.layers),
+        ("--heads", args.heads),
+        ("--intermediate", args.intermediate),
+    ] {
+        anyhow::ensure!(v >= 1, "{flag} must be at least 1, got {v}");
+    }
+    anyhow::ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number, got {}", args.lr);
     anyhow::ensure!(args.hidden.is_multiple_of(args.heads), "--hidden must be a multiple of --heads");
     anyhow::ensure!(
         args.level_weights.len() == 6 && args.level_weights.iter().any(|&w| w > 0),

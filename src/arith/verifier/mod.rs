@@ -503,6 +503,7 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
         args.per_level >= 1 && args.batch >= 1 && args.synthetic_batch >= 1,
         "--per-level, --batch and --synthetic-batch must be at least 1"
     );
+    anyhow::ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number, got {}", args.lr);
     let start = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x7E41F);
     let data = prepare(&args, &mut rng, start)?;
