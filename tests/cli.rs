@@ -117,18 +117,21 @@ fn eval_refuses_reasoning_flags_out_of_range_naming_the_flag_its_range_and_the_v
 }
 
 #[test]
-fn arith_training_refuses_out_of_range_flags_before_writing_anything() {
+fn training_and_calibration_refuse_out_of_range_flags_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
     let out = out.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
-        (&["arith", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
-        (&["arith", "train", "--hidden", "0"], "--hidden must be at least 1, got 0"),
-        (&["arith", "train", "--lr", "0"], "--lr must be a positive number, got 0"),
-        (&["arith", "train-prm", "--lr", "0"], "--lr must be a positive number, got 0"),
+    let calibrate = ["calibrate", "--model", "ponder-arith", "--labels", out];
+    let cases: [(Vec<&str>, &str); 7] = [
+        (vec!["arith", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (vec!["arith", "train", "--hidden", "0"], "--hidden must be at least 1, got 0"),
+        (vec!["arith", "train", "--lr", "0"], "--lr must be a positive number, got 0"),
+        (vec!["arith", "train-prm", "--lr", "0"], "--lr must be a positive number, got 0"),
+        ([&calibrate[..], &["--n-mc", "0"]].concat(), "--n-mc must be at least 1, got 0"),
+        ([&calibrate[..], &["--per-level", "0"]].concat(), "--per-level must be at least 1, got 0"),
+        ([&calibrate[..], &["--temperature", "0"]].concat(), "--temperature must be a positive number"),
     ];
-    for (args, want) in cases {
-        let mut args = args.to_vec();
+    for (mut args, want) in cases {
         args.extend_from_slice(&["--out", out]);
         let (ok, _, stderr) = ponder(&args);
         assert!(!ok, "{args:?} was accepted");

@@ -160,7 +160,30 @@ fn policy(entry: &ModelEntry, target: &Target) -> anyhow::Result<(Policy, PathBu
     }
 }
 
+/// Refuses flags that would label nothing or fit on nothing, before any
+/// file is written.
+fn check_args(args: &CalibrateArgs) -> anyhow::Result<()> {
+    for (flag, v) in [
+        ("--per-level", args.per_level),
+        ("--eval-per-level", args.eval_per_level),
+        ("--n-val", args.n_val),
+        ("--n-mc", args.n_mc),
+        ("--max-prefix", args.max_prefix),
+        ("--concurrent", args.concurrent),
+    ] {
+        anyhow::ensure!(v >= 1, "{flag} must be at least 1, got {v}");
+    }
+    // Monte-Carlo labels need sampled continuations: greedy ones are all the same.
+    anyhow::ensure!(
+        args.temperature > 0.0 && args.temperature.is_finite(),
+        "--temperature must be a positive number (labels need sampled continuations), got {}",
+        args.temperature
+    );
+    Ok(())
+}
+
 pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
+    check_args(&args)?;
     let started = Instant::now();
     let entry = resolve(&args)?;
     let target = target(&args, &entry);
