@@ -96,7 +96,9 @@ fn a_missing_model_is_reported_with_its_path() {
 
 #[test]
 fn eval_refuses_reasoning_flags_out_of_range_naming_the_flag_its_range_and_the_value() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 6] = [
+        (&["--temperature", "nan"], "--temperature must be between 0 and 2, got NaN"),
+        (&["--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
         (&["--confidence", "2"], "--confidence must be greater than 0 and less than 1, got 2"),
         (&["--max-samples", "100000"], "--max-samples must be between 1 and 1024, got 100000"),
         (&["--round-size", "0"], "--round-size must be between 1 and 1024, got 0"),

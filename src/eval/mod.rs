@@ -196,6 +196,13 @@ pub(crate) fn load_prm(
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
     check_knobs(&args)?;
+    // The server's range for a request's temperature.
+    anyhow::ensure!(
+        (0.0..=2.0).contains(&args.temperature),
+        "--temperature must be between 0 and 2, got {}",
+        args.temperature
+    );
+    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1, got 0");
     anyhow::ensure!(
         (args.plot.is_none() && args.questions_out.is_none() && args.questions_in.is_none()) || args.sweep,
         "--plot, --questions-out and --questions-in belong to the sweep: add --sweep"
