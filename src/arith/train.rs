@@ -208,8 +208,8 @@ pub fn keep_freed_memory() {
     }
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    keep_freed_memory();
+/// Refuses flags no training could use, before anything is written.
+fn check_args(args: &TrainArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.steps > args.warmup,
         "--steps ({}) must exceed --warmup ({})",
@@ -232,6 +232,12 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         "--level-weights needs six weights, not all zero; got {:?}",
         args.level_weights
     );
+    Ok(())
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    check_args(&args)?;
+    keep_freed_memory();
     let device = Device::Cpu;
     let cfg = args.config();
     let model = TrainModel::new(cfg, args.seed, &device)?;

@@ -54,20 +54,7 @@ impl RemoteLabeler {
         let prompt = tok.encode(&text, AddSpecial::No)?;
         let base = cfg.seed ^ qhash(&p.id);
         let sampling = SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed: base };
-        let row = |k: usize, path: &Path| LabelRow {
-            question_id: p.id.clone(),
-            split: split_of(&p.id),
-            level: p.level,
-            k,
-            prefix: path.steps.clone(),
-            tokens: prompt.iter().chain(&path.ids).copied().collect(),
-            prompt_len: prompt.len(),
-            logprobs: Vec::new(),
-            success: 0.0,
-            correct: 0,
-            n_mc: 0,
-            final_answer: false,
-        };
+        let row = |k: usize, path: &Path| prefix_row(p, &prompt, k, path);
         // Rows, and the continuations each prefix row waits for.
         let mut rows = vec![row(0, &Path::default())];
         let mut rollouts = vec![(0, self.rollout(&prompt, &Path::default(), p.answer, cfg, base ^ 0x5EED))];
@@ -205,5 +192,23 @@ impl RemoteLabeler {
             });
             Ok((correct, n))
         }
+    }
+}
+
+/// The label row of `path`'s first `k` steps (its labels filled in later).
+fn prefix_row(p: &Problem, prompt: &[u32], k: usize, path: &Path) -> LabelRow {
+    LabelRow {
+        question_id: p.id.clone(),
+        split: split_of(&p.id),
+        level: p.level,
+        k,
+        prefix: path.steps.clone(),
+        tokens: prompt.iter().chain(&path.ids).copied().collect(),
+        prompt_len: prompt.len(),
+        logprobs: Vec::new(),
+        success: 0.0,
+        correct: 0,
+        n_mc: 0,
+        final_answer: false,
     }
 }

@@ -491,8 +491,8 @@ impl<'a> Batches<'a> {
     }
 }
 
-pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
-    super::train::keep_freed_memory();
+/// Refuses flags no training could use, before anything is written.
+fn check_args(args: &TrainPrmArgs) -> anyhow::Result<()> {
     let total_steps = args.pretrain_steps + args.steps;
     anyhow::ensure!(
         total_steps > args.warmup,
@@ -504,6 +504,13 @@ pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
         "--per-level, --batch and --synthetic-batch must be at least 1"
     );
     anyhow::ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number, got {}", args.lr);
+    Ok(())
+}
+
+pub fn run(args: TrainPrmArgs) -> anyhow::Result<()> {
+    check_args(&args)?;
+    super::train::keep_freed_memory();
+    let total_steps = args.pretrain_steps + args.steps;
     let start = Instant::now();
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x7E41F);
     let data = prepare(&args, &mut rng, start)?;
