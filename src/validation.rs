@@ -271,12 +271,19 @@ fn reasoning_params(
     })
 }
 
+/// The temperatures a request may ask for (OpenAI's range); `ponder eval` takes the same.
+pub const TEMPERATURE_RANGE: std::ops::RangeInclusive<f64> = 0.0..=2.0;
+
 fn sampling(c: &Common<'_>) -> Result<SamplingParams, ValidationError> {
     let temperature = c.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
+    if !TEMPERATURE_RANGE.contains(&temperature) {
         return Err(ValidationError::new(
             "temperature",
-            format!("temperature must be between 0 and 2, got {temperature}"),
+            format!(
+                "temperature must be between {} and {}, got {temperature}",
+                TEMPERATURE_RANGE.start(),
+                TEMPERATURE_RANGE.end()
+            ),
         ));
     }
     let top_p = c.top_p.unwrap_or(1.0);

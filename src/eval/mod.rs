@@ -196,10 +196,12 @@ pub(crate) fn load_prm(
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
     check_knobs(&args)?;
-    // The server's range for a request's temperature.
+    let range = crate::validation::TEMPERATURE_RANGE;
     anyhow::ensure!(
-        (0.0..=2.0).contains(&args.temperature),
-        "--temperature must be between 0 and 2, got {}",
+        range.contains(&(args.temperature as f64)),
+        "--temperature must be between {} and {}, got {}",
+        range.start(),
+        range.end(),
         args.temperature
     );
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1, got 0");
