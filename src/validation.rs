@@ -241,7 +241,7 @@ fn reasoning_params(
         },
         rl.max_sequences,
     )
-    .map_err(|e| ValidationError::new(&e.key, e.message))?;
+    .map_err(|e| ValidationError::new(&e.key(), e.to_string()))?;
     let max_samples = checked.max_samples;
     if n > max_samples {
         return Err(ValidationError::new(

@@ -522,9 +522,8 @@ impl Config {
                 return bad(format!("model {:?}: context_length must be at least 1", m.id));
             }
             // The same ranges a request's values meet: a default no request could use stops start-up.
-            crate::reasoning::knobs::check_defaults(&m.reasoning, self.queue.max_running).map_err(|e| {
-                ConfigError::Invalid(format!("model {:?}: [models.reasoning] {}", m.id, e.message))
-            })?;
+            crate::reasoning::knobs::check_defaults(&m.reasoning, self.queue.max_running)
+                .map_err(|e| ConfigError::Invalid(format!("model {:?}: [models.reasoning] {e}", m.id)))?;
         }
         let l = &self.limits;
         let nonzero = [

@@ -250,27 +250,10 @@ fn check_knobs(args: &EvalArgs) -> anyhow::Result<()> {
         round_size: round_size as i64,
         give_up_gain: args.give_up_gain,
     };
-    crate::reasoning::knobs::check(values, MAX_SEQUENCES).map(|_| ()).map_err(|e| {
-        // The server's words for these knobs are flags here: `reasoning.round_size` is `--round-size`.
-        let names = [
-            "max_samples",
-            "beam_width",
-            "beams",
-            "prune_every",
-            "confidence",
-            "budget_quantile",
-            "round_size",
-            "give_up_gain",
-        ];
-        let message = names.iter().fold(e.message, |m, n| {
-            m.replace(&format!("reasoning.{n}"), &format!("--{}", n.replace('_', "-")))
-        });
-        anyhow::anyhow!(
-            "{}",
-            message
-                .replace("a worker runs at once (queue.max_running)", "`ponder eval` runs for one question")
-        )
-    })
+    let naming = crate::reasoning::knobs::Naming::Flags;
+    crate::reasoning::knobs::check(values, MAX_SEQUENCES)
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!(e.message(naming)))
 }
 
 /// The question source, for reports.

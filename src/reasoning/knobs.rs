@@ -129,72 +129,143 @@ pub struct CheckedKnobs {
     pub give_up_gain: f64,
 }
 
-/// A knob out of range: which one (`reasoning.<knob>`), and a message that
-/// names the limit and the value given.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct KnobError {
-    pub key: String,
-    pub message: String,
+/// A reasoning knob, by the name it has in a request's `reasoning` object
+/// and in the `[models.reasoning]` table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Knob {
+    MaxSamples,
+    BeamWidth,
+    Beams,
+    PruneEvery,
+    Confidence,
+    BudgetQuantile,
+    RoundSize,
+    GiveUpGain,
+    BeamConfidence,
+    BeamRoundSize,
+    MaxStepTokens,
+    MaxSteps,
 }
 
-fn int(key: &str, v: i64, lo: i64, hi: i64) -> Result<usize, KnobError> {
-    if v < lo || v > hi {
-        return Err(KnobError {
-            key: format!("reasoning.{key}"),
-            message: format!("reasoning.{key} must be between {lo} and {hi}, got {v}"),
-        });
+impl Knob {
+    pub fn name(self) -> &'static str {
+        match self {
+            Knob::MaxSamples => "max_samples",
+            Knob::BeamWidth => "beam_width",
+            Knob::Beams => "beams",
+            Knob::PruneEvery => "prune_every",
+            Knob::Confidence => "confidence",
+            Knob::BudgetQuantile => "budget_quantile",
+            Knob::RoundSize => "round_size",
+            Knob::GiveUpGain => "give_up_gain",
+            Knob::BeamConfidence => "beam_confidence",
+            Knob::BeamRoundSize => "beam_round_size",
+            Knob::MaxStepTokens => "max_step_tokens",
+            Knob::MaxSteps => "max_steps",
+        }
     }
-    Ok(v as usize)
+}
+
+/// Who reads a [`KnobError`]: a request or config (`reasoning.round_size`,
+/// the limit is a worker's `queue.max_running`) or `ponder eval`'s command
+/// line (`--round-size`, the limit is its own per question).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    Request,
+    Flags,
+}
+
+impl Naming {
+    fn knob(self, k: Knob) -> String {
+        match self {
+            Naming::Request => format!("reasoning.{}", k.name()),
+            Naming::Flags => format!("--{}", k.name().replace('_', "-")),
+        }
+    }
+
+    fn who_runs(self) -> &'static str {
+        match self {
+            Naming::Request => "a worker runs at once (queue.max_running)",
+            Naming::Flags => "`ponder eval` runs for one question",
+        }
+    }
+}
+
+/// What is wrong with the knob's value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KnobProblem {
+    /// Outside `range` (in words: "between 1 and 64"); `got` as given.
+    Range { range: String, got: String },
+    /// `beams` × `beam_width` paths exceed the sequences that run at once.
+    TooManyPaths { paths: usize, limit: usize },
+}
+
+/// A knob out of range: which one, and what its limit and given value are.
+/// Its `Display` is the request's wording; [`KnobError::message`] words it
+/// for another reader.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.message(Naming::Request))]
+pub struct KnobError {
+    pub knob: Knob,
+    pub problem: KnobProblem,
+}
+
+impl KnobError {
+    fn range(knob: Knob, range: impl Into<String>, got: impl ToString) -> Self {
+        KnobError { knob, problem: KnobProblem::Range { range: range.into(), got: got.to_string() } }
+    }
+
+    /// `reasoning.<knob>`: the field a request's error names.
+    pub fn key(&self) -> String {
+        Naming::Request.knob(self.knob)
+    }
+
+    /// The error in `naming`'s words, naming the limit and the value given.
+    pub fn message(&self, naming: Naming) -> String {
+        let name = naming.knob(self.knob);
+        match &self.problem {
+            KnobProblem::Range { range, got } => format!("{name} must be {range}, got {got}"),
+            KnobProblem::TooManyPaths { paths, limit } => format!(
+                "{} x {} = {paths} paths exceeds the {limit} sequences {}",
+                naming.knob(Knob::Beams),
+                naming.knob(Knob::BeamWidth),
+                naming.who_runs()
+            ),
+        }
+    }
 }
 
 /// Largest `prune_every`: a pruning point at least every this many steps.
 pub const MAX_PRUNE_EVERY: i64 = 100;
 
+fn int(knob: Knob, v: i64, lo: i64, hi: i64) -> Result<usize, KnobError> {
+    if v < lo || v > hi {
+        return Err(KnobError::range(knob, format!("between {lo} and {hi}"), v));
+    }
+    Ok(v as usize)
+}
+
 /// Checks every knob against its range; `max_sequences` is the running
 /// limit of one worker, which bounds N_max and the beam's paths.
 pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobError> {
     let cap = max_sequences as i64;
-    let max_samples = int("max_samples", v.max_samples, 1, cap)?;
-    let beam_width = int("beam_width", v.beam_width, 1, cap)?;
-    let beams = int("beams", v.beams, 1, cap)?;
-    let prune_every = int("prune_every", v.prune_every, 1, MAX_PRUNE_EVERY)?;
-    let round_size = int("round_size", v.round_size, 1, cap)?;
+    let max_samples = int(Knob::MaxSamples, v.max_samples, 1, cap)?;
+    let beam_width = int(Knob::BeamWidth, v.beam_width, 1, cap)?;
+    let beams = int(Knob::Beams, v.beams, 1, cap)?;
+    let prune_every = int(Knob::PruneEvery, v.prune_every, 1, MAX_PRUNE_EVERY)?;
+    let round_size = int(Knob::RoundSize, v.round_size, 1, cap)?;
     if !(0.0..1.0).contains(&v.give_up_gain) {
-        return Err(KnobError {
-            key: "reasoning.give_up_gain".into(),
-            message: format!(
-                "reasoning.give_up_gain must be at least 0 and less than 1, got {}",
-                v.give_up_gain
-            ),
-        });
+        return Err(KnobError::range(Knob::GiveUpGain, "at least 0 and less than 1", v.give_up_gain));
     }
     if beams * beam_width > max_sequences {
-        return Err(KnobError {
-            key: "reasoning.beams".into(),
-            message: format!(
-                "reasoning.beams x reasoning.beam_width = {} paths exceeds the {max_sequences} sequences a worker runs at once (queue.max_running)",
-                beams * beam_width
-            ),
-        });
+        let problem = KnobProblem::TooManyPaths { paths: beams * beam_width, limit: max_sequences };
+        return Err(KnobError { knob: Knob::Beams, problem });
     }
     if !(v.confidence > 0.0 && v.confidence < 1.0) {
-        return Err(KnobError {
-            key: "reasoning.confidence".into(),
-            message: format!(
-                "reasoning.confidence must be greater than 0 and less than 1, got {}",
-                v.confidence
-            ),
-        });
+        return Err(KnobError::range(Knob::Confidence, "greater than 0 and less than 1", v.confidence));
     }
     if !(0.1..=0.9).contains(&v.budget_quantile) {
-        return Err(KnobError {
-            key: "reasoning.budget_quantile".into(),
-            message: format!(
-                "reasoning.budget_quantile must be between 0.1 and 0.9, got {}",
-                v.budget_quantile
-            ),
-        });
+        return Err(KnobError::range(Knob::BudgetQuantile, "between 0.1 and 0.9", v.budget_quantile));
     }
     Ok(CheckedKnobs {
         max_samples,
@@ -213,19 +284,17 @@ pub fn check_defaults(d: &ReasoningDefaults, max_sequences: usize) -> Result<(),
     check(d.into(), max_sequences)?;
     // Beam search's C and round size, under their own keys.
     let beam = KnobValues { confidence: d.beam_confidence, round_size: d.beam_round_size as i64, ..d.into() };
-    check(beam, max_sequences).map_err(|e| {
-        let rename = |s: &str| {
-            s.replace("reasoning.confidence", "reasoning.beam_confidence")
-                .replace("reasoning.round_size", "reasoning.beam_round_size")
-        };
-        KnobError { key: rename(&e.key), message: rename(&e.message) }
+    check(beam, max_sequences).map_err(|e| KnobError {
+        knob: match e.knob {
+            Knob::Confidence => Knob::BeamConfidence,
+            Knob::RoundSize => Knob::BeamRoundSize,
+            k => k,
+        },
+        ..e
     })?;
-    for (key, v) in [("max_step_tokens", d.max_step_tokens), ("max_steps", d.max_steps)] {
+    for (knob, v) in [(Knob::MaxStepTokens, d.max_step_tokens), (Knob::MaxSteps, d.max_steps)] {
         if v == 0 {
-            return Err(KnobError {
-                key: format!("reasoning.{key}"),
-                message: format!("reasoning.{key} must be at least 1, got 0"),
-            });
+            return Err(KnobError::range(knob, "at least 1", v));
         }
     }
     Ok(())
@@ -244,28 +313,47 @@ mod tests {
     fn an_out_of_range_knob_is_named_with_its_limit_and_value() {
         let d = ReasoningDefaults { max_samples: 100, ..Default::default() };
         let e = check_defaults(&d, 64).unwrap_err();
-        assert_eq!(e.key, "reasoning.max_samples");
-        assert!(e.message.contains("between 1 and 64, got 100"), "{e}");
+        assert_eq!(e.key(), "reasoning.max_samples");
+        assert!(e.to_string().contains("between 1 and 64, got 100"), "{e}");
         let d = ReasoningDefaults { budget_quantile: 0.05, ..Default::default() };
-        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.budget_quantile");
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key(), "reasoning.budget_quantile");
         let d = ReasoningDefaults { beams: 16, ..Default::default() };
-        assert!(check_defaults(&d, 64).unwrap_err().message.contains("128 paths"));
+        assert!(check_defaults(&d, 64).unwrap_err().to_string().contains("128 paths"));
         let d = ReasoningDefaults { max_steps: 0, ..Default::default() };
-        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.max_steps");
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key(), "reasoning.max_steps");
         let d = ReasoningDefaults { round_size: 0, ..Default::default() };
         assert!(
             check_defaults(&d, 64)
                 .unwrap_err()
-                .message
+                .to_string()
                 .contains("round_size must be between 1 and 64, got 0")
         );
         let d = ReasoningDefaults { give_up_gain: 1.5, ..Default::default() };
-        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.give_up_gain");
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key(), "reasoning.give_up_gain");
         let d = ReasoningDefaults { beam_confidence: 1.0, ..Default::default() };
         let e = check_defaults(&d, 64).unwrap_err();
-        assert_eq!(e.key, "reasoning.beam_confidence");
-        assert!(e.message.contains("beam_confidence must be greater than 0 and less than 1, got 1"), "{e}");
+        assert_eq!(e.key(), "reasoning.beam_confidence");
+        assert!(
+            e.to_string().contains("beam_confidence must be greater than 0 and less than 1, got 1"),
+            "{e}"
+        );
         let d = ReasoningDefaults { beam_round_size: 0, ..Default::default() };
-        assert_eq!(check_defaults(&d, 64).unwrap_err().key, "reasoning.beam_round_size");
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key(), "reasoning.beam_round_size");
+    }
+
+    #[test]
+    fn an_error_words_the_knob_and_the_running_limit_for_its_reader() {
+        let v = KnobValues::from(&ReasoningDefaults { beams: 16, ..Default::default() });
+        let e = check(v, 64).unwrap_err();
+        assert_eq!(
+            e.message(Naming::Flags),
+            "--beams x --beam-width = 128 paths exceeds the 64 sequences `ponder eval` runs for one question"
+        );
+        assert!(e.to_string().starts_with("reasoning.beams x reasoning.beam_width = 128 paths"), "{e}");
+        let v = KnobValues::from(&ReasoningDefaults { round_size: 0, ..Default::default() });
+        assert_eq!(
+            check(v, 64).unwrap_err().message(Naming::Flags),
+            "--round-size must be between 1 and 64, got 0"
+        );
     }
 }
