@@ -31,22 +31,26 @@ impl Llama {
     fn start(port: u16) -> Self {
         let log =
             std::fs::File::create(std::env::temp_dir().join(format!("llama-server-{port}.log"))).unwrap();
-        let child = Command::new(tool("llama-server"))
-            .args(["-m", common::smollm_path().to_str().unwrap(), "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string(), "--alias", ENGINE_MODEL, "--parallel", "4"])
-            // Four slots of 2048 tokens; one thread, as ponder's tests use.
-            .args(["-c", "8192", "-t", "1", "--no-webui", "--no-warmup"])
-            // A cached prefix's logits are not bit-for-bit those of a fresh
-            // prefill, so the seeded answers compared here would drift.
-            .arg("--no-cache-prompt")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("llama-server starts");
+        // Held by the guard at once, so that a server that never becomes
+        // healthy is killed when the panic below unwinds.
+        let child = Child(
+            Command::new(tool("llama-server"))
+                .args(["-m", common::smollm_path().to_str().unwrap(), "--host", "127.0.0.1"])
+                .args(["--port", &port.to_string(), "--alias", ENGINE_MODEL, "--parallel", "4"])
+                // Four slots of 2048 tokens; one thread, as ponder's tests use.
+                .args(["-c", "8192", "-t", "1", "--no-webui", "--no-warmup"])
+                // A cached prefix's logits are not bit-for-bit those of a fresh
+                // prefill, so the seeded answers compared here would drift.
+                .arg("--no-cache-prompt")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("llama-server starts"),
+        );
         let base = format!("http://127.0.0.1:{port}");
         for _ in 0..600 {
             if blocking_get(&format!("{base}/health")).is_ok_and(|(s, _)| s == 200) {
-                return Self { base, child: Child(child) };
+                return Self { base, child };
             }
             std::thread::sleep(Duration::from_millis(100));
         }
