@@ -10,9 +10,10 @@ pass@N counts a question if any sample's final answer is right. A sample can rea
 answer through wrong steps whose errors cancel (two slips, or a slip and a misread operand);
 a process reward model is trained to reject such a chain. A sample is *sound* here when every
 step `a op b = c` is arithmetically right and starts from the previous step's result. The
-table gives, per level, pass@N, pass@N counting sound samples only, PRM-max selection (on the
-raw score, which the calibrated head orders the same way up to ties), and the share of right
-samples that are unsound.
+table gives, per level, pass@N, pass@N counting sound samples only, PRM-max selection as
+`ponder eval` makes it (the calibrated median, ties to the answer text), the same on the raw
+score (the calibrated head does not order candidates as the raw score does), and the share of
+right samples that are unsound.
 """
 import collections
 import gzip
@@ -73,9 +74,14 @@ def lucky(path, split):
         print("| %d | %d | %d | %d |" % (a, c, m, n))
 
 
+def prm_max(candidates, score):
+    """The served PRM-max choice: each answer's best score, the highest first, ties by answer text."""
+    return min(candidates, key=lambda x: (-score(x), x["answer"]))
+
+
 def main(path):
     levels = collections.defaultdict(lambda: {"questions": 0, "pass": 0, "sound": 0, "prm_max": 0,
-                                              "right": 0, "unsound": 0})
+                                              "raw_max": 0, "right": 0, "unsound": 0})
     n = 0
     for line in (gzip.open if path.endswith(".gz") else open)(path, "rt"):
         q = json.loads(line)
@@ -86,23 +92,25 @@ def main(path):
         s["questions"] += 1
         s["pass"] += bool(right)
         s["sound"] += any(sound(x["text"]) for x in right)
-        s["prm_max"] += max(c, key=lambda x: x["score"]["raw"])["correct"]
+        s["prm_max"] += prm_max(c, lambda x: x["score"]["quantiles"]["q50"])["correct"]
+        s["raw_max"] += prm_max(c, lambda x: x["score"]["raw"])["correct"]
         s["right"] += len(right)
         s["unsound"] += sum(not sound(x["text"]) for x in right)
-    print("| level | questions | pass@%d | pass@%d, sound samples only | PRM-max best-of-%d | right samples that are unsound |"
-          % (n, n, n))
-    print("|---|---|---|---|---|---|")
+    print("| level | questions | pass@%d | pass@%d, sound samples only | PRM-max best-of-%d | on the raw score"
+          " | right samples that are unsound |" % (n, n, n))
+    print("|---|---|---|---|---|---|---|")
     total = collections.Counter()
     for level in sorted(levels):
         s = levels[level]
         total.update(s)
-        print("| %s | %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% |" % (level, s["questions"],
+        print("| %s | %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% |" % (level, s["questions"],
               100 * s["pass"] / s["questions"], 100 * s["sound"] / s["questions"],
-              100 * s["prm_max"] / s["questions"], 100 * s["unsound"] / max(1, s["right"])))
+              100 * s["prm_max"] / s["questions"], 100 * s["raw_max"] / s["questions"],
+              100 * s["unsound"] / max(1, s["right"])))
     t = total
-    print("| all | %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% |" % (t["questions"], 100 * t["pass"] / t["questions"],
-          100 * t["sound"] / t["questions"], 100 * t["prm_max"] / t["questions"],
-          100 * t["unsound"] / max(1, t["right"])))
+    print("| all | %d | %.1f%% | %.1f%% | %.1f%% | %.1f%% | %.1f%% |" % (t["questions"],
+          100 * t["pass"] / t["questions"], 100 * t["sound"] / t["questions"], 100 * t["prm_max"] / t["questions"],
+          100 * t["raw_max"] / t["questions"], 100 * t["unsound"] / max(1, t["right"])))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 
     scripts/arith_report_tables.py sweep SWEEP.json     # fixed, pass@N, rules, equal tokens, per level
     scripts/arith_report_tables.py run RUN.json...      # runs through the reasoning runtime
-    scripts/arith_report_tables.py chosen CALIB.json TEST.json  # points chosen on calib, read on test
+    scripts/arith_report_tables.py chosen CALIB.json[,CALIB2.json...] TEST.json
+        # points chosen on calib (several sweeps of calib questions pooled), read on test
     scripts/arith_report_tables.py beam QUESTIONS.jsonl[.gz]|SWEEP.json FIXED_BEAM.json RUN.json...
         # beam runs against the fixed beam and fixed best-of-N_max on the same questions
 """
@@ -110,6 +111,29 @@ def runs(paths):
                   lv["mean_generated_tokens"], pct(lv["budget_fraction"])))
 
 
+def pool(sweeps):
+    """Sweeps of disjoint question sets with the same grid as one sweep over all their questions."""
+    if len(sweeps) == 1:
+        return sweeps[0]
+    assert len({d["max_samples"] for d in sweeps}) == 1, "the sweeps have different N_max"
+    n = [d["questions"] for d in sweeps]
+    total = sum(n)
+    by_label = [{p["label"]: p for p in d["points"]} for d in sweeps]
+    top_label = next(p["label"] for p in sweeps[0]["points"]
+                     if p["rule"] is None and p["max_samples"] == sweeps[0]["max_samples"])
+    top_tokens = sum(k * b[top_label]["mean_generated_tokens"] for k, b in zip(n, by_label)) / total
+    points = []
+    for p in sweeps[0]["points"]:
+        if not all(p["label"] in b for b in by_label):
+            continue
+        q = dict(p, questions=total)
+        for key in ("accuracy", "mean_generated_tokens"):
+            q[key] = sum(k * b[p["label"]][key] for k, b in zip(n, by_label)) / total
+        q["tokens_vs_fixed_max"] = q["mean_generated_tokens"] / top_tokens
+        points.append(q)
+    return dict(sweeps[0], questions=total, points=points)
+
+
 def chosen(calib, test):
     """Each choice made on the calib sweep, and the same grid point on the test sweep."""
     by_label = {p["label"]: p for p in test["points"]}
@@ -192,6 +216,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "beam":
         beam(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif sys.argv[1] == "chosen":
-        chosen(json.load(open(sys.argv[2])), json.load(open(sys.argv[3])))
+        chosen(pool([json.load(open(f)) for f in sys.argv[2].split(",")]), json.load(open(sys.argv[3])))
     else:
         runs(sys.argv[2:])
