@@ -4,7 +4,8 @@
     scripts/arith_report_tables.py sweep SWEEP.json     # fixed, pass@N, rules, equal tokens, per level
     scripts/arith_report_tables.py run RUN.json...      # runs through the reasoning runtime
     scripts/arith_report_tables.py chosen CALIB.json[,CALIB2.json...] TEST.json
-        # points chosen on calib (several sweeps of calib questions pooled), read on test
+        # points chosen on calib (several sweeps of calib questions pooled; within a point
+        # means on the pool and on each sweep alone), read on test
     scripts/arith_report_tables.py beam QUESTIONS.jsonl[.gz]|SWEEP.json FIXED_BEAM.json RUN.json...
         # beam runs against the fixed beam and fixed best-of-N_max on the same questions
 """
@@ -126,7 +127,9 @@ def pool(sweeps):
     for p in sweeps[0]["points"]:
         if not all(p["label"] in b for b in by_label):
             continue
-        q = dict(p, questions=total)
+        # No interval: that needs the questions, which a sweep's points do not keep.
+        q = {k: v for k, v in p.items() if k != "accuracy_ci"}
+        q["questions"] = total
         for key in ("accuracy", "mean_generated_tokens"):
             q[key] = sum(k * b[p["label"]][key] for k, b in zip(n, by_label)) / total
         q["tokens_vs_fixed_max"] = q["mean_generated_tokens"] / top_tokens
@@ -134,20 +137,33 @@ def pool(sweeps):
     return dict(sweeps[0], questions=total, points=points)
 
 
-def chosen(calib, test):
-    """Each choice made on the calib sweep, and the same grid point on the test sweep."""
+def within_a_point_on_each(sweeps):
+    """The labels within 1 point of fixed best-of-N_max on every one of `sweeps`."""
+    labels = None
+    for d in sweeps:
+        top = next(p for p in d["points"] if p["rule"] is None and p["max_samples"] == d["max_samples"])
+        near = {p["label"] for p in d["points"] if p["accuracy"] >= top["accuracy"] - 0.01 - 1e-9}
+        labels = near if labels is None else labels & near
+    return labels
+
+
+def chosen(calibs, test):
+    """Each choice made on the calib sweeps (pooled), and the same grid point on the test sweep.
+    The points within 1 point must be so on the pooled calib and on each calib sweep alone."""
+    calib = pool(calibs)
+    each = within_a_point_on_each(calibs)
     by_label = {p["label"]: p for p in test["points"]}
     fixed = {p["max_samples"]: p for p in calib["points"] if p["rule"] is None}
     fixed_test = {p["max_samples"]: p for p in test["points"] if p["rule"] is None}
     top = fixed[calib["max_samples"]]
     calibrated = [p for p in calib["points"] if p["estimator"] == "calibrated"]
     rows = []
-    near = [p for p in calibrated if p["accuracy"] >= top["accuracy"] - 0.01 - 1e-9]
+    near = [p for p in calibrated if p["accuracy"] >= top["accuracy"] - 0.01 - 1e-9 and p["label"] in each]
     confident = [p for p in near if p["confidence"] >= 0.9]
-    for what, pool in (("cheapest within 1 point of fixed N_max", near),
+    for what, candidates in (("cheapest within 1 point of fixed N_max", near),
                        ("the same with C >= 0.9 (the default)", confident)):
-        if pool:
-            rows.append((what, min(pool, key=lambda p: (p["tokens_vs_fixed_max"], -p["accuracy"])), None))
+        if candidates:
+            rows.append((what, min(candidates, key=lambda p: (p["tokens_vs_fixed_max"], -p["accuracy"])), None))
     for n in sorted(fixed):
         if n in (1, calib["max_samples"]):
             continue
@@ -216,6 +232,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "beam":
         beam(sys.argv[2], sys.argv[3], sys.argv[4:])
     elif sys.argv[1] == "chosen":
-        chosen(pool([json.load(open(f)) for f in sys.argv[2].split(",")]), json.load(open(sys.argv[3])))
+        chosen([json.load(open(f)) for f in sys.argv[2].split(",")], json.load(open(sys.argv[3])))
     else:
         runs(sys.argv[2:])

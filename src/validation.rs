@@ -227,17 +227,18 @@ fn reasoning_params(
     let choice = choose(w, &rl);
     check_choice(&choice, w, &rl)?;
     let SearchChoice { strategy, rule, select, adaptive } = choice;
-    let (d_confidence, d_round_size) = d.confidence_and_round(strategy);
+    let own = d.round_knobs(strategy);
     let checked = knobs::check(
         KnobValues {
             max_samples: w.max_samples.unwrap_or(d.max_samples as i64),
             beam_width: w.beam_width.unwrap_or(d.beam_width as i64),
             beams: w.beams.unwrap_or(d.beams as i64),
             prune_every: w.prune_every.unwrap_or(d.prune_every as i64),
-            confidence: w.confidence.unwrap_or(d_confidence),
+            confidence: w.confidence.unwrap_or(own.confidence),
             budget_quantile: w.budget_quantile.unwrap_or(d.budget_quantile),
-            round_size: w.round_size.unwrap_or(d_round_size as i64),
-            give_up_gain: w.give_up_gain.unwrap_or(d.give_up_gain),
+            round_size: w.round_size.unwrap_or(own.round_size as i64),
+            give_up_gain: w.give_up_gain.unwrap_or(own.give_up_gain),
+            give_up_plausible: w.give_up_plausible.unwrap_or(d.give_up_plausible),
         },
         rl.max_sequences,
     )
@@ -258,6 +259,7 @@ fn reasoning_params(
         rule,
         round: checked.round_size,
         give_up_gain: checked.give_up_gain,
+        give_up_plausible: checked.give_up_plausible,
         beam_width: checked.beam_width,
         beams: checked.beams,
         prune_every: checked.prune_every,
@@ -698,19 +700,26 @@ mod tests {
     }
 
     #[test]
-    fn beam_search_takes_its_own_default_confidence_and_round_size() {
+    fn beam_search_takes_its_own_default_confidence_round_size_and_gain_floor() {
         let d = ReasoningDefaults::default();
         let beam = params(ReasoningWire { strategy: Some(Strategy::Beam), ..Default::default() });
-        assert_eq!((beam.confidence, beam.round), (d.beam_confidence, d.beam_round_size));
+        assert_eq!(
+            (beam.confidence, beam.round, beam.give_up_gain),
+            (d.beam_confidence, d.beam_round_size, d.beam_give_up_gain)
+        );
         let best_of_n = params(ReasoningWire { strategy: Some(Strategy::BestOfN), ..Default::default() });
-        assert_eq!((best_of_n.confidence, best_of_n.round), (d.confidence, d.round_size));
+        assert_eq!(
+            (best_of_n.confidence, best_of_n.round, best_of_n.give_up_gain),
+            (d.confidence, d.round_size, d.give_up_gain)
+        );
         // A request's own values apply to either strategy.
         let named = params(ReasoningWire {
             strategy: Some(Strategy::Beam),
             confidence: Some(0.5),
             round_size: Some(3),
+            give_up_gain: Some(0.2),
             ..Default::default()
         });
-        assert_eq!((named.confidence, named.round), (0.5, 3));
+        assert_eq!((named.confidence, named.round, named.give_up_gain), (0.5, 3, 0.2));
     }
 }

@@ -135,6 +135,8 @@ pub struct ReasoningWire {
     pub round_size: Option<i64>,
     #[serde(default)]
     pub give_up_gain: Option<f64>,
+    #[serde(default)]
+    pub give_up_plausible: Option<f64>,
     #[serde(default, deserialize_with = "integral")]
     pub beam_width: Option<i64>,
     #[serde(default, deserialize_with = "integral")]

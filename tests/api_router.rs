@@ -138,6 +138,7 @@ async fn reasoning_fields_are_checked_against_the_same_ranges_as_the_config() {
         (json!({"strategy": "single", "adaptive": true}), "reasoning.adaptive", vec!["single"]),
         (json!({"round_size": 65}), "reasoning.round_size", vec!["between 1 and 64", "got 65"]),
         (json!({"give_up_gain": -0.1}), "reasoning.give_up_gain", vec!["at least 0", "-0.1"]),
+        (json!({"give_up_plausible": 1.5}), "reasoning.give_up_plausible", vec!["between 0 and 1", "1.5"]),
         (json!({"budget_rule": "vote", "strategy": "beam"}), "reasoning.budget_rule", vec!["best_of_n"]),
         (json!({"budget_rule": "always"}), "reasoning.budget_rule", vec!["always"]),
     ];

@@ -32,6 +32,7 @@ fn params(strategy: Strategy, budget: Budget) -> ReasoningParams {
         rule: ponder::reasoning::BudgetRule::Ias,
         round: 4,
         give_up_gain: 0.02,
+        give_up_plausible: 1.0,
         beam_width: 4,
         beams: 4,
         prune_every: 1,

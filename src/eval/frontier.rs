@@ -161,6 +161,7 @@ mod tests {
             confidence: family.map(|_| 0.9),
             round: None,
             give_up_gain: None,
+            give_up_plausible: None,
             max_samples: 8,
             summary: Summary {
                 questions: 10,

@@ -67,9 +67,14 @@ pub struct EvalArgs {
     /// paths [default: the served one: 2, beam search 4].
     #[arg(long)]
     pub round_size: Option<usize>,
-    /// give_up: the least expected gain of another round worth drawing.
-    #[arg(long, default_value_t = 0.01)]
-    pub give_up_gain: f64,
+    /// give_up: the least expected gain of another round worth drawing [default: the served
+    /// one: 0.05, beam search 0.01].
+    #[arg(long)]
+    pub give_up_gain: Option<f64>,
+    /// give_up (best-of-N): no giving up once a finished sample's raw PRM score exceeds this
+    /// (1: off; the served default).
+    #[arg(long, default_value_t = 0.03)]
+    pub give_up_plausible: f64,
     /// M_max.
     #[arg(long, default_value_t = 8)]
     pub beam_width: usize,
@@ -239,16 +244,17 @@ pub const MAX_SEQUENCES: usize = 1024;
 /// The reasoning flags against the ranges a request's `reasoning` object
 /// meets in the server, the error naming the flag, its range and the value.
 fn check_knobs(args: &EvalArgs) -> anyhow::Result<()> {
-    let (confidence, round_size) = args.confidence_and_round(args.strategy);
+    let own = args.round_knobs(args.strategy);
     let values = crate::reasoning::knobs::KnobValues {
         max_samples: args.max_samples as i64,
         beam_width: args.beam_width as i64,
         beams: args.beams as i64,
         prune_every: args.prune_every as i64,
-        confidence,
+        confidence: own.confidence,
         budget_quantile: args.budget_quantile,
-        round_size: round_size as i64,
-        give_up_gain: args.give_up_gain,
+        round_size: own.round_size as i64,
+        give_up_gain: own.give_up_gain,
+        give_up_plausible: args.give_up_plausible,
     };
     let naming = crate::reasoning::knobs::Naming::Flags;
     crate::reasoning::knobs::check(values, MAX_SEQUENCES)
@@ -265,9 +271,14 @@ pub(crate) fn source_name(args: &EvalArgs) -> String {
 }
 
 impl EvalArgs {
-    /// C and the round size as given, else the served defaults for `strategy`.
-    pub(crate) fn confidence_and_round(&self, strategy: Strategy) -> (f64, usize) {
-        let (c, r) = crate::config::ReasoningDefaults::default().confidence_and_round(strategy);
-        (self.confidence.unwrap_or(c), self.round_size.unwrap_or(r))
+    /// C, the round size and the gain floor as given, else the served
+    /// defaults for `strategy`.
+    pub(crate) fn round_knobs(&self, strategy: Strategy) -> crate::reasoning::knobs::RoundKnobs {
+        let d = crate::config::ReasoningDefaults::default().round_knobs(strategy);
+        crate::reasoning::knobs::RoundKnobs {
+            confidence: self.confidence.unwrap_or(d.confidence),
+            round_size: self.round_size.unwrap_or(d.round_size),
+            give_up_gain: self.give_up_gain.unwrap_or(d.give_up_gain),
+        }
     }
 }

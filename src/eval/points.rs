@@ -28,6 +28,9 @@ const ROUND_CONFIDENCES: [f64; 12] = [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0
 const VOTE_CONFIDENCES: [f64; 6] = [0.5, 0.75, 0.8, 0.9, 0.95, 0.99];
 const ROUNDS: [usize; 4] = [1, 2, 4, 8];
 const GIVE_UP_GAINS: [f64; 9] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2];
+/// `give_up_plausible` below 1, with rounds of 1 and 2 only (the frontier's
+/// rounds; every value doubles `give_up`'s grid).
+const GIVE_UP_PLAUSIBLE: [f64; 4] = [0.01, 0.03, 0.1, 0.3];
 /// Caps N_max of the adaptive grid, up to the run's own N_max.
 const CAPS: [usize; 6] = [2, 4, 8, 16, 32, 64];
 
@@ -167,6 +170,7 @@ pub(super) fn specs(grid: &Grid) -> Vec<Spec> {
         quantile: grid.budget_quantile,
         round,
         give_up_gain: 0.0,
+        give_up_plausible: 1.0,
         max_samples,
     };
     let mut rules = Vec::new();
@@ -178,13 +182,15 @@ pub(super) fn specs(grid: &Grid) -> Vec<Spec> {
         }
     }
     for round in ROUNDS {
+        let plausible = if round <= 2 { &GIVE_UP_PLAUSIBLE[..] } else { &[] };
         for c in ROUND_CONFIDENCES {
-            rules.extend(
-                GIVE_UP_GAINS.iter().map(|&g| RuleParams {
+            for &g in &GIVE_UP_GAINS {
+                rules.extend(std::iter::once(1.0).chain(plausible.iter().copied()).map(|r| RuleParams {
                     give_up_gain: g,
+                    give_up_plausible: r,
                     ..base(BudgetRule::GiveUp, c, round, grid.n_max)
-                }),
-            );
+                }));
+            }
         }
     }
     let estimators = [Estimator::Raw, Estimator::Calibrated, Estimator::Oracle];
@@ -210,6 +216,9 @@ fn label(spec: &Spec) -> String {
     }
     if p.rule == BudgetRule::GiveUp {
         s += &format!(" gain={}", p.give_up_gain);
+        if p.give_up_plausible < 1.0 {
+            s += &format!(" plausible={}", p.give_up_plausible);
+        }
     }
     s + &format!(" N_max={}", p.max_samples)
 }
@@ -226,6 +235,8 @@ pub(super) struct SweepPoint {
     pub(super) round: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) give_up_gain: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) give_up_plausible: Option<f64>,
     /// N for the fixed curve, the cap N_max for adaptive points.
     pub(super) max_samples: usize,
     #[serde(flatten)]
@@ -429,6 +440,7 @@ impl<'a> Sweep<'a> {
         );
         point.round = p.rule.in_rounds().then_some(p.round);
         point.give_up_gain = (p.rule == BudgetRule::GiveUp).then_some(p.give_up_gain);
+        point.give_up_plausible = (p.rule == BudgetRule::GiveUp).then_some(p.give_up_plausible);
         point
     }
 
@@ -465,6 +477,7 @@ impl<'a> Sweep<'a> {
             confidence,
             round: None,
             give_up_gain: None,
+            give_up_plausible: None,
             max_samples,
             accuracy_ci: self.bootstrap.interval(&correct),
             tokens_vs_fixed_max: self.tokens_vs_fixed_max(summary.mean_generated_tokens),
@@ -527,6 +540,7 @@ pub(super) mod tests {
             quantile: 0.1,
             round,
             give_up_gain: 0.02,
+            give_up_plausible: 1.0,
             max_samples: GRID.n_max,
         };
         Spec { params, estimator }

@@ -21,16 +21,17 @@ pub(super) fn params(
     budget: Budget,
     candidates: Candidates,
 ) -> ReasoningParams {
-    let (confidence, round) = args.confidence_and_round(strategy);
+    let own = args.round_knobs(strategy);
     ReasoningParams {
         strategy,
         budget,
         max_samples: args.max_samples,
-        confidence,
+        confidence: own.confidence,
         budget_quantile: args.budget_quantile,
         rule: args.rule,
-        round,
-        give_up_gain: args.give_up_gain,
+        round: own.round_size,
+        give_up_gain: own.give_up_gain,
+        give_up_plausible: args.give_up_plausible,
         beam_width: args.beam_width,
         beams: args.beams,
         prune_every: args.prune_every,
@@ -159,6 +160,7 @@ struct SearchReport {
     confidence: f64,
     round_size: usize,
     give_up_gain: f64,
+    give_up_plausible: f64,
     max_samples: usize,
     /// The rule of adaptive runs (null for fixed ones).
     budget_rule: Option<crate::reasoning::BudgetRule>,
@@ -218,7 +220,7 @@ pub fn run(
     let mut levels: Vec<u8> = rows.iter().map(|r| r.0).collect();
     levels.sort_unstable();
     levels.dedup();
-    let (confidence, round_size) = args.confidence_and_round(args.strategy);
+    let own = args.round_knobs(args.strategy);
     let report = SearchReport {
         model: args.model.clone(),
         source: source_name(args),
@@ -226,9 +228,10 @@ pub fn run(
         adaptive: args.adaptive,
         select: args.select,
         prm: args.prm,
-        confidence,
-        round_size,
-        give_up_gain: args.give_up_gain,
+        confidence: own.confidence,
+        round_size: own.round_size,
+        give_up_gain: own.give_up_gain,
+        give_up_plausible: args.give_up_plausible,
         max_samples: args.max_samples,
         budget_rule: args.adaptive.then_some(args.rule),
         overall: summarize(&rows),

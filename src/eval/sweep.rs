@@ -348,7 +348,10 @@ mod tests {
             assert!(p["tokens_vs_fixed_max"].as_f64().is_some_and(|t| t <= 1.0 + 1e-9));
         }
         assert!(points.iter().filter(|p| p["rule"] == "vote").all(|p| p["estimator"] == "none"));
-        assert!(points.iter().filter(|p| p["rule"] == "give_up").all(|p| p["give_up_gain"].is_number()));
+        let give_up: Vec<&serde_json::Value> = points.iter().filter(|p| p["rule"] == "give_up").collect();
+        assert!(give_up.iter().all(|p| p["give_up_gain"].is_number() && p["give_up_plausible"].is_number()));
+        assert!(give_up.iter().any(|p| p["label"].as_str().is_some_and(|l| l.contains(" plausible=0.03"))));
+        assert!(points.iter().filter(|p| p["rule"] != "give_up").all(|p| p["give_up_plausible"].is_null()));
         assert_eq!(v["pass_at"].as_array().map(Vec::len), Some(4));
         assert_eq!(v["pass_at"][0]["accuracy"], 0.5);
         assert_eq!(v["equal_tokens"].as_array().map(Vec::len), Some(4));

@@ -27,10 +27,15 @@ pub struct ReasoningDefaults {
     pub round_size: usize,
     /// `give_up`: the least expected gain of another round worth drawing.
     pub give_up_gain: f64,
+    /// `give_up` (best-of-N): no giving up once a finished sample's raw PRM
+    /// score exceeds this; 1 turns the check off.
+    pub give_up_plausible: f64,
     /// C for beam search (whose rounds are whole searches, each narrow).
     pub beam_confidence: f64,
     /// Initial (and most kept) paths of each of beam search's rounds.
     pub beam_round_size: usize,
+    /// `give_up`'s gain floor for beam search.
+    pub beam_give_up_gain: f64,
     /// M_max.
     pub beam_width: usize,
     /// K_max.
@@ -51,19 +56,23 @@ impl Default for ReasoningDefaults {
         Self {
             strategy: Strategy::BestOfN,
             max_samples: 64,
-            // give_up at C 0.9, rounds of 2 and a gain floor of 0.01: the
-            // cheapest point within a point of fixed best-of-64 on
-            // ponder-arith's calib split among C ≥ 0.9 (docs/method.md).
+            // give_up at C 0.9, rounds of 2, a gain floor of 0.05 and no
+            // giving up past a raw score of 0.03: the cheapest point among
+            // C ≥ 0.9 within a point of fixed best-of-64 on all 1500 of
+            // ponder-arith's calib questions and on each of their two
+            // sweeps (docs/method.md).
             confidence: 0.9,
             budget_quantile: 0.1,
             budget_rule: BudgetRule::GiveUp,
             round_size: 2,
-            give_up_gain: 0.01,
+            give_up_gain: 0.05,
+            give_up_plausible: 0.03,
             // Beam search's own: give_up at C 0.99 in rounds of 4 is the
             // cheapest beam setting within a point of fixed best-of-64 on
             // the same calib split.
             beam_confidence: 0.99,
             beam_round_size: 4,
+            beam_give_up_gain: 0.01,
             beam_width: 8,
             beams: 8,
             prune_every: 1,
@@ -75,13 +84,30 @@ impl Default for ReasoningDefaults {
     }
 }
 
+/// The knobs whose defaults depend on the strategy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundKnobs {
+    pub confidence: f64,
+    pub round_size: usize,
+    pub give_up_gain: f64,
+}
+
 impl ReasoningDefaults {
-    /// C and the round size for `strategy`: beam search has its own (its
-    /// rounds are whole searches, each narrow).
-    pub fn confidence_and_round(&self, strategy: Strategy) -> (f64, usize) {
+    /// C, the round size and the gain floor for `strategy`: beam search has
+    /// its own (its rounds are whole searches, each narrow, and its give-up
+    /// tests read the kept paths).
+    pub fn round_knobs(&self, strategy: Strategy) -> RoundKnobs {
         match strategy {
-            Strategy::Beam => (self.beam_confidence, self.beam_round_size),
-            _ => (self.confidence, self.round_size),
+            Strategy::Beam => RoundKnobs {
+                confidence: self.beam_confidence,
+                round_size: self.beam_round_size,
+                give_up_gain: self.beam_give_up_gain,
+            },
+            _ => RoundKnobs {
+                confidence: self.confidence,
+                round_size: self.round_size,
+                give_up_gain: self.give_up_gain,
+            },
         }
     }
 }
@@ -99,6 +125,7 @@ pub struct KnobValues {
     pub budget_quantile: f64,
     pub round_size: i64,
     pub give_up_gain: f64,
+    pub give_up_plausible: f64,
 }
 
 impl From<&ReasoningDefaults> for KnobValues {
@@ -112,6 +139,7 @@ impl From<&ReasoningDefaults> for KnobValues {
             budget_quantile: d.budget_quantile,
             round_size: d.round_size as i64,
             give_up_gain: d.give_up_gain,
+            give_up_plausible: d.give_up_plausible,
         }
     }
 }
@@ -127,6 +155,7 @@ pub struct CheckedKnobs {
     pub budget_quantile: f64,
     pub round_size: usize,
     pub give_up_gain: f64,
+    pub give_up_plausible: f64,
 }
 
 /// A reasoning knob, by the name it has in a request's `reasoning` object
@@ -141,8 +170,10 @@ pub enum Knob {
     BudgetQuantile,
     RoundSize,
     GiveUpGain,
+    GiveUpPlausible,
     BeamConfidence,
     BeamRoundSize,
+    BeamGiveUpGain,
     MaxStepTokens,
     MaxSteps,
 }
@@ -158,8 +189,10 @@ impl Knob {
             Knob::BudgetQuantile => "budget_quantile",
             Knob::RoundSize => "round_size",
             Knob::GiveUpGain => "give_up_gain",
+            Knob::GiveUpPlausible => "give_up_plausible",
             Knob::BeamConfidence => "beam_confidence",
             Knob::BeamRoundSize => "beam_round_size",
+            Knob::BeamGiveUpGain => "beam_give_up_gain",
             Knob::MaxStepTokens => "max_step_tokens",
             Knob::MaxSteps => "max_steps",
         }
@@ -257,6 +290,9 @@ pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobEr
     if !(0.0..1.0).contains(&v.give_up_gain) {
         return Err(KnobError::range(Knob::GiveUpGain, "at least 0 and less than 1", v.give_up_gain));
     }
+    if !(0.0..=1.0).contains(&v.give_up_plausible) {
+        return Err(KnobError::range(Knob::GiveUpPlausible, "between 0 and 1", v.give_up_plausible));
+    }
     if beams * beam_width > max_sequences {
         let problem = KnobProblem::TooManyPaths { paths: beams * beam_width, limit: max_sequences };
         return Err(KnobError { knob: Knob::Beams, problem });
@@ -276,18 +312,25 @@ pub fn check(v: KnobValues, max_sequences: usize) -> Result<CheckedKnobs, KnobEr
         budget_quantile: v.budget_quantile,
         round_size,
         give_up_gain: v.give_up_gain,
+        give_up_plausible: v.give_up_plausible,
     })
 }
 
 /// The checks that only a model's defaults need (a request cannot set these).
 pub fn check_defaults(d: &ReasoningDefaults, max_sequences: usize) -> Result<(), KnobError> {
     check(d.into(), max_sequences)?;
-    // Beam search's C and round size, under their own keys.
-    let beam = KnobValues { confidence: d.beam_confidence, round_size: d.beam_round_size as i64, ..d.into() };
+    // Beam search's C, round size and gain floor, under their own keys.
+    let beam = KnobValues {
+        confidence: d.beam_confidence,
+        round_size: d.beam_round_size as i64,
+        give_up_gain: d.beam_give_up_gain,
+        ..d.into()
+    };
     check(beam, max_sequences).map_err(|e| KnobError {
         knob: match e.knob {
             Knob::Confidence => Knob::BeamConfidence,
             Knob::RoundSize => Knob::BeamRoundSize,
+            Knob::GiveUpGain => Knob::BeamGiveUpGain,
             k => k,
         },
         ..e
@@ -339,6 +382,8 @@ mod tests {
         );
         let d = ReasoningDefaults { beam_round_size: 0, ..Default::default() };
         assert_eq!(check_defaults(&d, 64).unwrap_err().key(), "reasoning.beam_round_size");
+        let d = ReasoningDefaults { beam_give_up_gain: 1.0, ..Default::default() };
+        assert_eq!(check_defaults(&d, 64).unwrap_err().key(), "reasoning.beam_give_up_gain");
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub struct ReasoningParams {
     pub round: usize,
     /// `give_up`: the least expected gain of another round worth drawing.
     pub give_up_gain: f64,
+    /// `give_up` (best-of-N): a raw PRM score of a finished sample above
+    /// this keeps the request from giving up.
+    pub give_up_plausible: f64,
     /// M_max: children per kept beam.
     pub beam_width: usize,
     /// K_max: beams kept at a pruning point.
@@ -129,6 +132,7 @@ impl ReasoningParams {
             quantile: self.budget_quantile,
             round: self.round,
             give_up_gain: self.give_up_gain,
+            give_up_plausible: self.give_up_plausible,
             max_samples: self.max_samples,
         }
     }

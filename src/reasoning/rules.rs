@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::ias;
-use crate::prm::Quantiles;
+use crate::prm::{PrmScore, Quantiles};
 
 /// How an adaptive request sets its budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -88,6 +88,9 @@ pub struct RuleParams {
     pub round: usize,
     /// `give_up`: the least expected gain of another round worth drawing.
     pub give_up_gain: f64,
+    /// `give_up` does not give up once a finished sample's raw PRM score
+    /// exceeds this (1: never holds it back).
+    pub give_up_plausible: f64,
     /// N_max.
     pub max_samples: usize,
 }
@@ -204,20 +207,23 @@ pub struct Rounds {
     params: RuleParams,
     prior: Option<SuccessPrior>,
     drawn: usize,
+    /// A finished sample's raw score has exceeded `give_up_plausible`.
+    plausible: bool,
 }
 
 /// One finished sample as the rule sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen<'a> {
     pub answer: &'a str,
-    /// The PRM's estimate that this answer is right (None without a PRM).
-    pub score: Option<Quantiles>,
+    /// The PRM's estimate that this answer is right, calibrated and raw
+    /// (None without a PRM).
+    pub score: Option<PrmScore>,
 }
 
 impl Rounds {
     /// `root`: the question's estimate (None without a PRM, or for `vote`).
     pub fn new(params: RuleParams, root: Option<Quantiles>) -> Self {
-        Self { params, prior: root.map(SuccessPrior::new), drawn: 0 }
+        Self { params, prior: root.map(SuccessPrior::new), drawn: 0, plausible: false }
     }
 
     pub fn params(&self) -> &RuleParams {
@@ -230,12 +236,12 @@ impl Rounds {
     pub fn decide(&mut self, all: &[Seen<'_>], new: usize, selected: Option<Quantiles>) -> Decision {
         let p = self.params;
         self.drawn = all.len();
-        if let Some(prior) = &mut self.prior {
-            for s in &all[all.len().saturating_sub(new)..] {
-                if let Some(q) = s.score {
-                    prior.observe(q.at(0.5) as f64);
-                }
+        for s in &all[all.len().saturating_sub(new)..] {
+            let Some(score) = s.score else { continue };
+            if let Some(prior) = &mut self.prior {
+                prior.observe(score.quantiles.at(0.5) as f64);
             }
+            self.plausible |= score.raw.is_some_and(|r| r as f64 > p.give_up_plausible);
         }
         let left = p.max_samples.saturating_sub(self.drawn);
         let confident = match p.rule {
@@ -252,7 +258,12 @@ impl Rounds {
             return Decision::Stop(Stop::Exhausted);
         }
         let next = p.round.max(1).min(left);
+        // Why the raw score: calibration, fitted to labels that are mostly 0
+        // on the hardest questions, pushes every wrong answer's estimate
+        // there to about 0, while the raw score still tells a near miss
+        // from a hopeless one (docs/method.md, `give_up`).
         if p.rule == BudgetRule::GiveUp
+            && !self.plausible
             && let Some(prior) = &self.prior
         {
             let held = selected.map_or(0.0, |q| q.at(0.5) as f64);
@@ -285,8 +296,7 @@ pub fn replay(
     let mut new = n;
     loop {
         let drawn = &candidates[..n];
-        let seen: Vec<Seen<'_>> =
-            drawn.iter().map(|c| Seen { answer: &c.answer, score: c.score.map(|s| s.quantiles) }).collect();
+        let seen: Vec<Seen<'_>> = drawn.iter().map(|c| Seen { answer: &c.answer, score: c.score }).collect();
         let selected =
             super::select::choose(drawn, select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
         match rounds.decide(&seen, new, selected) {
@@ -319,11 +329,19 @@ mod tests {
     use super::*;
 
     fn params(rule: BudgetRule) -> RuleParams {
-        RuleParams { rule, confidence: 0.9, quantile: 0.1, round: 4, give_up_gain: 0.02, max_samples: 64 }
+        RuleParams {
+            rule,
+            confidence: 0.9,
+            quantile: 0.1,
+            round: 4,
+            give_up_gain: 0.02,
+            give_up_plausible: 1.0,
+            max_samples: 64,
+        }
     }
 
     fn seen(answer: &str, q: f32) -> Seen<'_> {
-        Seen { answer, score: Some(Quantiles::point(q)) }
+        Seen { answer, score: Some(PrmScore { quantiles: Quantiles::point(q), raw: None }) }
     }
 
     #[test]
@@ -371,6 +389,30 @@ mod tests {
         // A promising question is not given up.
         let mut g = Rounds::new(params(BudgetRule::GiveUp), Some(Quantiles { q10: 0.2, q50: 0.4, q90: 0.7 }));
         assert_eq!(g.decide(&wrong, 4, Some(Quantiles::point(0.01))), Decision::Draw(4));
+    }
+
+    #[test]
+    fn give_up_does_not_give_up_once_a_wrong_answer_looks_plausible_to_the_raw_prm() {
+        let root = Quantiles { q10: 0.0, q50: 0.002, q90: 0.01 };
+        let p = RuleParams { give_up_plausible: 0.05, ..params(BudgetRule::GiveUp) };
+        let scored = |raw: f32| Seen {
+            answer: "1",
+            score: Some(PrmScore { quantiles: Quantiles::point(0.01), raw: Some(raw) }),
+        };
+        let hopeless: Vec<Seen<'_>> = (0..4).map(|_| scored(0.01)).collect();
+        let mut g = Rounds::new(p, Some(root));
+        assert_eq!(g.decide(&hopeless, 4, Some(Quantiles::point(0.01))), Decision::Stop(Stop::GaveUp));
+        let near_miss: Vec<Seen<'_>> = (0..4).map(|i| scored(if i == 2 { 0.2 } else { 0.01 })).collect();
+        let mut g = Rounds::new(p, Some(root));
+        assert_eq!(g.decide(&near_miss, 4, Some(Quantiles::point(0.01))), Decision::Draw(4));
+        // Once seen, the near miss holds in later rounds, and N_max still ends the request.
+        let more: Vec<Seen<'_>> = near_miss.iter().copied().chain((0..4).map(|_| scored(0.01))).collect();
+        assert_eq!(g.decide(&more, 4, Some(Quantiles::point(0.01))), Decision::Draw(4));
+        let mut capped = Rounds::new(RuleParams { max_samples: 4, ..p }, Some(root));
+        assert_eq!(
+            capped.decide(&near_miss, 4, Some(Quantiles::point(0.01))),
+            Decision::Stop(Stop::Exhausted)
+        );
     }
 
     #[test]

@@ -159,8 +159,7 @@ async fn best_of_n<B: Trajectories>(b: &B, p: &ReasoningParams) -> Result<Outcom
         if !in_rounds {
             break;
         }
-        let seen: Vec<Seen<'_>> =
-            finals.iter().map(|c| Seen { answer: &c.answer, score: c.score.map(|s| s.quantiles) }).collect();
+        let seen: Vec<Seen<'_>> = finals.iter().map(|c| Seen { answer: &c.answer, score: c.score }).collect();
         let selected = choose(&finals, p.select, 1).first().and_then(|c| c.score).map(|s| s.quantiles);
         match rounds.decide(&seen, ts.len(), selected) {
             Decision::Draw(k) => next = k,

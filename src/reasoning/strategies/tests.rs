@@ -33,8 +33,9 @@ struct State {
     generated: usize,
     p: f64,
     root: Quantiles,
-    /// What the PRM says of a path bound to be wrong.
+    /// What the PRM says of a path bound to be wrong, calibrated and raw.
     wrong: Quantiles,
+    wrong_raw: Option<f32>,
     rng: ChaCha8Rng,
     extend_calls: Vec<usize>,
     score_calls: Vec<usize>,
@@ -55,6 +56,7 @@ impl Fake {
                 p,
                 root,
                 wrong: Quantiles::sorted([0.02, 0.1, 0.2]),
+                wrong_raw: None,
                 rng: ChaCha8Rng::seed_from_u64(7),
                 extend_calls: vec![],
                 score_calls: vec![],
@@ -66,6 +68,11 @@ impl Fake {
 
     fn with_wrong_scores(self, q: Quantiles) -> Self {
         self.st.borrow_mut().wrong = q;
+        self
+    }
+
+    fn with_wrong_raw(self, raw: f32) -> Self {
+        self.st.borrow_mut().wrong_raw = Some(raw);
         self
     }
 
@@ -150,14 +157,13 @@ impl Trajectories for Fake {
         let out = ts
             .iter()
             .map(|t| {
-                let q = if *t == 0 {
-                    st.root
+                if *t == 0 {
+                    PrmScore { quantiles: st.root, raw: None }
                 } else if st.trajs[t].correct {
-                    Quantiles::sorted([0.8, 0.9, 0.95])
+                    PrmScore { quantiles: Quantiles::sorted([0.8, 0.9, 0.95]), raw: None }
                 } else {
-                    st.wrong
-                };
-                PrmScore { quantiles: q, raw: None }
+                    PrmScore { quantiles: st.wrong, raw: st.wrong_raw }
+                }
             })
             .collect();
         ready(Ok(out))
@@ -174,6 +180,7 @@ fn params(strategy: Strategy, budget: Budget) -> ReasoningParams {
         rule: BudgetRule::Ias,
         round: 4,
         give_up_gain: 0.02,
+        give_up_plausible: 1.0,
         beam_width: 8,
         beams: 8,
         prune_every: 1,
@@ -334,6 +341,20 @@ fn give_up_stops_a_hopeless_question_after_one_round_and_sequential_does_not() {
     let kept_on =
         run_fake(&Fake::new(0.0, hopeless), &with_rule(Strategy::BestOfN, BudgetRule::Sequential, 0.9));
     assert_eq!((kept_on.accounting.stop, kept_on.accounting.samples), (Stop::Exhausted, 64));
+}
+
+#[test]
+fn give_up_keeps_drawing_while_a_wrong_answer_looks_plausible_to_the_raw_prm() {
+    let hopeless = Quantiles::sorted([0.0, 0.002, 0.01]);
+    let wrong = Quantiles::sorted([0.0, 0.001, 0.01]);
+    let p =
+        ReasoningParams { give_up_plausible: 0.1, ..with_rule(Strategy::BestOfN, BudgetRule::GiveUp, 0.9) };
+    let far = Fake::new(0.0, hopeless).with_wrong_scores(wrong).with_wrong_raw(0.05);
+    let out = run_fake(&far, &p);
+    assert_eq!((out.accounting.stop, out.accounting.samples), (Stop::GaveUp, 4), "one round");
+    let near = Fake::new(0.0, hopeless).with_wrong_scores(wrong).with_wrong_raw(0.3);
+    let out = run_fake(&near, &p);
+    assert_eq!((out.accounting.stop, out.accounting.samples), (Stop::Exhausted, 64), "never past N_max");
 }
 
 #[test]
