@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::Device;
@@ -17,7 +17,7 @@ fn arith_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith")
 }
 
-fn load(path: &PathBuf, weights: WeightFormat, attention: AttentionPath) -> Engine {
+fn load(path: &Path, weights: WeightFormat, attention: AttentionPath) -> Engine {
     let opts = EngineOptions { attention, ..EngineOptions::default() };
     Engine::load(path, weights, &Device::Cpu, opts).expect("the model loads")
 }
@@ -162,11 +162,11 @@ fn forks_batched_against_alone(model: &Llama, prompts: &[Vec<u32>; 3]) -> f32 {
     let vocab = model.config().vocab as u32;
     let [a, b, c] = prompts;
     let mut root = model.new_cache();
-    step(model, std::slice::from_mut(&mut root), &[a.clone()]);
+    step(model, std::slice::from_mut(&mut root), std::slice::from_ref(a));
     let mut caches: Vec<KvCache> = (0..8).map(|_| root.fork()).collect();
     drop(root);
     caches.push(model.new_cache());
-    step(model, &mut caches[8..], &[b.clone()]);
+    step(model, &mut caches[8..], std::slice::from_ref(b));
     caches.push(model.new_cache());
     // Three steps; the third prompt is prefilled in the first, beside eight one-token decodes.
     let token = |seq: usize, s: usize| (17 + 31 * seq as u32 + 101 * s as u32) % vocab;

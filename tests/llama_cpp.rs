@@ -82,7 +82,7 @@ async fn post(url: &str, body: &Value) -> (u16, Value) {
     let r = reqwest::Client::new().post(url).json(body).send().await.unwrap();
     let status = r.status().as_u16();
     let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)))
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 /// The engine's own answer to `prompt` (token ids), one choice.

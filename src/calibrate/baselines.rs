@@ -61,11 +61,13 @@ impl Platt {
             let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
             let mut t = 1.0;
             let mut next = loss(a - da, b - db);
-            while !(next <= current) && t > 1e-6 {
+            // A NaN loss counts as worse: halve the step on it too.
+            let worse = |next: f64, current: f64| next.partial_cmp(&current).is_none_or(|o| o.is_gt());
+            while worse(next, current) && t > 1e-6 {
                 t /= 2.0;
                 next = loss(a - t * da, b - t * db);
             }
-            if !(next <= current) {
+            if worse(next, current) {
                 break;
             }
             a -= t * da;

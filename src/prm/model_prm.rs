@@ -219,21 +219,6 @@ fn read_step_features(dir: &Path, tokenizer: &Tokenizer) -> Result<(StepFeatures
     Ok((features, marker))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::NumberOrder;
-
-    #[test]
-    fn least_significant_first_reverses_every_run_of_digits_and_nothing_else() {
-        let o = NumberOrder::LeastSignificantFirst;
-        assert_eq!(o.apply("465 + 41 = 506"), "564 + 14 = 605");
-        assert_eq!(o.apply("(12 - 3) * 40?"), "(21 - 3) * 04?");
-        assert_eq!(o.apply("The answer is 1200."), "The answer is 0021.");
-        assert_eq!(o.apply("no digits"), "no digits");
-        assert_eq!(NumberOrder::AsWritten.apply("465"), "465");
-    }
-}
-
 impl ModelPrm {
     /// Loads a PRM checkpoint on the CPU, its backbone in f32.
     pub fn load(dir: &Path, opts: &ModelPrmOptions) -> Result<Self, PrmError> {
@@ -487,5 +472,20 @@ impl super::Scorer for ModelPrm {
             return Ok(Vec::new());
         }
         self.head_of_features(&self.features(items)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NumberOrder;
+
+    #[test]
+    fn least_significant_first_reverses_every_run_of_digits_and_nothing_else() {
+        let o = NumberOrder::LeastSignificantFirst;
+        assert_eq!(o.apply("465 + 41 = 506"), "564 + 14 = 605");
+        assert_eq!(o.apply("(12 - 3) * 40?"), "(21 - 3) * 04?");
+        assert_eq!(o.apply("The answer is 1200."), "The answer is 0021.");
+        assert_eq!(o.apply("no digits"), "no digits");
+        assert_eq!(NumberOrder::AsWritten.apply("465"), "465");
     }
 }

@@ -112,12 +112,15 @@ pub fn load_tokenizer(entry: &ModelEntry) -> Result<Arc<Tokenizer>, String> {
     t.map(Arc::new).map_err(|e| format!("tokenizer {}: {e}", path.display()))
 }
 
+/// A remote model's tokenizer and PRM, once loaded.
+type Loaded = (Arc<Tokenizer>, Option<Arc<dyn Scorer>>);
+
 /// Loads the tokenizer and the PRM, then probes the engine; a load that
 /// fails marks the model failed, which stops start-up.
 async fn start(upstream: Upstream, entry: ModelEntry, shared: Arc<Shared>, metrics: Metrics) {
     let loaded = tokio::task::spawn_blocking({
         let entry = entry.clone();
-        move || -> Result<(Arc<Tokenizer>, Option<Arc<dyn Scorer>>), String> {
+        move || -> Result<Loaded, String> {
             let tokenizer = load_tokenizer(&entry)?;
             // A head on hidden states is refused by config validation: only separate PRMs here.
             let prm = match &entry.prm {
@@ -392,10 +395,10 @@ impl Relay {
                 {
                     return Ok(());
                 }
-                if let Some(reason) = reason {
-                    if tx.send(GenEvent::Finished { choice, reason }).await.is_err() {
-                        return Ok(());
-                    }
+                if let Some(reason) = reason
+                    && tx.send(GenEvent::Finished { choice, reason }).await.is_err()
+                {
+                    return Ok(());
                 }
             }
         }

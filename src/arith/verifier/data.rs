@@ -83,8 +83,7 @@ impl Marks {
     fn step_targets(&self, ids: &[u32], start: usize, skip: Option<usize>) -> Vec<(usize, u32)> {
         let mut step = 0usize;
         let mut out = Vec::new();
-        for i in start.max(1)..ids.len() {
-            let t = ids[i];
+        for (i, &t) in ids.iter().enumerate().skip(start.max(1)) {
             if !(skip == Some(step) && self.is(&self.digit, t)) {
                 out.push((i - 1, t));
             }

@@ -157,7 +157,7 @@ impl Verifier {
             .collect::<candle_core::Result<_>>()?;
         let backbone = TrainModel::with_params(cfg, params, device)?;
         let h = cfg.hidden;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5C0_7E);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0005_C07E);
         let mut normal = |shape: &[usize], std: f64| -> candle_core::Result<Var> {
             let dist = Normal::new(0.0, std).expect("a positive std is valid");
             let n: usize = shape.iter().product();
@@ -424,7 +424,7 @@ fn prepare(args: &TrainPrmArgs, rng: &mut ChaCha8Rng, start: Instant) -> anyhow:
     let all = data::from_labels(&rows, &questions, &tok, &marks)?;
     // One question in ten is held out, chosen by hash so the split is stable.
     let (val, train): (Vec<Example>, Vec<Example>) =
-        all.into_iter().partition(|e| labels::qhash(&e.question_id) % 10 == 0);
+        all.into_iter().partition(|e| labels::qhash(&e.question_id).is_multiple_of(10));
     anyhow::ensure!(!train.is_empty() && !val.is_empty(), "too few labelled questions to train and validate");
     // 100 held-out synthetic solutions per level, from a stream no batch uses.
     let synthetic_val: Vec<(u8, Example)> = {
