@@ -72,9 +72,9 @@ pub struct EvalArgs {
     #[arg(long)]
     pub give_up_gain: Option<f64>,
     /// give_up (best-of-N): no giving up once a finished sample's raw PRM score exceeds this
-    /// (1: off; the served default).
-    #[arg(long, default_value_t = 0.03)]
-    pub give_up_plausible: f64,
+    /// (1: off) [default: the served one: 0.03].
+    #[arg(long)]
+    pub give_up_plausible: Option<f64>,
     /// M_max.
     #[arg(long, default_value_t = 8)]
     pub beam_width: usize,
@@ -254,7 +254,7 @@ fn check_knobs(args: &EvalArgs) -> anyhow::Result<()> {
         budget_quantile: args.budget_quantile,
         round_size: own.round_size as i64,
         give_up_gain: own.give_up_gain,
-        give_up_plausible: args.give_up_plausible,
+        give_up_plausible: args.plausible(),
     };
     let naming = crate::reasoning::knobs::Naming::Flags;
     crate::reasoning::knobs::check(values, MAX_SEQUENCES)
@@ -280,5 +280,10 @@ impl EvalArgs {
             round_size: self.round_size.unwrap_or(d.round_size),
             give_up_gain: self.give_up_gain.unwrap_or(d.give_up_gain),
         }
+    }
+
+    /// `give_up_plausible` as given, else the served default.
+    pub(crate) fn plausible(&self) -> f64 {
+        self.give_up_plausible.unwrap_or(crate::config::ReasoningDefaults::default().give_up_plausible)
     }
 }
