@@ -13,7 +13,9 @@ step `a op b = c` is arithmetically right and starts from the previous step's re
 table gives, per level, pass@N, pass@N counting sound samples only, PRM-max selection as
 `ponder eval` makes it (the calibrated median, ties to the answer text), the same on the raw
 score (the calibrated head does not order candidates as the raw score does), and the share of
-right samples that are unsound.
+right samples that are unsound. A second table sets PRM-max beside answer-level aggregations:
+the majority vote and votes weighted by the calibrated median or the raw score (each answer's
+summed score, ties to the answer text).
 """
 import collections
 import gzip
@@ -113,9 +115,44 @@ def main(path):
           100 * t["raw_max"] / t["questions"], 100 * t["unsound"] / max(1, t["right"])))
 
 
+def vote(candidates, weight):
+    """The answer with the highest summed weight, ties by answer text; whether it is right."""
+    total = collections.Counter()
+    for x in candidates:
+        total[x["answer"]] += weight(x)
+    chosen = min(total, key=lambda a: (-total[a], a))
+    return any(x["correct"] and x["answer"] == chosen for x in candidates)
+
+
+def selectors(path):
+    """Accuracy by level of PRM-max against answer-level votes over the same candidates."""
+    rules = {
+        "PRM-max": lambda c: prm_max(c, lambda x: x["score"]["quantiles"]["q50"])["correct"],
+        "majority vote": lambda c: vote(c, lambda x: 1.0),
+        "vote weighted by the calibrated median": lambda c: vote(c, lambda x: x["score"]["quantiles"]["q50"]),
+        "vote weighted by the raw score": lambda c: vote(c, lambda x: x["score"]["raw"]),
+    }
+    levels = collections.defaultdict(collections.Counter)
+    for line in (gzip.open if path.endswith(".gz") else open)(path, "rt"):
+        q = json.loads(line)
+        s = levels[q["level"]]
+        s["questions"] += 1
+        s["pass"] += any(x["correct"] for x in q["candidates"])
+        for name, rule in rules.items():
+            s[name] += rule(q["candidates"])
+    levels["all"] = sum(levels.values(), collections.Counter())
+    print()
+    print("| level | pass@N | %s |" % " | ".join(rules))
+    print("|---|---|%s" % ("---|" * len(rules)))
+    for level, s in levels.items():
+        print("| %s | %s |" % (level, " | ".join("%.1f%%" % (100 * s[k] / s["questions"])
+                                                  for k in ["pass", *rules])))
+
+
 if __name__ == "__main__":
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     main(sys.argv[1])
+    selectors(sys.argv[1])
     if len(sys.argv) == 3:
         lucky(sys.argv[1], sys.argv[2])
