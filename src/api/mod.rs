@@ -1,6 +1,8 @@
 //! The HTTP surface: OpenAI-compatible routes, auth, errors in OpenAI's
-//! JSON, SSE streaming, health, metrics and the OpenAPI document. Knows
-//! nothing of models beyond the worker pools it hands jobs to.
+//! JSON, SSE streaming, health, metrics, `/pooling` and the OpenAPI
+//! document. Knows nothing of models beyond the [`Backend`]s it hands
+//! requests to (local worker pools or remote engines) and the
+//! [`ModelPrm`]s it serves on `/pooling`.
 
 mod convert;
 mod error;

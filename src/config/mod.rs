@@ -120,8 +120,9 @@ impl Default for Limits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
-    /// Sequences (a request with `n` counts n) that may wait per model
-    /// beyond those running; past this, requests get 429 at once.
+    /// Requests that may wait per model beyond `max_running` (a request
+    /// counts once, whatever its `n` or budget): `capacity + max_running`
+    /// may be in flight; past that, requests get 429 at once.
     pub capacity: usize,
     /// Sequences one worker decodes together.
     pub max_running: usize,
@@ -182,7 +183,8 @@ pub struct ModelEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<PathBuf>,
     /// A remote model's context length; when absent, read from the engine's
-    /// `/v1/models` (vLLM's `max_model_len`, llama.cpp's `n_ctx_train`).
+    /// `/v1/models`: `max_model_len` (vLLM, ponder), else llama.cpp's
+    /// `meta.n_ctx` (one slot's context), else its `meta.n_ctx_train`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context_length: Option<usize>,
     #[serde(default)]
@@ -196,7 +198,9 @@ pub struct ModelEntry {
     #[serde(default)]
     pub fetch: Option<String>,
     /// The model's PRM: a head on its hidden states (a path), or a separate
-    /// PRM model (a table); without one, adaptive reasoning is refused.
+    /// PRM model (a table); without one, adaptive best-of-N falls back to
+    /// `vote` and `majority`, and beam search or a named rule or selection
+    /// that needs a PRM is refused (400).
     #[serde(default)]
     pub prm: Option<PrmConfig>,
     /// Defaults of the request's `reasoning` object for this model.

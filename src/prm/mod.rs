@@ -4,9 +4,11 @@
 //! the uncalibrated score where there is one.
 //!
 //! - [`head::HeadPrm`]: a small head on the policy's own final hidden state
-//!   at the end of each step (the default; scoring costs almost nothing
-//!   beyond generating).
-//! - [`model_prm::ModelPrm`]: a separate model in the Qwen2.5-Math-PRM format.
+//!   at the end of each step (the near-free option: scoring costs almost
+//!   nothing beyond generating; `--model ID=PATH` picks one up from
+//!   `prm_head.safetensors` beside the model).
+//! - [`model_prm::ModelPrm`]: a separate model in the Qwen2.5-Math-PRM
+//!   format; ponder-arith's default PRM, its verifier, is one.
 //! - [`remote::RemotePrm`]: such a model served elsewhere (vLLM's pooling
 //!   API, or another ponder's `/pooling`), calibrated by a
 //!   [`quantile_map::QuantileMap`] of its P(good).

@@ -1,7 +1,13 @@
-//! A separate PRM in the Qwen2.5-Math-PRM format: a qwen2 backbone whose
-//! `score` head (Linear → ReLU → Linear(2)) reads the final hidden state at
-//! each `<extra_0>` token that ends a step, in the chat format of its model
-//! card; P(good) is softmax index 1.
+//! A separate PRM in the Qwen2.5-Math-PRM format: a llama-family backbone
+//! (qwen2 in Qwen2.5-Math-PRM's `Qwen2ForProcessRewardModel`, llama in
+//! ponder-arith's verifier, `LlamaForProcessRewardModel`) whose `score`
+//! head (Linear → ReLU → Linear(2)) reads the final hidden state at each
+//! `<extra_0>` token that ends a step, in the chat format of its model
+//! card; P(good) is softmax index 1. A checkpoint may also have the head
+//! read the PRM's own surprisal over the prefix's step tokens
+//! (`"ponder_step_features": "hidden_and_surprisal"` in `config.json`) and
+//! read numbers least significant digit first (`"ponder_number_order"` in
+//! `tokenizer_config.json`), as ponder-arith's verifier does.
 //!
 //! The 2-class head can be turned into a 3-quantile head whose every output
 //! starts as P(good) (each row `w_good − w_bad`, bias `b_good − b_bad`,

@@ -2,13 +2,17 @@
 //! llama.cpp's server), behind the same [`Backend`] seam as the local
 //! worker pool: ponder keeps the chat template, token counting, admission,
 //! limits, logs and metrics; the engine generates. Each prompt of a request
-//! becomes one streamed `/v1/completions` call with the prompt as token ids
-//! and the request's `n`, so the engine batches and caches prefixes as it
-//! does for any client. The engine's reachability is probed in the
-//! background and reported by `/health`; a client that leaves closes its
-//! upstream connections, which these engines take as an abort. Reasoning
-//! requests run the same strategies as on the local engine, over
-//! [`reasoning::RemoteTrajectories`], with the model's separate PRM.
+//! becomes a `/v1/completions` call with the prompt as token ids and the
+//! request's `n`, so the engine batches and caches prefixes as it does for
+//! any client: streamed for a streaming client, one whole answer otherwise
+//! (`relay_whole`). `max_n`, or `server = "llama_cpp"` (one choice per
+//! call), splits the `n` choices over several calls with shifted seeds.
+//! The engine's reachability is probed in the background and reported by
+//! `/health`; a client that leaves closes its upstream connections, which
+//! these engines take as an abort. Reasoning requests run the same
+//! strategies as on the local engine, over
+//! [`reasoning::RemoteTrajectories`], scored by the model's separate PRM
+//! where it has one.
 
 pub mod reasoning;
 pub mod upstream;

@@ -1,7 +1,9 @@
 //! The HTTP client side of a remote OpenAI-compatible engine: the
-//! `/v1/completions` request ponder sends (prompt as token ids), the
-//! streamed chunks it reads back (server-sent events), the `/v1/models`
-//! probe, and how transport failures map to 502 or 504.
+//! `/v1/completions` request ponder sends (prompt as token ids), in vLLM's
+//! or llama.cpp's dialect, split into calls of at most `max_n` choices; the
+//! answer it reads back, whole or as streamed chunks (server-sent events);
+//! the `/v1/models` probe (context length); and how transport failures map
+//! to 502 or 504.
 
 use std::time::Duration;
 
