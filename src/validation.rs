@@ -113,7 +113,7 @@ pub struct RequestLimits<'a> {
     pub max_sequences: usize,
     /// The model's defaults for the `reasoning` object.
     pub reasoning: &'a ReasoningDefaults,
-    /// Whether the model has a PRM (adaptive reasoning needs one).
+    /// Whether the model has a PRM (without one, only `vote` and `majority` run).
     pub has_prm: bool,
     /// The model's id, for error messages.
     pub model: &'a str,
@@ -364,7 +364,13 @@ fn build(
             if c.logprobs.is_some() {
                 return Err(ValidationError::new("logprobs", "logprobs are not available with reasoning"));
             }
-            if c.stop.is_some() {
+            if c.token_ids == TokenIds::Return {
+                return Err(ValidationError::new(
+                    "return_token_ids",
+                    "token ids are not available with reasoning: answers are chosen as text",
+                ));
+            }
+            if c.stop.as_ref().is_some_and(|s| !matches!(s, StopWire::Many(v) if v.is_empty())) {
                 return Err(ValidationError::new(
                     "stop",
                     "reasoning steps end at blank lines; stop strings are not available with reasoning",
@@ -623,18 +629,12 @@ pub fn completion(
         token_ids: if req.return_token_ids == Some(true) { TokenIds::Return } else { TokenIds::Omit },
         reasoning: req.reasoning.as_ref(),
     };
-    let question = texts.join("\n");
-    build(
-        Endpoint::Completion,
-        req.model.clone(),
-        prompts,
-        "prompt",
-        question.clone(),
-        question,
-        c,
-        model,
-        rl,
-    )
+    let prompt_text = texts.join("\n");
+    // The PRM reads the question as a chat user's message; a prompt that
+    // already wraps it in the model's template would put the template's
+    // markup in front of the PRM as part of the question.
+    let question = tok.user_turn(&prompt_text).unwrap_or_else(|| prompt_text.clone());
+    build(Endpoint::Completion, req.model.clone(), prompts, "prompt", prompt_text, question, c, model, rl)
 }
 
 /// A `/pooling` request: the PRM's name and each input's token ids.

@@ -1,7 +1,9 @@
 //! OpenAI wire types: what clients send and receive, exactly as JSON has
 //! them. Validation turns requests into internal types; nothing else reads
 //! these. Fields OpenAI defines that ponder does not act on are accepted and
-//! ignored (serde skips unknown fields).
+//! ignored (serde skips unknown fields); ponder's own `reasoning` object
+//! refuses unknown fields, since a misspelt knob would silently run the
+//! defaults.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,8 +45,34 @@ fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Er
     d.deserialize_option(Visit)
 }
 
+/// An optional JSON object. serde's derived structs also accept an array of
+/// their fields in order, so `"reasoning": ["beam"]` would run a beam search;
+/// only an object (or null) is taken here.
+fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    struct Visit<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    d.deserialize_option(Visit(std::marker::PhantomData))
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of strings")]
 pub enum StopWire {
     One(String),
     Many(Vec<String>),
@@ -65,7 +93,7 @@ pub struct ContentPart {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of content parts")]
 pub enum ContentWire {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -110,7 +138,7 @@ macro_rules! request_with_sampling {
             #[serde(default)]
             pub user: Option<String>,
             /// ponder's adaptive reasoning (OpenAI clients send it through `extra_body`).
-            #[serde(default)]
+            #[serde(default, deserialize_with = "object")]
             pub reasoning: Option<ReasoningWire>,
         }
     };
@@ -118,6 +146,7 @@ macro_rules! request_with_sampling {
 
 /// The `reasoning` request object; absent fields take the model's defaults.
 #[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct ReasoningWire {
     #[serde(default)]
     pub strategy: Option<crate::reasoning::Strategy>,
@@ -163,7 +192,10 @@ request_with_sampling! {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, an array of strings, an array of token ids or an array of arrays of token ids"
+)]
 pub enum PromptWire {
     One(String),
     Many(Vec<String>),
@@ -239,7 +271,7 @@ pub struct PonderInfo {
     pub stop_reason: crate::reasoning::Stop,
     /// It stopped because the question looked hopeless (`give_up`).
     pub gave_up: bool,
-    /// Rounds of samples (best-of-N) or pruning points (beam).
+    /// Rounds of samples (best-of-N) or narrow searches (beam).
     pub rounds: usize,
     pub select: crate::reasoning::Select,
     pub samples: usize,

@@ -385,6 +385,88 @@ async fn a_streamed_reasoning_request_sends_progress_chunks_before_the_answer() 
     assert!(r.text.trim_end().ends_with("data: [DONE]"));
 }
 
+fn sse_data(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_search_with_fewer_distinct_answers_than_n_returns_fewer_choices_streamed_or_not() {
+    let app = app();
+    app.fake.set_behaviour(FakeBehaviour::Answer("The answer is 3.".into()));
+    let r = post(&app, "/v1/chat/completions", &chat(json!({"n": 3, "reasoning": {"max_samples": 4}}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let choices = r.json()["choices"].as_array().unwrap().clone();
+    assert_eq!(choices.len(), 1, "one distinct answer, no empty choices: {}", r.text);
+    assert_eq!(choices[0]["message"]["content"], "The answer is 3.");
+    let streamed = chat(json!({"n": 3, "stream": true, "reasoning": {"max_samples": 4}}));
+    let r = post(&app, "/v1/chat/completions", &streamed).await;
+    let data = sse_data(&r.text);
+    let indices: Vec<u64> = data
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap().iter().map(|x| x["index"].as_u64().unwrap()))
+        .collect();
+    assert!(!indices.is_empty() && indices.iter().all(|&i| i == 0), "{}", r.text);
+    let first = data.iter().find(|c| !c["choices"].as_array().unwrap().is_empty()).unwrap();
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant", "the first delta names the role: {first}");
+    let roles = data.iter().filter(|c| c["choices"][0]["delta"]["role"].is_string()).count();
+    assert_eq!(roles, 1, "{}", r.text);
+}
+
+#[tokio::test]
+async fn the_reasoning_object_refuses_unknown_fields_and_non_objects() {
+    let app = app();
+    let path = "/v1/chat/completions";
+    let typo = chat(json!({"reasoning": {"Strategy": "beam"}}));
+    expect_400(&app, path, typo, Some("reasoning.Strategy"), &["unknown field `Strategy`", "`strategy`"])
+        .await;
+    let array = chat(json!({"reasoning": ["beam"]}));
+    expect_400(&app, path, array, Some("reasoning"), &["expected an object"]).await;
+    // An enum given a number is a type error at its field, not "invalid JSON".
+    let number = chat(json!({"reasoning": {"strategy": 1}}));
+    expect_400(&app, path, number, Some("reasoning.strategy"), &["integer `1`"]).await;
+    let r = call(&app, "POST", path, Some(&json!([MODEL, []]).to_string()), Some(KEY)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"]["message"], "request body must be a JSON object");
+    // Messages say what was expected in JSON's words, not the server's type names.
+    for (body, param) in [
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+        (chat(json!({"stop": 5})), "stop"),
+    ] {
+        expect_400(&app, path, body, Some(param), &["a string or an array of"]).await;
+    }
+    let prompt = json!({"model": MODEL, "prompt": 5});
+    expect_400(&app, "/v1/completions", prompt, Some("prompt"), &["a string, an array of strings"]).await;
+    assert!(app.fake.seen().is_empty(), "no invalid request reached the backend");
+}
+
+#[tokio::test]
+async fn reasoning_refuses_token_ids_and_takes_an_empty_stop_list() {
+    let app = app();
+    let ids = json!({"model": MODEL, "prompt": "1 + 2", "return_token_ids": true, "reasoning": {}});
+    expect_400(&app, "/v1/completions", ids, Some("return_token_ids"), &["not available with reasoning"])
+        .await;
+    let r = post(&app, "/v1/chat/completions", &chat(json!({"stop": [], "reasoning": {}}))).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+#[tokio::test]
+async fn a_completions_prompt_in_the_models_template_gives_the_prm_the_bare_question() {
+    let app = app();
+    let tok = tokenizer();
+    let turn = [ponder::tokenizer::ChatMessage { role: "user".into(), content: "12 + 30".into() }];
+    let wrapped = tok.apply_chat_template(&turn).unwrap();
+    for (prompt, question) in [(wrapped.as_str(), "12 + 30"), ("12 + 30 =", "12 + 30 =")] {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "reasoning": {}});
+        let r = post(&app, "/v1/completions", &body).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(app.fake.seen().last().unwrap().generation.question, question);
+    }
+}
+
 /// Serves the fake app on a loopback port: (address, the fake).
 async fn serve(app: App) -> (std::net::SocketAddr, Arc<FakeBackend>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -214,3 +214,32 @@ async fn reasoning_requests_are_validated_naming_the_field() {
     assert!(stop == "confident" || (stop == "exhausted" && samples == 6), "{p}");
     assert_eq!(p["success_probability_start"], json!(null), "no PRM was asked");
 }
+
+#[tokio::test]
+async fn a_completions_prompt_in_the_chat_template_is_searched_as_the_chat_question() {
+    // The prompt a client builds with the model's template: the PRM must
+    // read the question inside it, not the template's markup.
+    let tok = ponder::tokenizer::Tokenizer::from_hf_dir(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith"),
+    )
+    .unwrap();
+    let (q, answer) = question(1, 1);
+    let turn = [ponder::tokenizer::ChatMessage { role: "user".into(), content: q.clone() }];
+    let prompt = tok.apply_chat_template(&turn).unwrap();
+    let reasoning = json!({"strategy": "best_of_n", "max_samples": 16});
+    let (status, _, chat) = post(&body(&q, reasoning.clone())).await;
+    assert_eq!(status, 200, "{chat}");
+    let mut completion = body(&q, reasoning);
+    let fields = completion.as_object_mut().unwrap();
+    fields.remove("messages");
+    fields.insert("prompt".into(), Value::String(prompt));
+    let r =
+        reqwest::Client::new().post(server().url("/v1/completions")).json(&completion).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["ponder"]["stop_reason"], "confident", "{v}");
+    for key in ["samples", "stop_reason", "success_probability_selected"] {
+        assert_eq!(v["ponder"][key], chat["ponder"][key], "{key}: completions {v} chat {chat}");
+    }
+    assert!(v["choices"][0]["text"].as_str().unwrap().contains(&answer), "{v}");
+}

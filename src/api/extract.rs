@@ -36,10 +36,31 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|_| too_big(format!("more than {limit} bytes")))?;
+        // serde's derived structs also read an array of their fields in order.
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|&b| b != b'{') && serde_json::from_slice::<serde_json::Value>(&bytes).is_ok() {
+            return Err(invalid(None, "request body must be a JSON object".to_string()));
+        }
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
         match serde_path_to_error::deserialize(de) {
             Ok(v) => Ok(JsonBody(v)),
             Err(e) => {
+                let e = match e.inner().classify() {
+                    // serde_json reports an enum given a number or `true` as
+                    // a syntax error ("expected value"); read from a parsed
+                    // value instead, the same mistake is a type error at
+                    // its field.
+                    serde_json::error::Category::Syntax => {
+                        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                            Ok(value) => match serde_path_to_error::deserialize::<_, T>(value) {
+                                Ok(v) => return Ok(JsonBody(v)),
+                                Err(typed) => typed,
+                            },
+                            Err(_) => e,
+                        }
+                    }
+                    _ => e,
+                };
                 let path = e.path().to_string();
                 let inner = e.into_inner();
                 let text = inner.to_string();

@@ -172,6 +172,13 @@ async fn collect(ctx: StreamCtx, mut events: EventStream) -> Result<Response, Ap
         s.queue_secs = Some(stats.queue_secs);
         s.ttft_secs = stats.ttft_secs;
     });
+    if reasoning.is_some() {
+        // One choice per distinct answer found, at most `n`; the others never started.
+        let answered = finish.iter().take_while(|f| f.is_some()).count();
+        texts.truncate(answered);
+        tokens.truncate(answered);
+        finish.truncate(answered);
+    }
     let info = reasoning.as_deref().map(ponder_info);
     let c = Collected { texts, tokens, finish, stats, reasoning };
     // Serialised straight from the wire types, as stream chunks are, so

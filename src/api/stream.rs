@@ -38,6 +38,8 @@ struct State {
     events: EventStream,
     /// Bytes of text sent per choice (completions' `text_offset`).
     sent: Vec<usize>,
+    /// Whether each chat choice has had its `role: assistant` delta.
+    announced: Vec<bool>,
     phase: Phase,
     reasoning: Option<Box<ReasoningReport>>,
 }
@@ -121,8 +123,9 @@ impl State {
         let want_logprobs = self.ctx.valid.generation.logprobs.is_some() && !tokens.is_empty();
         match self.ctx.valid.endpoint {
             Endpoint::Chat => {
+                let role = (!std::mem::replace(&mut self.announced[index], true)).then_some("assistant");
                 let delta =
-                    ChatDelta { role: None, content: (!text.is_empty() || finish.is_none()).then_some(text) };
+                    ChatDelta { role, content: (!text.is_empty() || finish.is_none()).then_some(text) };
                 let choice = ChatChunkChoice {
                     index,
                     delta,
@@ -170,7 +173,11 @@ impl State {
         match self.phase {
             Phase::Start => {
                 self.phase = Phase::Body;
-                if self.ctx.valid.endpoint == Endpoint::Chat {
+                // A search learns how many distinct answers it has only at
+                // the end, so its choices announce their role with their text.
+                let searching = self.ctx.valid.generation.reasoning.is_some();
+                if self.ctx.valid.endpoint == Endpoint::Chat && !searching {
+                    self.announced.fill(true);
                     let roles = (0..self.sent.len())
                         .map(|index| ChatChunkChoice {
                             index,
@@ -246,6 +253,14 @@ fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
 
 pub(crate) fn sse(ctx: StreamCtx, usage: UsageChunk, events: EventStream) -> Response {
     let choices = ctx.valid.generation.choices();
-    let state = State { ctx, usage, events, sent: vec![0; choices], phase: Phase::Start, reasoning: None };
+    let state = State {
+        ctx,
+        usage,
+        events,
+        sent: vec![0; choices],
+        announced: vec![false; choices],
+        phase: Phase::Start,
+        reasoning: None,
+    };
     Sse::new(self::events(state)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }

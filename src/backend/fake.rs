@@ -20,7 +20,9 @@ use crate::reasoning::{Accounting, Candidate};
 #[derive(Debug, Clone, PartialEq)]
 pub enum FakeBehaviour {
     /// Every choice answers this text, one word per delta; reasoning
-    /// requests first send two progress events and end with a report.
+    /// requests first send two progress events, answer one choice (a search
+    /// whose samples all agree finds one distinct answer, whatever `n`) and
+    /// end with a report.
     Answer(String),
     /// Refuse with 429.
     QueueFull { retry_after_secs: u64 },
@@ -92,7 +94,7 @@ fn report(req: &Scheduled, answer_tokens: usize) -> ReasoningReport {
 /// Sends the events of one answered request; stops when the client leaves.
 async fn answer(req: Scheduled, text: String, tx: mpsc::Sender<GenEvent>, cancelled: Arc<Mutex<usize>>) {
     let words: Vec<String> = text.split_inclusive(' ').map(str::to_string).collect();
-    let choices = req.generation.choices();
+    let choices = if req.generation.reasoning.is_some() { 1 } else { req.generation.choices() };
     let mut events = Vec::new();
     if req.generation.reasoning.is_some() {
         for step in 1..=2 {

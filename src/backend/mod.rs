@@ -241,7 +241,8 @@ impl EventStream {
 }
 
 /// The events that end a reasoning request: each selected answer as one
-/// delta, every choice's finish, the accounting, and the totals.
+/// delta and its finish, the accounting, and the totals. With fewer
+/// distinct answers than `n`, fewer choices are sent.
 pub fn outcome_events(
     request: &GenerationRequest,
     outcome: crate::reasoning::Outcome,
@@ -255,10 +256,6 @@ pub fn outcome_events(
         out.push(GenEvent::Delta { choice, text: a.text.clone(), tokens: Vec::new() });
         let reason = if a.ended { FinishReason::Eos } else { FinishReason::Length };
         out.push(GenEvent::Finished { choice, reason });
-    }
-    // Fewer distinct answers than `n`: the remaining choices are empty.
-    for choice in answers.len()..request.choices() {
-        out.push(GenEvent::Finished { choice, reason: FinishReason::Eos });
     }
     let params = request.reasoning.expect("outcome events are for reasoning requests");
     out.push(GenEvent::Reasoning(Box::new(ReasoningReport {

@@ -218,7 +218,7 @@ pub struct Accounting {
     pub rule: Option<BudgetRule>,
     /// Why the request stopped drawing.
     pub stop: Stop,
-    /// Rounds (best-of-N) or pruning points (beam) it went through.
+    /// Rounds of samples (best-of-N) or searches (beam) it went through.
     pub rounds: usize,
 }
 

@@ -312,7 +312,8 @@ pub fn replay(
 /// The majority posterior of the answers so far.
 pub fn vote_confidence(all: &[Seen<'_>]) -> f64 {
     let mut counts: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for s in all {
+    // An empty sample agrees with nothing: it is no answer.
+    for s in all.iter().filter(|s| !s.answer.is_empty()) {
         *counts.entry(s.answer).or_default() += 1;
     }
     let mut c: Vec<usize> = counts.into_values().collect();
@@ -446,5 +447,14 @@ mod tests {
         assert_eq!(r.decide(&split, 2, None), Decision::Draw(4));
         let agree: Vec<Seen<'_>> = (0..5).map(|_| Seen { answer: "7", score: None }).collect();
         assert_eq!(r.decide(&agree, 5, None), Decision::Stop(Stop::Confident));
+    }
+
+    #[test]
+    fn empty_answers_never_make_a_vote_confident() {
+        let silent: Vec<Seen<'_>> = (0..9).map(|_| Seen { answer: "", score: None }).collect();
+        assert_eq!(vote_confidence(&silent), 0.0);
+        let mut mixed = silent.clone();
+        mixed.push(Seen { answer: "7", score: None });
+        assert_eq!(vote_confidence(&mixed), vote_confidence(&[Seen { answer: "7", score: None }]));
     }
 }

@@ -97,6 +97,11 @@ pub fn choose(candidates: &[Candidate], how: Select, n: usize) -> Vec<Candidate>
         .collect();
     // Ties fall back to the answer text, so the choice is deterministic.
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.answer.cmp(&b.2.answer)));
+    // A sample that says nothing (the model ended at once) is no answer: it
+    // is returned only when nothing else was drawn.
+    if ranked.iter().any(|r| !r.2.answer.is_empty()) {
+        ranked.retain(|r| !r.2.answer.is_empty());
+    }
     ranked.into_iter().take(n.max(1)).map(|(_, _, c)| c.clone()).collect()
 }
 
@@ -140,5 +145,18 @@ mod tests {
         assert_eq!(AnswerFormat::LastNumber.key(math), "7");
         assert_eq!(AnswerFormat::Text.key("  Paris,\n  France "), "Paris, France");
         assert_eq!(AnswerFormat::Boxed.key("no box  here"), "no box here", "falls back to the text");
+    }
+
+    #[test]
+    fn an_empty_answer_is_chosen_only_when_nothing_else_was_drawn() {
+        let empty = |q| Candidate { answer: String::new(), text: String::new(), ..cand("x", q) };
+        let cs = vec![empty(0.9), cand("7", 0.2), empty(0.8)];
+        for how in [Select::PrmMax, Select::PrmVote, Select::Majority] {
+            let top = choose(&cs, how, 3);
+            assert_eq!(top.len(), 1, "{how:?}");
+            assert_eq!(top[0].answer, "7", "{how:?}");
+        }
+        let top = choose(&[empty(0.1), empty(0.3)], Select::PrmMax, 2);
+        assert_eq!((top.len(), top[0].answer.as_str()), (1, ""));
     }
 }

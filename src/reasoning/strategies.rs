@@ -31,6 +31,16 @@ async fn to_the_end<B: Trajectories>(b: &B, ts: &[Traj]) -> Result<(), Reasoning
 
 fn candidate<B: Trajectories>(b: &B, p: &ReasoningParams, t: Traj, score: Option<PrmScore>) -> Candidate {
     let info = b.info(t);
+    // Why: a sample that ended before its first step holds no step for the
+    // PRM to read, so its score is the question's own estimate; a model that
+    // stops at once on an easy question would look confident with nothing
+    // said. It is a certain failure instead.
+    let score = match score {
+        Some(_) if info.steps.is_empty() => {
+            Some(PrmScore { quantiles: Quantiles::point(0.0), raw: Some(0.0) })
+        }
+        s => s,
+    };
     Candidate {
         answer: p.answer.key(&info.text),
         text: info.text,

@@ -245,6 +245,20 @@ impl Tokenizer {
         self.chat.as_ref().ok_or(TokenizerError::NoChatTemplate)?.render(messages, true)
     }
 
+    /// The user's message, when `prompt` is exactly this model's template
+    /// around one user turn (a completions client that applied the template
+    /// itself); `None` for any other text, or a model with no template.
+    pub fn user_turn(&self, prompt: &str) -> Option<String> {
+        // A marker no template rewrites: split the rendered turn around it.
+        const MARK: &str = "\u{1}ponder-user-turn\u{1}";
+        let chat = self.chat.as_ref()?;
+        let turn = [ChatMessage { role: "user".to_string(), content: MARK.to_string() }];
+        let rendered = chat.render(&turn, true).ok()?;
+        let (before, after) = rendered.split_once(MARK)?;
+        let inner = prompt.strip_prefix(before)?.strip_suffix(after)?;
+        Some(inner.trim().to_string()).filter(|q| !q.is_empty())
+    }
+
     /// A decoder that turns generated ids into text pieces as they arrive.
     pub fn stream(&self) -> TextStream {
         TextStream::default()

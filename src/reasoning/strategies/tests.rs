@@ -42,6 +42,8 @@ struct State {
     forks: Vec<usize>,
     /// The sizes of the forks from the question itself.
     root_forks: Vec<usize>,
+    /// Every sample ends at once, before its first step.
+    silent: bool,
 }
 
 impl Fake {
@@ -62,6 +64,7 @@ impl Fake {
                 score_calls: vec![],
                 forks: vec![],
                 root_forks: vec![],
+                silent: false,
             }),
         }
     }
@@ -73,6 +76,11 @@ impl Fake {
 
     fn with_wrong_raw(self, raw: f32) -> Self {
         self.st.borrow_mut().wrong_raw = Some(raw);
+        self
+    }
+
+    fn silent(self) -> Self {
+        self.st.borrow_mut().silent = true;
         self
     }
 
@@ -118,10 +126,11 @@ impl Trajectories for Fake {
     fn info(&self, t: Traj) -> TrajInfo {
         let st = self.st.borrow();
         let tr = &st.trajs[&t];
+        let done = tr.steps.len() == STEPS + 1 || (st.silent && t != 0);
         TrajInfo {
             text: tr.steps.join("\n\n"),
-            finished: tr.steps.len() == STEPS + 1,
-            ended: tr.steps.len() == STEPS + 1,
+            finished: done,
+            ended: done,
             tokens: tr.steps.len() * TOKENS_PER_STEP,
             steps: tr.steps.clone(),
         }
@@ -157,7 +166,8 @@ impl Trajectories for Fake {
         let out = ts
             .iter()
             .map(|t| {
-                if *t == 0 {
+                // With no step to read, a PRM scores the question alone.
+                if *t == 0 || st.trajs[t].steps.is_empty() {
                     PrmScore { quantiles: st.root, raw: None }
                 } else if st.trajs[t].correct {
                     PrmScore { quantiles: Quantiles::sorted([0.8, 0.9, 0.95]), raw: None }
@@ -291,6 +301,21 @@ fn selection_returns_n_distinct_answers() {
     let out = run_fake(&fake, &p);
     assert_eq!(out.answers.len(), 2);
     assert_ne!(out.answers[0].answer, out.answers[1].answer);
+}
+
+#[test]
+fn a_sample_that_says_nothing_is_never_a_confident_answer() {
+    // The model ends every sample at once; the PRM, given no step, repeats
+    // its confident estimate of the question alone.
+    let fake = Fake::new(0.5, Quantiles::sorted([0.95, 0.97, 0.99])).silent();
+    let mut p = with_rule(Strategy::BestOfN, BudgetRule::Sequential, 0.9);
+    p.max_samples = 8;
+    let out = run_fake(&fake, &p);
+    assert_eq!(out.accounting.stop, Stop::Exhausted);
+    assert_eq!(out.accounting.samples, 8);
+    assert_eq!(out.answers.len(), 1);
+    assert_eq!(out.answers[0].text, "");
+    assert!(out.answers[0].score.is_some_and(|s| s.quantiles.q50 == 0.0), "{:?}", out.answers[0].score);
 }
 
 #[test]
