@@ -243,6 +243,16 @@ fn reasoning_params(
         rl.max_sequences,
     )
     .map_err(|e| ValidationError::new(&e.key(), e.to_string()))?;
+    // Each step is at least one token, so neither can usefully pass max_tokens.
+    let limit = rl.limits.max_tokens as i64;
+    let max_step_tokens = match w.max_step_tokens {
+        Some(v) => in_range_i("reasoning.max_step_tokens", v, 1, limit)?,
+        None => d.max_step_tokens,
+    };
+    let max_steps = match w.max_steps {
+        Some(v) => in_range_i("reasoning.max_steps", v, 1, limit)?,
+        None => d.max_steps,
+    };
     let max_samples = checked.max_samples;
     if n > max_samples {
         return Err(ValidationError::new(
@@ -268,8 +278,8 @@ fn reasoning_params(
         candidates: if w.return_candidates.unwrap_or(false) { Candidates::Return } else { Candidates::Omit },
         n,
         max_tokens,
-        max_step_tokens: d.max_step_tokens.min(max_tokens),
-        max_steps: d.max_steps,
+        max_step_tokens: max_step_tokens.min(max_tokens),
+        max_steps,
     })
 }
 

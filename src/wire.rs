@@ -172,6 +172,10 @@ pub struct ReasoningWire {
     pub beams: Option<i64>,
     #[serde(default, deserialize_with = "integral")]
     pub prune_every: Option<i64>,
+    #[serde(default, deserialize_with = "integral")]
+    pub max_step_tokens: Option<i64>,
+    #[serde(default, deserialize_with = "integral")]
+    pub max_steps: Option<i64>,
     #[serde(default)]
     pub select: Option<crate::reasoning::Select>,
     #[serde(default)]

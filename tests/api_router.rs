@@ -141,6 +141,8 @@ async fn reasoning_fields_are_checked_against_the_same_ranges_as_the_config() {
         (json!({"give_up_plausible": 1.5}), "reasoning.give_up_plausible", vec!["between 0 and 1", "1.5"]),
         (json!({"budget_rule": "vote", "strategy": "beam"}), "reasoning.budget_rule", vec!["best_of_n"]),
         (json!({"budget_rule": "always"}), "reasoning.budget_rule", vec!["always"]),
+        (json!({"max_step_tokens": 0}), "reasoning.max_step_tokens", vec!["between 1 and 10000", "got 0"]),
+        (json!({"max_steps": 10001}), "reasoning.max_steps", vec!["between 1 and 10000", "got 10001"]),
     ];
     for (reasoning, param, needles) in cases {
         expect_400(
@@ -441,6 +443,23 @@ async fn the_reasoning_object_refuses_unknown_fields_and_non_objects() {
     let prompt = json!({"model": MODEL, "prompt": 5});
     expect_400(&app, "/v1/completions", prompt, Some("prompt"), &["a string, an array of strings"]).await;
     assert!(app.fake.seen().is_empty(), "no invalid request reached the backend");
+}
+
+#[tokio::test]
+async fn per_request_step_limits_reach_the_search_capped_by_max_tokens() {
+    let app = app();
+    for (max_tokens, want) in [(50, (7, 3)), (5, (5, 3))] {
+        let reasoning = json!({"max_step_tokens": 7, "max_steps": 3});
+        let r = post(
+            &app,
+            "/v1/chat/completions",
+            &chat(json!({"max_tokens": max_tokens, "reasoning": reasoning})),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let p = app.fake.seen().last().unwrap().generation.reasoning.unwrap();
+        assert_eq!((p.max_step_tokens, p.max_steps), want);
+    }
 }
 
 #[tokio::test]
