@@ -196,6 +196,12 @@ fn check_choice(c: &SearchChoice, w: &ReasoningWire, rl: &RequestLimits<'_>) -> 
         let param = if w.budget_rule.is_some() { "reasoning.budget_rule" } else { "reasoning.adaptive" };
         return Err(no_prm(param, &format!("the {:?} budget rule", rule.name())));
     }
+    if !adaptive && w.budget_rule.is_some() {
+        return Err(ValidationError::new(
+            "reasoning.budget_rule",
+            "a budget rule sets an adaptive budget, and this request's budget is fixed (adaptive false, or the single strategy); drop budget_rule or set adaptive true",
+        ));
+    }
     if adaptive && strategy == Strategy::Single {
         return Err(ValidationError::new(
             "reasoning.adaptive",

@@ -14,7 +14,7 @@ fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Er
     impl<'de> serde::de::Visitor<'de> for Visit {
         type Value = Option<i64>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an integer")
+            f.write_str("an integer between -2^63 and 2^63 - 1")
         }
         fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
             Ok(Some(v))

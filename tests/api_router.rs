@@ -143,6 +143,12 @@ async fn reasoning_fields_are_checked_against_the_same_ranges_as_the_config() {
         (json!({"budget_rule": "always"}), "reasoning.budget_rule", vec!["always"]),
         (json!({"max_step_tokens": 0}), "reasoning.max_step_tokens", vec!["between 1 and 10000", "got 0"]),
         (json!({"max_steps": 10001}), "reasoning.max_steps", vec!["between 1 and 10000", "got 10001"]),
+        (
+            json!({"adaptive": false, "budget_rule": "ias"}),
+            "reasoning.budget_rule",
+            vec!["fixed", "adaptive true"],
+        ),
+        (json!({"strategy": "single", "budget_rule": "vote"}), "reasoning.budget_rule", vec!["single"]),
     ];
     for (reasoning, param, needles) in cases {
         expect_400(
