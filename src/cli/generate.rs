@@ -39,9 +39,30 @@ pub struct GenerateArgs {
     stop: Vec<String>,
 }
 
-pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.n >= 1, "-n must be at least 1, got {}", args.n);
+/// Forks of one prefill `generate` runs at once; each holds its own KV cache.
+const MAX_N: usize = 1024;
+
+/// The same ranges a request's sampling fields meet on the server.
+fn check(args: &GenerateArgs) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=MAX_N).contains(&args.n), "-n must be between 1 and {MAX_N}, got {}", args.n);
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1, got {}", args.max_tokens);
+    let (lo, hi) = (crate::validation::TEMPERATURE_RANGE.start(), crate::validation::TEMPERATURE_RANGE.end());
+    anyhow::ensure!(
+        crate::validation::TEMPERATURE_RANGE.contains(&(args.temperature as f64)),
+        "--temperature must be between {lo} and {hi}, got {}",
+        args.temperature
+    );
+    anyhow::ensure!(
+        args.top_p > 0.0 && args.top_p <= 1.0,
+        "--top-p must be above 0 and at most 1, got {}",
+        args.top_p
+    );
+    anyhow::ensure!(args.stop.iter().all(|s| !s.is_empty()), "--stop must not be an empty string");
+    Ok(())
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    check(&args)?;
     let t_load = Instant::now();
     let engine = args.model.load()?;
     eprintln!("loaded {} in {:.2}s", args.model.model.display(), t_load.elapsed().as_secs_f64());
@@ -96,9 +117,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         for (i, s) in seqs.iter().enumerate() {
             writeln!(
                 stdout,
-                "--- completion {i} ({} tokens, {:?})\n{}",
+                "--- completion {i} ({} tokens, {})\n{}",
                 s.generated().len(),
-                s.finish(),
+                s.finish().map_or("unfinished", |f| f.openai()),
                 s.text()
             )?;
         }

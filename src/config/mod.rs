@@ -438,9 +438,8 @@ impl Config {
         for (var, value) in all_env.iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)) {
             apply_env(&mut table, var, value)?;
         }
-        let mut cfg: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        let mut cfg: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| located(e, file, &all_env))?;
         cfg.apply(overrides);
         cfg.validate()?;
         cfg.resolve_api_keys(&all_env)?;
@@ -509,6 +508,19 @@ impl Config {
         if let Some(p) = self.prms.iter().find(|p| p.id.is_empty()) {
             return bad(format!("a [[prms]] entry ({}) has an empty id", p.model.display()));
         }
+        // First: the models' checks below read these limits.
+        let l = &self.limits;
+        let nonzero = [
+            ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.max_prompt_tokens", l.max_prompt_tokens),
+            ("limits.max_tokens", l.max_tokens),
+            ("limits.default_max_tokens", l.default_max_tokens),
+            ("limits.max_n", l.max_n),
+            ("queue.max_running", self.queue.max_running),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return bad(format!("{name} must be at least 1"));
+        }
         let mut ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
@@ -529,22 +541,16 @@ impl Config {
             crate::reasoning::knobs::check_defaults(&m.reasoning, self.queue.max_running)
                 .map_err(|e| ConfigError::Invalid(format!("model {:?}: [models.reasoning] {e}", m.id)))?;
         }
-        let l = &self.limits;
-        let nonzero = [
-            ("limits.max_body_bytes", l.max_body_bytes),
-            ("limits.max_prompt_tokens", l.max_prompt_tokens),
-            ("limits.max_tokens", l.max_tokens),
-            ("limits.default_max_tokens", l.default_max_tokens),
-            ("limits.max_n", l.max_n),
-            ("queue.max_running", self.queue.max_running),
-        ];
-        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
-            return bad(format!("{name} must be at least 1"));
-        }
         if l.max_n > self.queue.max_running {
             return bad(format!(
                 "limits.max_n ({}) exceeds queue.max_running ({}): such a request could never run",
                 l.max_n, self.queue.max_running
+            ));
+        }
+        if let Some(d) = self.logging.level.split(',').map(str::trim).find(|d| !names_a_level(d)) {
+            return bad(format!(
+                "logging.level {:?}: directive {d:?} names no level; write a level (\"info\") or target=level (\"ponder=debug\")",
+                self.logging.level
             ));
         }
         if self.server.api_keys.iter().any(|k| k.is_empty()) {
@@ -599,6 +605,31 @@ impl Config {
         let mut shown = self.clone();
         shown.server.api_keys = shown.server.api_keys.iter().map(|_| "<redacted>".to_string()).collect();
         toml::to_string_pretty(&shown).expect("the config serialises to TOML")
+    }
+}
+
+/// Whether a tracing directive sets a level. A bare word that is not a level
+/// is a target at every level, so `level = "nonsense"` would log nothing of
+/// ponder's without a word.
+fn names_a_level(directive: &str) -> bool {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    directive.contains('=') || LEVELS.iter().any(|l| directive.eq_ignore_ascii_case(l))
+}
+
+/// A type error in the merged settings, told by where the value came from:
+/// the variable that set the key, else the file, naming the key either way.
+fn located(
+    e: serde_path_to_error::Error<toml::de::Error>,
+    file: Option<&Path>,
+    env: &BTreeMap<String, String>,
+) -> ConfigError {
+    let key = e.path().to_string();
+    let message = format!("{key}: {}", e.inner().message());
+    let var = format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase());
+    match (env.contains_key(&var), file) {
+        (true, _) => ConfigError::Env { var, message },
+        (false, Some(path)) => ConfigError::File { path: path.display().to_string(), message },
+        (false, None) => ConfigError::Invalid(message),
     }
 }
 

@@ -187,3 +187,44 @@ fn a_model_default_that_every_request_would_fail_on_stops_start_up_naming_the_ke
         .to_string();
     assert!(err.contains("reasoning.max_samples must be between 1 and 16, got 64"), "{err}");
 }
+
+#[test]
+fn a_mistyped_value_names_its_key_and_where_it_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[server]\nport = \"9000\"\n").unwrap();
+    let err = Config::load(Some(&file), [], &Overrides::default()).unwrap_err().to_string();
+    assert!(err.contains("p.toml") && err.contains("server.port") && err.contains("9000"), "{err}");
+    let err = Config::load(None, env(&[("PONDER_SERVER_PORT", "70000")]), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("PONDER_SERVER_PORT") && err.contains("server.port") && err.contains("70000"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_zero_running_limit_is_named_before_the_defaults_it_would_break() {
+    let err = Config::load(None, env(&[("PONDER_QUEUE_MAX_RUNNING", "0")]), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(err, "queue.max_running must be at least 1");
+}
+
+#[test]
+fn a_logging_level_that_names_no_level_is_refused() {
+    for ok in ["info", "WARN", "info,ponder=debug", "ponder=trace"] {
+        assert!(
+            Config::load(None, env(&[("PONDER_LOGGING_LEVEL", ok)]), &Overrides::default()).is_ok(),
+            "{ok}"
+        );
+    }
+    let err = Config::load(None, env(&[("PONDER_LOGGING_LEVEL", "nonsense")]), &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("logging.level") && err.contains("\"nonsense\"") && err.contains("ponder=debug"),
+        "{err}"
+    );
+}
