@@ -119,19 +119,75 @@ fn eval_refuses_reasoning_flags_out_of_range_naming_the_flag_its_range_and_the_v
 }
 
 #[test]
+fn eval_on_a_model_without_a_prm_runs_vote_and_majority_and_refuses_what_needs_one_naming_the_flag() {
+    // ponder-arith's policy without the head beside it: a model with no PRM.
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith");
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let model = dir.path().to_str().unwrap();
+    let base = ["eval", "--model", model, "--per-level", "1", "--max-samples", "2", "--max-tokens", "8"];
+    let (ok, stdout, stderr) = ponder(&[&base[..], &["--strategy", "best_of_n", "--json"]].concat());
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (&v["budget_rule"], &v["select"], &v["prm"]),
+        (&"vote".into(), &"majority".into(), &serde_json::Value::Null)
+    );
+    assert_eq!(v["mean_prm_evaluations"], 0.0);
+    // SmolLM2 is a GGUF file: nothing beside it is taken for a PRM head.
+    let smollm = common::smollm_path();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--strategy", "best_of_n", "--select", "prm_max"], "--select prm_max: select \"prm_max\""),
+        (&["--strategy", "best_of_n", "--budget-rule", "ias"], "--budget-rule ias: the \"ias\" budget rule"),
+        (&["--strategy", "beam"], "--strategy beam: beam search"),
+        (&["--sweep"], "--sweep: the sweep"),
+    ];
+    for (flags, want) in cases {
+        for m in [model, smollm.to_str().unwrap()] {
+            let (ok, _, stderr) = ponder(&[&["eval", "--model", m][..], flags].concat());
+            assert!(!ok, "{flags:?} ran on {m}");
+            assert!(stderr.contains(want) && stderr.contains("needs a PRM and model"), "{flags:?}: {stderr}");
+            assert!(!stderr.contains("Not a directory"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn eval_refuses_an_output_path_it_cannot_write_before_any_work() {
+    let cases = [("--plot", "/proc/ponder-eval-test.svg"), ("--questions-out", "/nonexistent/dir/q.jsonl")];
+    for (flag, path) in cases {
+        let started = std::time::Instant::now();
+        let (ok, stdout, stderr) = ponder(&["eval", "--model", "ponder-arith", "--sweep", flag, path]);
+        assert!(!ok && stdout.is_empty(), "{flag}: {stdout}");
+        assert!(stderr.contains(&format!("{flag} {path}: cannot write there: ")), "{stderr}");
+        // Failing at start-up: no model loaded, no question drawn.
+        assert!(started.elapsed() < std::time::Duration::from_secs(20), "{flag}: {:?}", started.elapsed());
+    }
+}
+
+#[test]
 fn training_and_calibration_refuse_out_of_range_flags_before_writing_anything() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("m");
     let out = out.to_str().unwrap();
     let calibrate = ["calibrate", "--model", "ponder-arith", "--labels", out];
-    let cases: [(Vec<&str>, &str); 7] = [
+    let cases: [(Vec<&str>, &str); 11] = [
         (vec!["arith", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
+        (vec!["arith", "train-prm", "--n-val", "0"], "--n-val must be at least 1, got 0"),
+        (
+            vec!["arith", "train-prm", "--temperature", "NaN"],
+            "--temperature must be above 0 and at most 2, got NaN",
+        ),
+        ([&calibrate[..], &["--temperature", "5"]].concat(), "at most 2, got 5"),
+        ([&calibrate[..], &["--units", "100000"]].concat(), "--units must be at most 4096, got 100000"),
         (vec!["arith", "train", "--hidden", "0"], "--hidden must be at least 1, got 0"),
         (vec!["arith", "train", "--lr", "0"], "--lr must be a positive number, got 0"),
         (vec!["arith", "train-prm", "--lr", "0"], "--lr must be a positive number, got 0"),
         ([&calibrate[..], &["--n-mc", "0"]].concat(), "--n-mc must be at least 1, got 0"),
         ([&calibrate[..], &["--per-level", "0"]].concat(), "--per-level must be at least 1, got 0"),
-        ([&calibrate[..], &["--temperature", "0"]].concat(), "--temperature must be a positive number"),
+        ([&calibrate[..], &["--temperature", "0"]].concat(), "--temperature must be above 0"),
     ];
     for (mut args, want) in cases {
         args.extend_from_slice(&["--out", out]);
@@ -140,6 +196,14 @@ fn training_and_calibration_refuse_out_of_range_flags_before_writing_anything() 
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!std::path::Path::new(out).exists(), "{args:?} wrote {out}");
     }
+    // The head is written after the labels: a folder it cannot go to is found first.
+    let (ok, _, stderr) =
+        ponder(&[&calibrate[..], &["--head", "/proc/none/h.safetensors", "--out", out]].concat());
+    assert!(
+        !ok && stderr.contains("--head /proc/none/h.safetensors: cannot write in /proc/none"),
+        "{stderr}"
+    );
+    assert!(!std::path::Path::new(out).exists(), "--head checked after writing {out}");
 }
 
 #[test]
@@ -386,28 +450,29 @@ fn a_miniature_calibration_goes_through_every_stage_and_resumes_from_its_labels(
     // every estimator's IAS runs, and compares them at equal tokens.
     let run_file = dir.path().join("run.jsonl");
     let plot = dir.path().join("sweep.svg");
-    let sweep = |extra: &[&str]| {
-        let mut a = vec![
-            "eval",
-            "--model",
-            model,
-            "--per-level",
-            "1",
-            "--sweep",
-            "--max-samples",
-            "4",
-            "--prm-path",
-            head.to_str().unwrap(),
-            "--json",
-        ];
-        a.extend_from_slice(extra);
+    let sweep = |flags: &[&str]| {
+        let mut a = vec!["eval", "--model", model, "--sweep", "--json"];
+        a.extend_from_slice(flags);
         let (ok, stdout, stderr) = ponder(&a);
         assert!(ok, "{stderr}");
         serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()
     };
-    let v = sweep(&["--questions-out", run_file.to_str().unwrap(), "--plot", plot.to_str().unwrap()]);
-    // The written run replays to the same report, without generating.
-    assert_eq!(sweep(&["--questions-in", run_file.to_str().unwrap()])["points"], v["points"]);
+    let run_path = run_file.to_str().unwrap();
+    let v = sweep(&[
+        "--per-level",
+        "1",
+        "--max-samples",
+        "4",
+        "--prm-path",
+        head.to_str().unwrap(),
+        "--questions-out",
+        run_path,
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
+    // The written run replays to the same report, without generating: its
+    // questions, scores and N_max are the file's.
+    assert_eq!(sweep(&["--questions-in", run_path])["points"], v["points"]);
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
     assert_eq!(v["pass_at"].as_array().unwrap().len(), 3);
     let points = v["points"].as_array().unwrap();

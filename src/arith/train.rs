@@ -241,7 +241,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = Device::Cpu;
     let cfg = args.config();
     let model = TrainModel::new(cfg, args.seed, &device)?;
-    std::fs::create_dir_all(&args.out)?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("--out {}: cannot create the directory: {e}", args.out.display()))?;
     let tokenizer = vocab::build().map_err(|e| anyhow::anyhow!("{e}"))?;
     vocab::write_files(&args.out, &tokenizer)?;
     let enc = Encoder::with_tokenizer(tokenizer)?;

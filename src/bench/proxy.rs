@@ -144,7 +144,9 @@ pub fn run(a: ProxyArgs<'_>) -> anyhow::Result<ProxyBenchReport> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let engine_model = match a.backend_model {
         Some(m) => m.to_string(),
-        None => rt.block_on(first_model(&engine_addr, &prefix))?,
+        None => rt
+            .block_on(first_model(&engine_addr, &prefix))
+            .map_err(|e| anyhow::anyhow!("--backend {}: asking for its models: {e:#}", a.backend))?,
     };
     // A config file for the front: one remote model, room for every level.
     let dir = std::env::temp_dir().join(format!("ponder-bench-proxy-{}", std::process::id()));

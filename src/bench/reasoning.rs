@@ -449,6 +449,9 @@ fn print_table(r: &ReasoningBenchReport) {
 pub fn run(args: ReasoningBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.questions >= 1, "--questions must be at least 1");
     anyhow::ensure!(!args.concurrency.is_empty(), "--concurrency needs at least one level");
+    if let Some(&c) = args.concurrency.iter().find(|&&c| c == 0) {
+        anyhow::bail!("--concurrency levels must be at least 1, got {c}");
+    }
     eprintln!("starting ponder serve --config {}", args.config.display());
     let server = client::start_serve(&args.config, START_TIMEOUT)?;
     eprintln!("server at {}", server.addr);

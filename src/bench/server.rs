@@ -96,14 +96,24 @@ fn start_server(model: &std::path::Path) -> anyhow::Result<Server> {
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // The last lines before the server ended say why it never listened.
+        let mut last = std::collections::VecDeque::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(a) = line.split("listening on http://").nth(1) {
-                let _ = tx.send(a.trim().to_string());
+                let _ = tx.send(Ok(a.trim().to_string()));
             }
+            if last.len() == 5 {
+                last.pop_front();
+            }
+            last.push_back(line);
         }
+        let _ = tx.send(Err(Vec::from(last).join("\n")));
     });
-    let addr =
-        rx.recv_timeout(Duration::from_secs(120)).map_err(|_| anyhow::anyhow!("server did not start"))?;
+    let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Ok(addr)) => addr,
+        Ok(Err(why)) => anyhow::bail!("the server did not start; it said:\n{why}"),
+        Err(_) => anyhow::bail!("the server did not start within 120 s"),
+    };
     Ok(Server { child, addr })
 }
 
@@ -205,6 +215,9 @@ pub fn run(args: ServerBenchArgs) -> anyhow::Result<()> {
         args.max_tokens >= 1 && args.requests >= 1,
         "--max-tokens and --requests must be at least 1"
     );
+    if let Some(&c) = args.concurrency.iter().find(|&&c| c == 0) {
+        anyhow::bail!("--concurrency levels must be at least 1, got {c}");
+    }
     if let Some(backend) = &args.backend {
         let report = super::proxy::run(super::proxy::ProxyArgs {
             backend,

@@ -160,6 +160,9 @@ fn policy(entry: &ModelEntry, target: &Target) -> anyhow::Result<(Policy, PathBu
     }
 }
 
+/// The widest hidden layer a calibration head may have.
+const MAX_UNITS: usize = 4096;
+
 /// Refuses flags that would label nothing or fit on nothing, before any
 /// file is written.
 fn check_args(args: &CalibrateArgs) -> anyhow::Result<()> {
@@ -174,11 +177,24 @@ fn check_args(args: &CalibrateArgs) -> anyhow::Result<()> {
         anyhow::ensure!(v >= 1, "{flag} must be at least 1, got {v}");
     }
     // Monte-Carlo labels need sampled continuations: greedy ones are all the same.
+    let (lo, hi) = (0.0, *crate::validation::TEMPERATURE_RANGE.end() as f32);
     anyhow::ensure!(
-        args.temperature > 0.0 && args.temperature.is_finite(),
-        "--temperature must be a positive number (labels need sampled continuations), got {}",
+        args.temperature > lo && args.temperature <= hi,
+        "--temperature must be above 0 (labels need sampled continuations) and at most {hi}, got {}",
         args.temperature
     );
+    // A head wider than this would not fit beside the model on the machines ponder serves from.
+    anyhow::ensure!(args.units <= MAX_UNITS, "--units must be at most {MAX_UNITS}, got {}", args.units);
+    // The head is written last, after an hour of labels: a folder it cannot
+    // be written to is found now.
+    if let Some(head) = &args.head {
+        let dir = head.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        let probe = dir.join(format!(".ponder-write-check-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| {
+            anyhow::anyhow!("--head {}: cannot write in {}: {e}", head.display(), dir.display())
+        })?;
+        let _ = std::fs::remove_file(&probe);
+    }
     Ok(())
 }
 
@@ -189,7 +205,8 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let target = target(&args, &entry);
     let (policy, out, path) = policy(&entry, &target)?;
     let out = args.out.clone().unwrap_or(out);
-    std::fs::create_dir_all(&out)?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| anyhow::anyhow!("output directory {}: cannot create it: {e}", out.display()))?;
     let source = match &policy {
         Policy::Local(engine) => Source::Local(engine),
         Policy::Remote(labeler) => Source::Remote(labeler),
@@ -197,7 +214,8 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let fit_problems = task::generate(args.split, args.per_level)?;
     let eval_problems = task::generate(args.eval_split, args.eval_per_level)?;
     let labels_dir = args.labels.clone().unwrap_or_else(|| out.clone());
-    std::fs::create_dir_all(&labels_dir)?;
+    std::fs::create_dir_all(&labels_dir)
+        .map_err(|e| anyhow::anyhow!("labels directory {}: cannot create it: {e}", labels_dir.display()))?;
     let fit_rows = collect_labels(&args, &source, &fit_problems, args.split, &labels_dir)?;
     let eval_rows = collect_labels(&args, &source, &eval_problems, args.eval_split, &labels_dir)?;
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;

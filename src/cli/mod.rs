@@ -53,8 +53,8 @@ struct ExportArgs {
     #[arg(long, value_enum)]
     split: crate::arith::task::Split,
     /// Problems per level (six levels).
-    #[arg(long, default_value_t = 50)]
-    per_level: usize,
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    per_level: u64,
     /// 0: the questions `ponder eval --split` reads. N > 0: questions of the
     /// same split from another seed, none of them among stream 0's at the
     /// same --per-level (new questions to check a result on).
@@ -84,6 +84,9 @@ pub(crate) fn set_threads(threads: usize) {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        end_quietly_on_a_closed_pipe();
+    }
     if let Some(t) = cli.threads {
         set_threads(t);
     }
@@ -100,10 +103,16 @@ pub fn main() -> ExitCode {
         Command::Arith(ArithCommand::TrainPrm(args)) => crate::arith::verifier::run(args),
         Command::Arith(ArithCommand::Export(a)) => {
             let problems = match a.stream {
-                0 => crate::arith::task::generate(a.split, a.per_level),
-                n => crate::arith::task::generate_unseen(a.split, a.per_level, n),
+                0 => crate::arith::task::generate(a.split, a.per_level as usize),
+                n => crate::arith::task::generate_unseen(a.split, a.per_level as usize, n),
             };
-            problems.map(|p| print!("{}", crate::arith::task::to_jsonl(&p))).map_err(Into::into)
+            problems.map_err(anyhow::Error::from).and_then(|p| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                out.write_all(crate::arith::task::to_jsonl(&p).as_bytes())
+                    .and_then(|()| out.flush())
+                    .map_err(|e| anyhow::anyhow!("writing the questions to stdout: {e}"))
+            })
         }
     };
     match result {
@@ -112,5 +121,17 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Rust ignores SIGPIPE, so `ponder eval … | head` would panic in `println!`
+/// once `head` closes the pipe; a command-line tool should end quietly, as
+/// `cat` does. (`serve` keeps ignoring it: a client's closed socket must not
+/// end the server.)
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: restores one signal's default disposition; called before any
+    // thread starts, and no handler of ours is replaced.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

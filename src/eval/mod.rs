@@ -5,7 +5,9 @@
 //! frontier of fixed budgets and every budget rule.
 
 mod bootstrap;
+mod flags;
 mod frontier;
+mod output;
 mod plot;
 mod points;
 mod samples;
@@ -19,13 +21,17 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::arith::task::{self, Split};
-use crate::config::{Config, Overrides, PrmConfig};
+use crate::config::{Config, Overrides, PrmConfig, ReasoningDefaults};
 use crate::engine::{Engine, EngineOptions};
 use crate::model::WeightFormat;
 use crate::prm::Scorer;
 use crate::prm::head::HeadOutput;
 use crate::reasoning::{BudgetRule, Select, Strategy};
 
+/// The flags. Those whose use depends on the strategy are options, so that
+/// a flag given where nothing reads it is an error rather than ignored
+/// (clap's conflicts never count a default); their defaults are in
+/// [`EvalArgs`]' accessors.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
     /// A model id from the configuration, or a model path.
@@ -37,32 +43,34 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = Split::Test)]
     pub split: Split,
     /// Questions from a JSONL file of {question, answer[, level, id]} instead of a split.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["split", "per_level"])]
     pub jsonl: Option<PathBuf>,
     /// Problems per level (six levels) of the split.
     #[arg(long, default_value_t = 50)]
     pub per_level: usize,
-    /// single: independent samples each scored; best_of_n and beam: one answer per question.
-    #[arg(long, value_enum, default_value_t = Strategy::Single)]
-    pub strategy: Strategy,
-    /// Samples per question (single).
-    #[arg(long, default_value_t = 16)]
-    pub samples: usize,
-    /// Budget from the PRM (by `--budget-rule`) or fixed.
-    #[arg(long, action = clap::ArgAction::Set, default_value_t = true)]
-    pub adaptive: bool,
-    /// N_max.
-    #[arg(long, default_value_t = 64)]
-    pub max_samples: usize,
+    /// single: independent samples each scored; best_of_n and beam: one answer per question
+    /// [default: single; with --sweep, best_of_n].
+    #[arg(long, value_enum)]
+    pub strategy: Option<Strategy>,
+    /// Samples per question (single) [default: 16].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Budget from the PRM (by `--budget-rule`) or fixed [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub adaptive: Option<bool>,
+    /// N_max [default: 64; with --questions-in, the run's samples per question].
+    #[arg(long)]
+    pub max_samples: Option<usize>,
     /// C [default: the one served for a model with a PRM: 0.9, beam search 0.99].
     #[arg(long)]
     pub confidence: Option<f64>,
-    #[arg(long, default_value_t = 0.1)]
-    pub budget_quantile: f64,
-    /// How an adaptive budget is set (`--sweep` replays every rule instead);
-    /// the default is the one served for a model with a PRM.
-    #[arg(long = "budget-rule", value_enum, default_value_t = BudgetRule::GiveUp)]
-    pub rule: BudgetRule,
+    /// The quantile of the PRM's estimate the rules read [default: 0.1].
+    #[arg(long)]
+    pub budget_quantile: Option<f64>,
+    /// How an adaptive budget is set (`--sweep` replays every rule instead)
+    /// [default: the one served: give_up for a model with a PRM, vote without].
+    #[arg(long = "budget-rule", value_enum)]
+    pub rule: Option<BudgetRule>,
     /// Samples per round (rules that draw in rounds); beam search: each search's initial and kept
     /// paths [default: the served one: 2, beam search 4].
     #[arg(long)]
@@ -75,25 +83,33 @@ pub struct EvalArgs {
     /// (1: off) [default: the served one: 0.03].
     #[arg(long)]
     pub give_up_plausible: Option<f64>,
-    /// M_max.
-    #[arg(long, default_value_t = 8)]
-    pub beam_width: usize,
-    /// K_max.
-    #[arg(long, default_value_t = 8)]
-    pub beams: usize,
-    #[arg(long, default_value_t = 1)]
-    pub prune_every: usize,
-    #[arg(long, value_enum, default_value_t = Select::PrmMax)]
-    pub select: Select,
-    /// Which head answers as the PRM: the calibrated quantiles or the raw score.
-    #[arg(long, value_enum, default_value_t = HeadOutput::Calibrated)]
-    pub prm: HeadOutput,
-    /// The PRM head file (default: the model's configured `prm`, else MODEL_DIR/prm_head.safetensors).
+    /// M_max (beam) [default: 8].
+    #[arg(long)]
+    pub beam_width: Option<usize>,
+    /// K_max (beam) [default: 8].
+    #[arg(long)]
+    pub beams: Option<usize>,
+    /// Steps between prunings (beam) [default: 1].
+    #[arg(long)]
+    pub prune_every: Option<usize>,
+    /// The answer chosen among the samples [default: prm_max for a model with a PRM, majority
+    /// without].
+    #[arg(long, value_enum)]
+    pub select: Option<Select>,
+    /// Which head answers as the PRM: the calibrated quantiles or the raw score
+    /// [default: calibrated].
+    #[arg(long, value_enum)]
+    pub prm: Option<HeadOutput>,
+    /// The PRM head file (default: the model's configured `prm`, else MODEL_DIR/prm_head.safetensors
+    /// when the model is a directory holding one).
     #[arg(long)]
     pub prm_path: Option<PathBuf>,
     /// Replay one best-of-N_max run as the fixed best-of-N curve, pass@N and every budget
     /// rule with the raw, calibrated and oracle estimates: accuracy against tokens.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = [
+        "samples", "adaptive", "confidence", "rule", "round_size", "give_up_gain",
+        "give_up_plausible", "beam_width", "beams", "prune_every", "prm",
+    ])]
     pub sweep: bool,
     /// With --sweep: write accuracy against tokens (the fixed curve, pass@N and each rule's
     /// frontier) as an SVG here.
@@ -104,7 +120,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "PATH")]
     pub questions_out: Option<PathBuf>,
     /// With --sweep: replay a run written by --questions-out instead of generating one.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with_all = [
+        "split", "jsonl", "per_level", "temperature", "seed", "samples", "adaptive",
+        "max_tokens", "concurrent", "prm_path",
+    ])]
     pub questions_in: Option<PathBuf>,
     #[arg(long, default_value_t = 0.7)]
     pub temperature: f32,
@@ -149,6 +168,14 @@ fn problems(args: &EvalArgs) -> anyhow::Result<Vec<EvalProblem>> {
             .collect());
     };
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let problems = parse_problems(path, &text)?;
+    // Every figure is a share of the questions: none would print NaN.
+    anyhow::ensure!(!problems.is_empty(), "no questions in {} (--jsonl)", path.display());
+    Ok(problems)
+}
+
+/// The questions of a JSONL file's `text`, blank lines skipped.
+fn parse_problems(path: &Path, text: &str) -> anyhow::Result<Vec<EvalProblem>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
@@ -189,6 +216,17 @@ pub(crate) fn resolve_entry(
     })
 }
 
+/// The PRM `ponder eval` uses: `--prm-path`, else the model's configured
+/// one, else a head `ponder calibrate` wrote beside a model directory — the
+/// server's rule for `--model ID=PATH` (a GGUF file has nothing beside it
+/// to look in). None: the model has no PRM.
+fn model_prm(prm_path: Option<&Path>, model: &Path, configured: Option<PrmConfig>) -> Option<PrmConfig> {
+    prm_path
+        .map(|p| PrmConfig::Head(p.to_path_buf()))
+        .or(configured)
+        .or_else(|| Some(model.join("prm_head.safetensors")).filter(|p| p.is_file()).map(PrmConfig::Head))
+}
+
 /// The PRM answering as `output`, for the policy `engine` runs.
 pub(crate) fn load_prm(
     prm: &PrmConfig,
@@ -198,60 +236,51 @@ pub(crate) fn load_prm(
     crate::prm::load(prm, engine.model().config().hidden, output).map_err(|e| anyhow::anyhow!("PRM: {e}"))
 }
 
+/// Every flag is checked, and every output file opened, before a model is
+/// loaded or a question read: a mistake fails at once, not after the run.
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.samples >= 1 && args.per_level >= 1, "--samples and --per-level must be at least 1");
+    flags::check(&args)?;
     check_knobs(&args)?;
-    let range = crate::validation::TEMPERATURE_RANGE;
-    anyhow::ensure!(
-        range.contains(&(args.temperature as f64)),
-        "--temperature must be between {} and {}, got {}",
-        range.start(),
-        range.end(),
-        args.temperature
-    );
-    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1, got 0");
-    anyhow::ensure!(
-        (args.plot.is_none() && args.questions_out.is_none() && args.questions_in.is_none()) || args.sweep,
-        "--plot, --questions-out and --questions-in belong to the sweep: add --sweep"
-    );
+    let outputs = output::SweepOutputs::open(&args)?;
+    if let Some(path) = &args.questions_in {
+        // Nothing to generate: the run is in the file.
+        return sweep::replay(path, outputs, &args);
+    }
     let (path, weights, configured_prm) = resolve_entry(&args.model, args.config.as_deref())?;
+    let prm = model_prm(args.prm_path.as_deref(), &path, configured_prm);
+    let choice = flags::choose(&args, prm.is_some())?;
+    let problems = problems(&args)?;
     let engine = Engine::load(&path, weights, &candle_core::Device::Cpu, EngineOptions::default())
         .map_err(|e| anyhow::anyhow!("loading {}: {e}", path.display()))?;
-    let problems = problems(&args)?;
-    if args.strategy == Strategy::Single && !args.sweep {
+    if choice.strategy == Strategy::Single {
         return samples::run(&engine, &problems, &args);
     }
-    let prm = args
-        .prm_path
-        .clone()
-        .map(PrmConfig::Head)
-        .or(configured_prm)
-        .unwrap_or_else(|| PrmConfig::Head(path.join("prm_head.safetensors")));
     let engine = Arc::new(engine);
     if args.sweep {
-        sweep::sweep(engine, &prm, &problems, &args)
-    } else {
-        search::run(engine, &prm, &problems, &args)
+        // flags::choose has refused a sweep without a PRM already.
+        let prm = prm.ok_or_else(|| anyhow::anyhow!("--sweep needs a PRM"))?;
+        return sweep::sweep(engine, &prm, choice.select, &problems, &args, outputs);
     }
+    search::run(engine, prm.as_ref(), &choice, &problems, &args)
 }
 
 /// The most sequences one question may hold at once in `ponder eval`
-/// (N_max, the beam's paths, a round): far above the served default
-/// (`queue.max_running`, 64), low enough that a mistyped flag fails at once
-/// instead of exhausting memory.
+/// (N_max, the beam's paths, a round, single's samples): far above the
+/// served default (`queue.max_running`, 64), low enough that a mistyped
+/// flag fails at once instead of exhausting memory.
 pub const MAX_SEQUENCES: usize = 1024;
 
 /// The reasoning flags against the ranges a request's `reasoning` object
 /// meets in the server, the error naming the flag, its range and the value.
 fn check_knobs(args: &EvalArgs) -> anyhow::Result<()> {
-    let own = args.round_knobs(args.strategy);
+    let own = args.round_knobs(args.strategy());
     let values = crate::reasoning::knobs::KnobValues {
-        max_samples: args.max_samples as i64,
-        beam_width: args.beam_width as i64,
-        beams: args.beams as i64,
-        prune_every: args.prune_every as i64,
+        max_samples: args.max_samples() as i64,
+        beam_width: args.beam_width() as i64,
+        beams: args.beams() as i64,
+        prune_every: args.prune_every() as i64,
         confidence: own.confidence,
-        budget_quantile: args.budget_quantile,
+        budget_quantile: args.budget_quantile(),
         round_size: own.round_size as i64,
         give_up_gain: own.give_up_gain,
         give_up_plausible: args.plausible(),
@@ -264,17 +293,59 @@ fn check_knobs(args: &EvalArgs) -> anyhow::Result<()> {
 
 /// The question source, for reports.
 pub(crate) fn source_name(args: &EvalArgs) -> String {
-    match &args.jsonl {
-        Some(p) => p.display().to_string(),
-        None => args.split.name().to_string(),
+    match (&args.questions_in, &args.jsonl) {
+        (Some(p), _) | (None, Some(p)) => p.display().to_string(),
+        (None, None) => args.split.name().to_string(),
     }
 }
 
+/// The served defaults (`ReasoningDefaults`) of the flags left out.
 impl EvalArgs {
+    /// What runs: `--sweep` replays best-of-N.
+    pub(crate) fn strategy(&self) -> Strategy {
+        match self.strategy {
+            _ if self.sweep => Strategy::BestOfN,
+            Some(s) => s,
+            None => Strategy::Single,
+        }
+    }
+
+    pub(crate) fn samples(&self) -> usize {
+        self.samples.unwrap_or(16)
+    }
+
+    pub(crate) fn adaptive(&self) -> bool {
+        self.adaptive.unwrap_or(true)
+    }
+
+    pub(crate) fn max_samples(&self) -> usize {
+        self.max_samples.unwrap_or(ReasoningDefaults::default().max_samples)
+    }
+
+    pub(crate) fn budget_quantile(&self) -> f64 {
+        self.budget_quantile.unwrap_or(ReasoningDefaults::default().budget_quantile)
+    }
+
+    pub(crate) fn beam_width(&self) -> usize {
+        self.beam_width.unwrap_or(ReasoningDefaults::default().beam_width)
+    }
+
+    pub(crate) fn beams(&self) -> usize {
+        self.beams.unwrap_or(ReasoningDefaults::default().beams)
+    }
+
+    pub(crate) fn prune_every(&self) -> usize {
+        self.prune_every.unwrap_or(ReasoningDefaults::default().prune_every)
+    }
+
+    pub(crate) fn prm_output(&self) -> HeadOutput {
+        self.prm.unwrap_or_default()
+    }
+
     /// C, the round size and the gain floor as given, else the served
     /// defaults for `strategy`.
     pub(crate) fn round_knobs(&self, strategy: Strategy) -> crate::reasoning::knobs::RoundKnobs {
-        let d = crate::config::ReasoningDefaults::default().round_knobs(strategy);
+        let d = ReasoningDefaults::default().round_knobs(strategy);
         crate::reasoning::knobs::RoundKnobs {
             confidence: self.confidence.unwrap_or(d.confidence),
             round_size: self.round_size.unwrap_or(d.round_size),
@@ -284,6 +355,41 @@ impl EvalArgs {
 
     /// `give_up_plausible` as given, else the served default.
     pub(crate) fn plausible(&self) -> f64 {
-        self.give_up_plausible.unwrap_or(crate::config::ReasoningDefaults::default().give_up_plausible)
+        self.give_up_plausible.unwrap_or(ReasoningDefaults::default().give_up_plausible)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_jsonl_file_is_an_error_naming_it_not_a_nan_accuracy() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            eval: EvalArgs,
+        }
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("empty.jsonl");
+        std::fs::write(&path, "\n  \n").expect("written");
+        let args = Cli::parse_from(["ponder", "--model", "m", "--jsonl", path.to_str().expect("utf-8")]).eval;
+        let e = problems(&args).expect_err("no questions").to_string();
+        assert_eq!(e, format!("no questions in {} (--jsonl)", path.display()));
+    }
+
+    #[test]
+    fn a_prm_head_is_looked_for_beside_a_model_directory_only_when_there_is_one() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let gguf = dir.path().join("model.gguf");
+        std::fs::write(&gguf, b"").expect("written");
+        assert_eq!(model_prm(None, &gguf, None), None, "a GGUF file has no directory to look in");
+        assert_eq!(model_prm(None, dir.path(), None), None, "no head beside the model");
+        let head = dir.path().join("prm_head.safetensors");
+        std::fs::write(&head, b"").expect("written");
+        assert_eq!(model_prm(None, dir.path(), None), Some(PrmConfig::Head(head.clone())));
+        let given = PathBuf::from("other.safetensors");
+        assert_eq!(model_prm(Some(&given), &gguf, None), Some(PrmConfig::Head(given)));
     }
 }

@@ -2,8 +2,6 @@
 //! fixed best-of-N curve with its intervals, pass@N above it, and each
 //! rule's Pareto frontier with the calibrated (solid) and raw (dashed) PRM.
 
-use std::path::Path;
-
 use plotters::coord::combinators::WithKeyPoints;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
@@ -42,9 +40,11 @@ fn plotted(f: &Frontier) -> bool {
     f.estimator != Estimator::Oracle
 }
 
-/// Percent on the y axis; tokens as a fraction of fixed best-of-N_max on a
-/// log x axis, since the interesting budgets span two decades.
-pub(super) fn write_svg(path: &Path, data: &PlotData<'_>) -> anyhow::Result<()> {
+/// The plot as SVG text (written by the caller to a file it opened before
+/// the run). Percent on the y axis; tokens as a fraction of fixed
+/// best-of-N_max on a log x axis, since the interesting budgets span two
+/// decades.
+pub(super) fn svg(data: &PlotData<'_>) -> anyhow::Result<String> {
     let xs = data.fixed.iter().map(|p| p.tokens_vs_fixed_max).chain(
         data.frontiers
             .iter()
@@ -60,7 +60,8 @@ pub(super) fn write_svg(path: &Path, data: &PlotData<'_>) -> anyhow::Result<()> 
     );
     let y_min = ((accuracies.fold(1.0f64, f64::min) * 10.0).floor() * 10.0).clamp(0.0, 90.0);
 
-    let root = SVGBackend::new(path, (900, 620)).into_drawing_area();
+    let mut out = String::new();
+    let root = SVGBackend::with_string(&mut out, (900, 620)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(&data.title, ("sans-serif", 18))
@@ -94,7 +95,9 @@ pub(super) fn write_svg(path: &Path, data: &PlotData<'_>) -> anyhow::Result<()> 
         .position(SeriesLabelPosition::UpperLeft)
         .draw()?;
     root.present()?;
-    Ok(())
+    drop(chart);
+    drop(root);
+    Ok(out)
 }
 
 /// The fixed curve with a 95% interval bar at each N, and pass@N (a
@@ -160,11 +163,8 @@ mod tests {
         let pass_at = sweep.pass_at(&fixed);
         let points: Vec<SweepPoint> = specs(&GRID).iter().map(|s| sweep.rule_point(s)).collect();
         let frontiers = frontiers(&points);
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("sweep.svg");
         let data = PlotData { title: "test".into(), fixed: &fixed, pass_at: &pass_at, frontiers: &frontiers };
-        write_svg(&path, &data).expect("the plot is written");
-        let svg = std::fs::read_to_string(&path).expect("the plot is readable");
+        let svg = svg(&data).expect("the plot is drawn");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         for label in ["fixed best-of-N", "pass@N", "sequential/calibrated", "give_up/raw", "vote"] {
             assert!(svg.contains(label), "{label}");

@@ -63,10 +63,11 @@ impl Estimator {
     }
 }
 
-/// One question of the fixed run: its level, the PRM's score of the question
-/// alone, the candidates in the order they were drawn, and which answers are
-/// correct.
+/// One question of the fixed run: its id and level, the PRM's score of the
+/// question alone, the candidates in the order they were drawn, and which
+/// answers are correct.
 pub(super) struct SweepQuestion {
+    pub(super) id: String,
     pub(super) level: u8,
     pub(super) root: PrmScore,
     pub(super) candidates: Vec<Candidate>,
@@ -515,6 +516,7 @@ pub(super) mod tests {
     pub(in crate::eval) fn questions() -> Vec<SweepQuestion> {
         let root = |q10: f32, raw: f32| PrmScore { quantiles: Quantiles::point(q10), raw: Some(raw) };
         let easy = SweepQuestion {
+            id: "easy".into(),
             level: 1,
             root: root(0.9, 0.95),
             candidates: (0..8).map(|_| cand("2", 0.9, 0.9, 10)).collect(),
@@ -523,6 +525,7 @@ pub(super) mod tests {
         let mut hard: Vec<Candidate> = (0..8).map(|i| cand(&format!("{}", 10 + i), 0.1, 0.8, 30)).collect();
         hard[3] = cand("7", 0.6, 0.3, 30);
         let hard = SweepQuestion {
+            id: "hard".into(),
             level: 2,
             root: root(0.05, 0.95),
             candidates: hard,

@@ -64,7 +64,7 @@ fn run_questions(engine: &Engine, problems: &[EvalProblem], args: &EvalArgs) -> 
             engine.step(&mut [&mut root])?;
         }
         let seeds: Vec<u64> =
-            (0..args.samples as u64).map(|j| child_seed(args.seed ^ fnv(&p.id), j)).collect();
+            (0..args.samples() as u64).map(|j| child_seed(args.seed ^ fnv(&p.id), j)).collect();
         seqs.extend(engine.fork(&mut root, &seeds)?.into_iter().map(|s| (q, s)));
     }
     while seqs.iter().any(|(_, s)| s.is_running()) {
@@ -95,7 +95,7 @@ fn fnv(s: &str) -> u64 {
 pub fn run(engine: &Engine, problems: &[EvalProblem], args: &EvalArgs) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(problems.len() as u64);
     let mut outcomes = Vec::new();
-    for chunk in problems.chunks(args.concurrent.max(1)) {
+    for chunk in problems.chunks(args.concurrent) {
         outcomes.extend(run_questions(engine, chunk, args)?);
         bar.inc(chunk.len() as u64);
     }
@@ -110,7 +110,7 @@ pub fn run(engine: &Engine, problems: &[EvalProblem], args: &EvalArgs) -> anyhow
 }
 
 fn summarize(args: &EvalArgs, outcomes: &[Outcome]) -> EvalReport {
-    let k = args.samples;
+    let k = args.samples();
     let total = (outcomes.len() * k) as f64;
     let mut histogram = vec![0; k + 1];
     for o in outcomes {
@@ -147,6 +147,17 @@ fn summarize(args: &EvalArgs, outcomes: &[Outcome]) -> EvalReport {
     }
 }
 
+/// The share of questions solved strictly between 2 and k-2 times out of
+/// k, printed only when some count lies strictly between: with k ≤ 5 none
+/// does (k = 2 would read "between 2/2 and 0/2"), and the share is 0 by
+/// construction.
+fn spread_line(r: &EvalReport) -> Option<String> {
+    let k = r.samples;
+    (k >= 6).then(|| {
+        format!("questions strictly between 2/{k} and {}/{k}: {:.1}%", k - 2, r.spread_fraction * 100.0)
+    })
+}
+
 fn print_report(r: &EvalReport) {
     println!(
         "{} on {} ({} samples per question, temperature {})",
@@ -158,16 +169,47 @@ fn print_report(r: &EvalReport) {
         println!("{:>5}  {:>7.1}%  {:>9}", l.level, l.accuracy * 100.0, l.questions);
     }
     println!("per-question correct samples (0..={}): {:?}", r.samples, r.success_histogram);
-    println!(
-        "questions strictly between 2/{k} and {}/{k}: {:.1}%",
-        r.samples.saturating_sub(2),
-        r.spread_fraction * 100.0,
-        k = r.samples
-    );
+    if let Some(line) = spread_line(r) {
+        println!("{line}");
+    }
     println!(
         "format: blank-line steps {:.1}%, final answer line {:.1}%; mean {:.1} tokens per sample",
         r.blank_line_steps * 100.0,
         r.answer_line * 100.0,
         r.mean_generated_tokens
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(samples: usize) -> EvalReport {
+        EvalReport {
+            model: "m".into(),
+            split: "test".into(),
+            strategy: "single",
+            samples,
+            temperature: 0.7,
+            accuracy: 0.5,
+            per_level: Vec::new(),
+            success_histogram: vec![0; samples + 1],
+            spread_fraction: 0.25,
+            blank_line_steps: 1.0,
+            answer_line: 1.0,
+            mean_generated_tokens: 10.0,
+        }
+    }
+
+    #[test]
+    fn the_spread_line_is_printed_only_when_a_count_lies_strictly_between_2_and_k_minus_2() {
+        for k in 1..=5 {
+            assert_eq!(spread_line(&report(k)), None, "k = {k}");
+        }
+        assert_eq!(spread_line(&report(6)).as_deref(), Some("questions strictly between 2/6 and 4/6: 25.0%"));
+        assert_eq!(
+            spread_line(&report(16)).as_deref(),
+            Some("questions strictly between 2/16 and 14/16: 25.0%")
+        );
+    }
 }

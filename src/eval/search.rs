@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::flags::Choice;
 use super::{EvalArgs, EvalProblem, load_prm, source_name};
 use crate::config::PrmConfig;
 use crate::engine::{Engine, EngineError, SamplingParams};
@@ -15,27 +16,22 @@ use crate::reasoning::runtime::{Grants, ReasoningJob, Runtime};
 use crate::reasoning::{Budget, Candidates, Outcome, ReasoningParams, Select, Strategy};
 use crate::tokenizer::{AddSpecial, ChatMessage};
 
-pub(super) fn params(
-    args: &EvalArgs,
-    strategy: Strategy,
-    budget: Budget,
-    candidates: Candidates,
-) -> ReasoningParams {
-    let own = args.round_knobs(strategy);
+pub(super) fn params(args: &EvalArgs, c: &Choice, candidates: Candidates) -> ReasoningParams {
+    let own = args.round_knobs(c.strategy);
     ReasoningParams {
-        strategy,
-        budget,
-        max_samples: args.max_samples,
+        strategy: c.strategy,
+        budget: if c.adaptive { Budget::Adaptive } else { Budget::Fixed },
+        max_samples: args.max_samples(),
         confidence: own.confidence,
-        budget_quantile: args.budget_quantile,
-        rule: args.rule,
+        budget_quantile: args.budget_quantile(),
+        rule: c.rule,
         round: own.round_size,
         give_up_gain: own.give_up_gain,
         give_up_plausible: args.plausible(),
-        beam_width: args.beam_width,
-        beams: args.beams,
-        prune_every: args.prune_every,
-        select: args.select,
+        beam_width: args.beam_width(),
+        beams: args.beams(),
+        prune_every: args.prune_every(),
+        select: c.select,
         answer: crate::reasoning::select::AnswerFormat::LastNumber,
         candidates,
         n: 1,
@@ -76,22 +72,23 @@ pub fn step_offline(rt: &mut Runtime, engine: &Engine) -> Result<usize, EngineEr
 }
 
 /// Every problem through `p`, `concurrent` requests at a time sharing the
-/// engine's batched steps. Outcomes in problem order.
+/// engine's batched steps (without a PRM as the server runs a model that
+/// has none). Outcomes in problem order.
 pub(super) fn run_all(
     engine: &Arc<Engine>,
-    prm: Arc<dyn Scorer>,
+    prm: Option<Arc<dyn Scorer>>,
     problems: &[EvalProblem],
     p: ReasoningParams,
     args: &EvalArgs,
 ) -> anyhow::Result<Vec<Outcome>> {
-    let mut rt = Runtime::new(engine.clone(), Some(prm));
+    let mut rt = Runtime::new(engine.clone(), prm);
     let mut out: Vec<Option<Outcome>> = vec![None; problems.len()];
     let mut owner = BTreeMap::new();
     let mut next = 0;
     let bar = indicatif::ProgressBar::new(problems.len() as u64);
     bar.set_message(format!("{} {:?}", p.strategy.name(), p.budget));
     while next < problems.len() || !rt.is_idle() {
-        while next < problems.len() && rt.running() < args.concurrent.max(1) {
+        while next < problems.len() && rt.running() < args.concurrent {
             let q = &problems[next];
             let job = ReasoningJob {
                 question: q.question.clone(),
@@ -114,7 +111,10 @@ pub(super) fn run_all(
         }
     }
     bar.finish_and_clear();
-    Ok(out.into_iter().map(|o| o.expect("every task finished")).collect())
+    out.into_iter()
+        .zip(problems)
+        .map(|(o, q)| o.ok_or_else(|| anyhow::anyhow!("question {} never finished", q.id)))
+        .collect()
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,7 +156,8 @@ struct SearchReport {
     strategy: Strategy,
     adaptive: bool,
     select: Select,
-    prm: HeadOutput,
+    /// Null for a model without a PRM.
+    prm: Option<HeadOutput>,
     confidence: f64,
     round_size: usize,
     give_up_gain: f64,
@@ -183,16 +184,15 @@ struct QuestionResult {
     rounds: usize,
 }
 
-pub fn run(
+pub(super) fn run(
     engine: Arc<Engine>,
-    prm: &PrmConfig,
+    prm: Option<&PrmConfig>,
+    choice: &Choice,
     problems: &[EvalProblem],
     args: &EvalArgs,
 ) -> anyhow::Result<()> {
-    let prm = load_prm(prm, &engine, args.prm)?;
-    let budget = if args.adaptive { Budget::Adaptive } else { Budget::Fixed };
-    let outcomes =
-        run_all(&engine, prm, problems, params(args, args.strategy, budget, Candidates::Omit), args)?;
+    let scorer = prm.map(|prm| load_prm(prm, &engine, args.prm_output())).transpose()?;
+    let outcomes = run_all(&engine, scorer, problems, params(args, choice, Candidates::Omit), args)?;
     let rows: Vec<(u8, bool, usize, usize, usize, usize)> = problems
         .iter()
         .zip(&outcomes)
@@ -220,20 +220,20 @@ pub fn run(
     let mut levels: Vec<u8> = rows.iter().map(|r| r.0).collect();
     levels.sort_unstable();
     levels.dedup();
-    let own = args.round_knobs(args.strategy);
+    let own = args.round_knobs(choice.strategy);
     let report = SearchReport {
         model: args.model.clone(),
         source: source_name(args),
-        strategy: args.strategy,
-        adaptive: args.adaptive,
-        select: args.select,
-        prm: args.prm,
+        strategy: choice.strategy,
+        adaptive: choice.adaptive,
+        select: choice.select,
+        prm: prm.map(|_| args.prm_output()),
         confidence: own.confidence,
         round_size: own.round_size,
         give_up_gain: own.give_up_gain,
         give_up_plausible: args.plausible(),
-        max_samples: args.max_samples,
-        budget_rule: args.adaptive.then_some(args.rule),
+        max_samples: args.max_samples(),
+        budget_rule: choice.adaptive.then_some(choice.rule),
         overall: summarize(&rows),
         per_level: levels
             .into_iter()
@@ -252,17 +252,27 @@ pub fn run(
     Ok(())
 }
 
+/// The PRM head's name as `--prm` spells it.
+fn head_name(h: HeadOutput) -> &'static str {
+    match h {
+        HeadOutput::Calibrated => "calibrated",
+        HeadOutput::Raw => "raw",
+    }
+}
+
 /// The report as a table per level, for a reader at a terminal.
 fn print_table(report: &SearchReport) {
+    let budget = match report.budget_rule {
+        Some(rule) => format!("adaptive by {} at C {}", rule.name(), report.confidence),
+        None => "fixed".into(),
+    };
     println!(
-        "{} on {}: {} {} (select {}, PRM {:?}, C {}, N_max {})",
+        "{} on {}: {} {budget} (select {}, PRM {}, N_max {})",
         report.model,
         report.source,
         report.strategy.name(),
-        if report.adaptive { "adaptive" } else { "fixed" },
         report.select.name(),
-        report.prm,
-        report.confidence,
+        report.prm.map_or("none", head_name),
         report.max_samples
     );
     println!("level  questions  accuracy  samples  tokens  budget");

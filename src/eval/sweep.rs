@@ -11,7 +11,9 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::bootstrap::{RESAMPLES, SEED};
+use super::flags::Choice;
 use super::frontier::{EqualTokens, Family, Frontier, equal_tokens, family_name, frontiers};
+use super::output::SweepOutputs;
 use super::points::{Estimator, Grid, LevelPoint, PassAt, Sweep, SweepPoint, SweepQuestion};
 use super::search::{params, prompt, run_all};
 use super::{EvalArgs, EvalProblem, load_prm, plot, source_name};
@@ -21,7 +23,7 @@ use crate::model::BatchEntry;
 use crate::prm::head::HeadOutput;
 use crate::prm::{PrmScore, ScoreItem, Scorer};
 use crate::reasoning::rules::BudgetRule;
-use crate::reasoning::{Budget, Candidate, Candidates, Select, Strategy};
+use crate::reasoning::{Candidate, Candidates, Select, Strategy};
 
 /// Everything the sweep reports; `--json` prints it whole.
 #[derive(Debug, Serialize)]
@@ -32,7 +34,8 @@ struct Report {
     max_samples: usize,
     select: Select,
     budget_quantile: f64,
-    temperature: f32,
+    /// Null for a replay (`--questions-in`).
+    temperature: Option<f32>,
     bootstrap_resamples: usize,
     bootstrap_seed: u64,
     /// The fixed curve, then every rule's grid.
@@ -72,19 +75,22 @@ fn root_scores(engine: &Engine, prm: &dyn Scorer, problems: &[EvalProblem]) -> a
 fn fixed_run(
     engine: Arc<Engine>,
     prm: &PrmConfig,
+    select: Select,
     problems: &[EvalProblem],
     args: &EvalArgs,
 ) -> anyhow::Result<Vec<SweepQuestion>> {
     let prm = load_prm(prm, &engine, HeadOutput::Calibrated)?;
     let roots = root_scores(&engine, prm.as_ref(), problems)?;
     anyhow::ensure!(roots.iter().all(|r| r.raw.is_some()), "the sweep needs a PRM with a raw score too");
-    let p = params(args, Strategy::BestOfN, Budget::Fixed, Candidates::Return);
-    let outcomes = run_all(&engine, prm, problems, p, args)?;
+    let rule = crate::config::ReasoningDefaults::default().budget_rule;
+    let fixed = Choice { strategy: Strategy::BestOfN, adaptive: false, rule, select };
+    let outcomes = run_all(&engine, Some(prm), problems, params(args, &fixed, Candidates::Return), args)?;
     Ok(problems
         .iter()
         .zip(roots)
         .zip(outcomes)
         .map(|((q, root), o)| SweepQuestion {
+            id: q.id.clone(),
             level: q.level,
             root,
             correct_answers: o
@@ -101,13 +107,9 @@ fn fixed_run(
 /// `--questions-out`: the fixed run itself, one JSON line per question
 /// (its estimate alone and every candidate with its text, scores and whether
 /// it is right), for analyses the sweep does not make.
-fn write_questions(
-    path: &std::path::Path,
-    problems: &[EvalProblem],
-    questions: &[SweepQuestion],
-) -> anyhow::Result<()> {
+fn questions_jsonl(questions: &[SweepQuestion]) -> String {
     let mut out = String::new();
-    for (p, q) in problems.iter().zip(questions) {
+    for q in questions {
         let candidates: Vec<serde_json::Value> = q
             .candidates
             .iter()
@@ -117,16 +119,16 @@ fn write_questions(
             })
             .collect();
         let line =
-            serde_json::json!({"id": p.id, "level": q.level, "root": q.root, "candidates": candidates});
+            serde_json::json!({"id": q.id, "level": q.level, "root": q.root, "candidates": candidates});
         out.push_str(&line.to_string());
         out.push('\n');
     }
-    std::fs::write(path, out).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    out
 }
 
 /// `--questions-in`: a fixed run written by `--questions-out`, replayed
-/// without generating (rules and selection read answers, scores and token
-/// counts only).
+/// without generating. Texts and ids are kept, so that `--questions-out`
+/// writes the run back whole.
 fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> {
     #[derive(serde::Deserialize)]
     struct Row {
@@ -135,21 +137,27 @@ fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> 
         tokens: usize,
         steps: usize,
         score: Option<PrmScore>,
+        #[serde(default)]
+        text: String,
     }
     #[derive(serde::Deserialize)]
     struct Line {
+        id: Option<String>,
         level: u8,
         root: PrmScore,
         candidates: Vec<Row>,
     }
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    text.lines()
+    let questions = text
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
         .map(|(i, l)| {
             let q: Line =
                 serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            anyhow::ensure!(!q.candidates.is_empty(), "{}:{}: no candidates", path.display(), i + 1);
             Ok(SweepQuestion {
+                id: q.id.unwrap_or_else(|| format!("line-{}", i + 1)),
                 level: q.level,
                 root: q.root,
                 correct_answers: q
@@ -162,7 +170,7 @@ fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> 
                     .candidates
                     .into_iter()
                     .map(|c| Candidate {
-                        text: String::new(),
+                        text: c.text,
                         answer: c.answer,
                         score: c.score,
                         tokens: c.tokens,
@@ -172,11 +180,35 @@ fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> 
                     .collect(),
             })
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!questions.is_empty(), "no questions in {} (--questions-in)", path.display());
+    Ok(questions)
 }
 
-fn report(questions: &[SweepQuestion], args: &EvalArgs) -> Report {
-    let grid = Grid { n_max: args.max_samples, budget_quantile: args.budget_quantile, select: args.select };
+/// N_max of a replay: `--max-samples` when given, which may not exceed the
+/// samples every question of the run has, else those samples. Each
+/// question keeps its first N_max: exactly what a best-of-N_max run draws
+/// (same seeds), so tokens and pass@N_max are that run's too.
+fn replay_n_max(
+    questions: &mut [SweepQuestion],
+    given: Option<usize>,
+    path: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let run = questions.iter().map(|q| q.candidates.len()).min().unwrap_or(0);
+    let n_max = given.unwrap_or(run);
+    anyhow::ensure!(
+        n_max <= run,
+        "--max-samples {n_max} is more than the run in {} holds: {run} samples per question{}; give at most {run}",
+        path.display(),
+        if questions.iter().any(|q| q.candidates.len() != run) { " (its smallest)" } else { "" }
+    );
+    for q in questions.iter_mut() {
+        q.candidates.truncate(n_max);
+    }
+    Ok(n_max)
+}
+
+fn report(questions: &[SweepQuestion], grid: Grid, args: &EvalArgs) -> Report {
     let sweep = Sweep::new(questions, grid);
     let fixed = sweep.fixed_curve();
     let pass_at = sweep.pass_at(&fixed);
@@ -187,10 +219,11 @@ fn report(questions: &[SweepQuestion], args: &EvalArgs) -> Report {
         model: args.model.clone(),
         source: source_name(args),
         questions: questions.len(),
-        max_samples: args.max_samples,
-        select: args.select,
-        budget_quantile: args.budget_quantile,
-        temperature: args.temperature,
+        max_samples: grid.n_max,
+        select: grid.select,
+        budget_quantile: grid.budget_quantile,
+        // A replayed run does not record the temperature it was drawn at.
+        temperature: args.questions_in.is_none().then_some(args.temperature),
         bootstrap_resamples: RESAMPLES,
         bootstrap_seed: SEED,
         points: fixed.into_iter().chain(rules).collect(),
@@ -204,21 +237,40 @@ fn report(questions: &[SweepQuestion], args: &EvalArgs) -> Report {
 /// One fixed best-of-N_max run with every candidate kept; every point takes
 /// the first N of a question's samples, which are exactly the samples (same
 /// seeds) a run drawing N would generate.
-pub fn sweep(
+pub(super) fn sweep(
     engine: Arc<Engine>,
     prm: &PrmConfig,
+    select: Select,
     problems: &[EvalProblem],
     args: &EvalArgs,
+    outputs: SweepOutputs,
 ) -> anyhow::Result<()> {
-    let questions = match &args.questions_in {
-        Some(path) => read_questions(path)?,
-        None => fixed_run(engine, prm, problems, args)?,
-    };
-    if let Some(path) = &args.questions_out {
-        write_questions(path, problems, &questions)?;
+    let questions = fixed_run(engine, prm, select, problems, args)?;
+    let grid = Grid { n_max: args.max_samples(), budget_quantile: args.budget_quantile(), select };
+    finish(&questions, grid, args, outputs)
+}
+
+/// `--questions-in`: the sweep over a run written before.
+pub(super) fn replay(path: &std::path::Path, outputs: SweepOutputs, args: &EvalArgs) -> anyhow::Result<()> {
+    let mut questions = read_questions(path)?;
+    let n_max = replay_n_max(&mut questions, args.max_samples, path)?;
+    let select = args.select.unwrap_or(crate::config::ReasoningDefaults::default().select);
+    let grid = Grid { n_max, budget_quantile: args.budget_quantile(), select };
+    finish(&questions, grid, args, outputs)
+}
+
+/// The run written (first: it cost the most), the report, the plot.
+fn finish(
+    questions: &[SweepQuestion],
+    grid: Grid,
+    args: &EvalArgs,
+    outputs: SweepOutputs,
+) -> anyhow::Result<()> {
+    if let Some(out) = outputs.questions {
+        out.write(questions_jsonl(questions).as_bytes())?;
     }
-    let report = report(&questions, args);
-    if let Some(path) = &args.plot {
+    let report = report(questions, grid, args);
+    if let Some(out) = outputs.plot {
         let fixed: Vec<SweepPoint> = report.points.iter().filter(|p| p.rule.is_none()).cloned().collect();
         let title = format!(
             "{} on {}: {} questions, N_max {}",
@@ -226,7 +278,7 @@ pub fn sweep(
         );
         let data =
             plot::PlotData { title, fixed: &fixed, pass_at: &report.pass_at, frontiers: &report.frontier };
-        plot::write_svg(path, &data).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        out.write(plot::svg(&data)?.as_bytes())?;
     }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -314,7 +366,7 @@ fn print_report(r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::points::tests::questions;
+    use crate::eval::points::tests::{GRID, questions};
 
     fn args() -> EvalArgs {
         use clap::Parser;
@@ -326,9 +378,51 @@ mod tests {
         Cli::parse_from(["ponder", "--model", "m", "--sweep", "--max-samples", "8"]).eval
     }
 
+    /// `questions()` written as `--questions-out` writes them, in a file.
+    fn written() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("q.jsonl");
+        std::fs::write(&path, questions_jsonl(&questions())).expect("written");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_replayed_run_keeps_its_ids_and_texts_and_is_written_back_unchanged() {
+        let (_dir, path) = written();
+        let read = read_questions(&path).expect("the run reads back");
+        assert_eq!(read.iter().map(|q| q.id.as_str()).collect::<Vec<_>>(), ["easy", "hard"]);
+        assert_eq!(read[1].candidates[3].text, "The answer is 7.");
+        assert!(read.iter().flat_map(|q| &q.candidates).all(|c| !c.text.is_empty()));
+        assert_eq!(questions_jsonl(&read), std::fs::read_to_string(&path).expect("read"));
+    }
+
+    #[test]
+    fn a_replay_takes_the_runs_samples_unless_max_samples_asks_for_fewer_and_refuses_more() {
+        let (_dir, path) = written();
+        let mut qs = read_questions(&path).expect("read");
+        assert_eq!(replay_n_max(&mut qs, None, &path).expect("the run's 8"), 8);
+        assert_eq!(replay_n_max(&mut qs, Some(4), &path).expect("fewer"), 4);
+        assert!(qs.iter().all(|q| q.candidates.len() == 4), "the first 4 samples of each question");
+        let mut qs = read_questions(&path).expect("read");
+        let e = replay_n_max(&mut qs, Some(128), &path).expect_err("more than the run has").to_string();
+        assert!(
+            e.contains("--max-samples 128 is more than the run in") && e.contains("8 samples per question"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_empty_run_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("empty.jsonl");
+        std::fs::write(&path, "\n").expect("written");
+        let e = read_questions(&path).map(|_| ()).expect_err("no questions").to_string();
+        assert!(e.contains("no questions in") && e.contains("empty.jsonl"), "{e}");
+    }
+
     #[test]
     fn the_report_holds_the_fixed_curve_every_rule_and_the_tables_in_its_json() {
-        let r = report(&questions(), &args());
+        let r = report(&questions(), GRID, &args());
         let v = serde_json::to_value(&r).expect("the report serializes");
         let points = v["points"].as_array().expect("points");
         let fixed: Vec<_> = points.iter().filter(|p| p["estimator"].is_null()).collect();

@@ -412,7 +412,8 @@ struct Prepared {
 }
 
 fn prepare(args: &TrainPrmArgs, rng: &mut ChaCha8Rng, start: Instant) -> anyhow::Result<Prepared> {
-    std::fs::create_dir_all(&args.out)?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| anyhow::anyhow!("--out {}: cannot create the directory: {e}", args.out.display()))?;
     let problems = task::generate(Split::Train, args.per_level)?;
     let rows = train_labels(args, &problems)?;
     let label_minutes = start.elapsed().as_secs_f64() / 60.0;
@@ -499,9 +500,21 @@ fn check_args(args: &TrainPrmArgs) -> anyhow::Result<()> {
         "--pretrain-steps + --steps ({total_steps}) must exceed --warmup ({})",
         args.warmup
     );
+    for (flag, v) in [
+        ("--per-level", args.per_level),
+        ("--batch", args.batch),
+        ("--synthetic-batch", args.synthetic_batch),
+        ("--n-val", args.n_val),
+        ("--n-mc", args.n_mc),
+    ] {
+        anyhow::ensure!(v >= 1, "{flag} must be at least 1, got {v}");
+    }
+    // Monte-Carlo labels need sampled continuations, as `ponder calibrate`'s do.
+    let hi = *crate::validation::TEMPERATURE_RANGE.end() as f32;
     anyhow::ensure!(
-        args.per_level >= 1 && args.batch >= 1 && args.synthetic_batch >= 1,
-        "--per-level, --batch and --synthetic-batch must be at least 1"
+        args.temperature > 0.0 && args.temperature <= hi,
+        "--temperature must be above 0 and at most {hi}, got {}",
+        args.temperature
     );
     anyhow::ensure!(args.lr > 0.0 && args.lr.is_finite(), "--lr must be a positive number, got {}", args.lr);
     Ok(())
