@@ -649,7 +649,10 @@ pub fn completion(
     // The PRM reads the question as a chat user's message; a prompt that
     // already wraps it in the model's template would put the template's
     // markup in front of the PRM as part of the question.
-    let question = tok.user_turn(&prompt_text).unwrap_or_else(|| prompt_text.clone());
+    let question = match req.reasoning {
+        Some(_) => tok.user_turn(&prompt_text).unwrap_or_else(|| prompt_text.clone()),
+        None => prompt_text.clone(),
+    };
     build(Endpoint::Completion, req.model.clone(), prompts, "prompt", prompt_text, question, c, model, rl)
 }
 

@@ -45,30 +45,35 @@ fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Er
     d.deserialize_option(Visit)
 }
 
-/// An optional JSON object. serde's derived structs also accept an array of
-/// their fields in order, so `"reasoning": ["beam"]` would run a beam search;
-/// only an object (or null) is taken here.
-fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    struct Visit<T>(std::marker::PhantomData<T>);
-    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
-        type Value = Option<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an object")
+/// A struct read from a JSON object only: serde's derived structs also read
+/// an array of their fields in order, so `"reasoning": ["beam"]` would run a
+/// beam search and `"stream_options": [true]` would turn usage on.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
-        }
-        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D2: serde::Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
-            d.deserialize_any(self)
-        }
+        d.deserialize_map(Visit(std::marker::PhantomData)).map(ObjectOnly)
     }
-    d.deserialize_option(Visit(std::marker::PhantomData))
+}
+
+/// An optional object (null or absent: `None`).
+fn object<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<ObjectOnly<T>>::deserialize(d).map(|o| o.map(|x| x.0))
+}
+
+/// An array of objects.
+fn objects<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Vec::<ObjectOnly<T>>::deserialize(d).map(|v| v.into_iter().map(|x| x.0).collect())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -96,6 +101,7 @@ pub struct ContentPart {
 #[serde(untagged, expecting = "a string or an array of content parts")]
 pub enum ContentWire {
     Text(String),
+    #[serde(deserialize_with = "objects")]
     Parts(Vec<ContentPart>),
 }
 
@@ -133,7 +139,7 @@ macro_rules! request_with_sampling {
             pub stop: Option<StopWire>,
             #[serde(default)]
             pub stream: Option<bool>,
-            #[serde(default)]
+            #[serde(default, deserialize_with = "object")]
             pub stream_options: Option<StreamOptions>,
             #[serde(default)]
             pub user: Option<String>,
@@ -185,6 +191,7 @@ pub struct ReasoningWire {
 request_with_sampling! {
     pub struct ChatCompletionRequest {
         pub model: String,
+        #[serde(deserialize_with = "objects")]
         pub messages: Vec<MessageWire>,
         #[serde(default, deserialize_with = "integral")]
         pub max_completion_tokens: Option<i64>,

@@ -433,6 +433,11 @@ async fn the_reasoning_object_refuses_unknown_fields_and_non_objects() {
         .await;
     let array = chat(json!({"reasoning": ["beam"]}));
     expect_400(&app, path, array, Some("reasoning"), &["expected an object"]).await;
+    // Nor does any other object of the request read an array of its fields.
+    let usage = chat(json!({"stream": true, "stream_options": [true]}));
+    expect_400(&app, path, usage, Some("stream_options"), &["expected an object"]).await;
+    let message = json!({"model": MODEL, "messages": [["user", "hi"]]});
+    expect_400(&app, path, message, Some("messages[0]"), &["expected an object"]).await;
     // An enum given a number is a type error at its field, not "invalid JSON".
     let number = chat(json!({"reasoning": {"strategy": 1}}));
     expect_400(&app, path, number, Some("reasoning.strategy"), &["integer `1`"]).await;
@@ -484,7 +489,13 @@ async fn a_completions_prompt_in_the_models_template_gives_the_prm_the_bare_ques
     let tok = tokenizer();
     let turn = [ponder::tokenizer::ChatMessage { role: "user".into(), content: "12 + 30".into() }];
     let wrapped = tok.apply_chat_template(&turn).unwrap();
-    for (prompt, question) in [(wrapped.as_str(), "12 + 30"), ("12 + 30 =", "12 + 30 =")] {
+    // Several turns share one turn's ends; their text goes to the PRM as it is.
+    let user = |c: &str| ponder::tokenizer::ChatMessage { role: "user".into(), content: c.into() };
+    let assistant = ponder::tokenizer::ChatMessage { role: "assistant".into(), content: "42".into() };
+    let talk = tok.apply_chat_template(&[user("12 + 30"), assistant, user("1 + 1")]).unwrap();
+    for (prompt, question) in
+        [(wrapped.as_str(), "12 + 30"), ("12 + 30 =", "12 + 30 ="), (talk.as_str(), talk.as_str())]
+    {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "reasoning": {}});
         let r = post(&app, "/v1/completions", &body).await;
         assert_eq!(r.status, 200, "{}", r.text);

@@ -199,10 +199,7 @@ fn training_and_calibration_refuse_out_of_range_flags_before_writing_anything() 
     // The head is written after the labels: a folder it cannot go to is found first.
     let (ok, _, stderr) =
         ponder(&[&calibrate[..], &["--head", "/proc/none/h.safetensors", "--out", out]].concat());
-    assert!(
-        !ok && stderr.contains("--head /proc/none/h.safetensors: cannot write in /proc/none"),
-        "{stderr}"
-    );
+    assert!(!ok && stderr.contains("--head /proc/none/h.safetensors: cannot write in /proc:"), "{stderr}");
     assert!(!std::path::Path::new(out).exists(), "--head checked after writing {out}");
 }
 

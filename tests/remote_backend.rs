@@ -356,8 +356,16 @@ async fn the_engines_api_key_is_sent_as_a_bearer_token() {
     let mut without = remote_config(FRONT, &format!("{}/v1", engine.base), MODEL, 60);
     without.models[0].context_length = Some(2048);
     let front = TestServer::start_unchecked(without, WorkerOptions::default());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (s, v) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+    // Until its first probe of the engine has failed the front says it is
+    // loading (503); how long that takes depends on the machine's load.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (s, v) = loop {
+        let (s, v) = post_json(&front.url("/v1/chat/completions"), &chat(FRONT, json!({}))).await;
+        if s != 503 || std::time::Instant::now() > deadline {
+            break (s, v);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(s, 502, "the engine refuses a request without its key: {v}");
     let mut with = remote_config(FRONT, &format!("{}/v1", engine.base), MODEL, 60);
     if let ponder::config::BackendConfig::Openai(r) = &mut with.models[0].backend {

@@ -52,10 +52,9 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                     // its field.
                     serde_json::error::Category::Syntax => {
                         match serde_json::from_slice::<serde_json::Value>(&bytes) {
-                            Ok(value) => match serde_path_to_error::deserialize::<_, T>(value) {
-                                Ok(v) => return Ok(JsonBody(v)),
-                                Err(typed) => typed,
-                            },
+                            // Only a better message: a body the first parse refused
+                            // (a duplicate key, say) is never served from here.
+                            Ok(value) => serde_path_to_error::deserialize::<_, T>(value).err().unwrap_or(e),
                             Err(_) => e,
                         }
                     }

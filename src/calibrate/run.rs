@@ -188,7 +188,13 @@ fn check_args(args: &CalibrateArgs) -> anyhow::Result<()> {
     // The head is written last, after an hour of labels: a folder it cannot
     // be written to is found now.
     if let Some(head) = &args.head {
-        let dir = head.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        // The nearest folder that exists: the rest is created with --out's.
+        let dir = head
+            .ancestors()
+            .skip(1)
+            .map(|d| if d.as_os_str().is_empty() { std::path::Path::new(".") } else { d })
+            .find(|d| d.is_dir())
+            .unwrap_or(std::path::Path::new("."));
         let probe = dir.join(format!(".ponder-write-check-{}", std::process::id()));
         std::fs::write(&probe, b"").map_err(|e| {
             anyhow::anyhow!("--head {}: cannot write in {}: {e}", head.display(), dir.display())
@@ -216,6 +222,12 @@ pub fn run(args: CalibrateArgs) -> anyhow::Result<()> {
     let labels_dir = args.labels.clone().unwrap_or_else(|| out.clone());
     std::fs::create_dir_all(&labels_dir)
         .map_err(|e| anyhow::anyhow!("labels directory {}: cannot create it: {e}", labels_dir.display()))?;
+    if let Some(dir) =
+        args.head.as_deref().and_then(std::path::Path::parent).filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("--head's folder {}: cannot create it: {e}", dir.display()))?;
+    }
     let fit_rows = collect_labels(&args, &source, &fit_problems, args.split, &labels_dir)?;
     let eval_rows = collect_labels(&args, &source, &eval_problems, args.eval_split, &labels_dir)?;
     let label_minutes = started.elapsed().as_secs_f64() / 60.0;

@@ -84,7 +84,10 @@ pub(crate) fn set_threads(threads: usize) {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve(_)) {
+    // Only commands that print and talk to no server or child: a bench or
+    // a calibration over HTTP must not die on a peer's closed socket, and
+    // a bench killed by the signal would leave its `ponder serve` running.
+    if matches!(cli.command, Command::Eval(_) | Command::Arith(_) | Command::Generate(_)) {
         end_quietly_on_a_closed_pipe();
     }
     if let Some(t) = cli.threads {
@@ -126,8 +129,7 @@ pub fn main() -> ExitCode {
 
 /// Rust ignores SIGPIPE, so `ponder eval … | head` would panic in `println!`
 /// once `head` closes the pipe; a command-line tool should end quietly, as
-/// `cat` does. (`serve` keeps ignoring it: a client's closed socket must not
-/// end the server.)
+/// `cat` does.
 fn end_quietly_on_a_closed_pipe() {
     // SAFETY: restores one signal's default disposition; called before any
     // thread starts, and no handler of ours is replaced.

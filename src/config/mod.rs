@@ -547,7 +547,8 @@ impl Config {
                 l.max_n, self.queue.max_running
             ));
         }
-        if let Some(d) = self.logging.level.split(',').map(str::trim).find(|d| !names_a_level(d)) {
+        let mut directives = self.logging.level.split(',').map(str::trim).filter(|d| !d.is_empty());
+        if let Some(d) = directives.find(|d| !names_a_level(d)) {
             return bad(format!(
                 "logging.level {:?}: directive {d:?} names no level; write a level (\"info\") or target=level (\"ponder=debug\")",
                 self.logging.level
@@ -624,7 +625,10 @@ fn located(
     env: &BTreeMap<String, String>,
 ) -> ConfigError {
     let key = e.path().to_string();
-    let message = format!("{key}: {}", e.inner().message());
+    let message = match key.as_str() {
+        "." => e.inner().message().to_string(),
+        _ => format!("{key}: {}", e.inner().message()),
+    };
     let var = format!("{ENV_PREFIX}{}", key.replace('.', "_").to_ascii_uppercase());
     match (env.contains_key(&var), file) {
         (true, _) => ConfigError::Env { var, message },

@@ -348,48 +348,49 @@ mod tests {
         }
     }
 
-    /// Every `ponder eval` command line of reports/ponder-arith (README.md
-    /// and the timings files), after `--model ponder-arith`.
-    const DOCUMENTED: [&str; 34] = [
-        "--jsonl calib_stream1.jsonl --sweep --json --plot sweep.svg --questions-out sweep_questions.jsonl",
-        "--jsonl test_stream1.jsonl --strategy best_of_n --json",
-        "--jsonl test_stream1.jsonl --sweep --json --plot sweep.svg --questions-out sweep_questions.jsonl",
-        "--jsonl test_stream1_50.jsonl --strategy beam --adaptive false --json",
-        "--jsonl test_stream1_50.jsonl --strategy beam --json",
-        "--jsonl test_stream1_50.jsonl --sweep --json --questions-out beam_questions.jsonl",
-        "--jsonl test_stream2.jsonl --strategy best_of_n --json",
-        "--jsonl test_stream2.jsonl --sweep --json --plot sweep.svg --questions-out sweep_questions.jsonl",
-        "--split calib --per-level 50 --sweep --json --plot sweep_calib.svg",
-        "--split calib --per-level 50 --sweep --temperature 1",
-        "--split calib --strategy beam --adaptive false --json",
-        "--split calib --strategy beam --budget-rule sequential --confidence 0.9",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.9 --give-up-gain 0.003 --round-size 4 --json",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.9 --give-up-gain 0.01 --round-size 2 --json",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.9 --give-up-gain 0.01 --round-size 4 --json",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.9 --give-up-gain 0.01 --round-size 8 --json",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.9 --give-up-gain 0.03 --round-size 2 --json",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.99 --give-up-gain 0.01 --round-size 2 --json",
-        "--split calib --strategy beam --budget-rule give_up --confidence 0.99 --give-up-gain 0.01 --round-size 4 --json",
-        "--split calib --strategy beam --budget-rule sequential --confidence 0.9 --give-up-gain 0.01 --round-size 2 --json",
-        "--split calib --strategy beam --budget-rule sequential --confidence 0.99 --give-up-gain 0.01 --round-size 2 --json",
-        "--split calib --strategy beam --budget-rule sequential --confidence 0.99 --give-up-gain 0.01 --round-size 4 --json",
-        "--split test --per-level 100 --strategy best_of_n --json",
-        "--split test --per-level 100 --sweep --json --plot sweep.svg --questions-out sweep_questions.jsonl",
-        "--split test --per-level 50 --strategy beam --adaptive false --json",
-        "--split test --per-level 50 --strategy beam --adaptive true --budget-rule ias --confidence 0.99 --json",
-        "--split test --strategy beam",
-        "--split test --strategy beam --adaptive false --beams 2 --beam-width 2 --max-samples 4 --json",
-        "--split test --strategy beam --adaptive false --beams 4 --beam-width 4 --max-samples 16 --json",
-        "--split test --strategy beam --budget-rule give_up --confidence 0.9 --round-size 2 --json",
-        "--split test --strategy beam --budget-rule sequential --confidence 0.99 --round-size 4 --json",
-        "--split test --strategy beam --json",
-        "--split test --strategy single --samples 16 --json",
-        "--split test --strategy single --samples 16 --temperature 0.7 --json",
-    ];
+    /// The flags of every `ponder eval --model ponder-arith` command line in
+    /// the README, docs/method.md and reports/ponder-arith (its READMEs and
+    /// timings files), placeholders (`--temperature T`) given a value.
+    fn documented() -> Vec<String> {
+        const COMMAND: &str = "ponder eval --model ponder-arith ";
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files = vec![root.join("README.md"), root.join("docs/method.md")];
+        let mut dirs = vec![root.join("reports/ponder-arith")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).expect("reports/ponder-arith is committed") {
+                let path = entry.expect("a readable folder").path();
+                match path.extension().and_then(|e| e.to_str()) {
+                    _ if path.is_dir() => dirs.push(path),
+                    Some("md" | "txt") => files.push(path),
+                    _ => {}
+                }
+            }
+        }
+        let mut lines = Vec::new();
+        for file in files {
+            let text = std::fs::read_to_string(&file).expect("a committed text file");
+            for (at, _) in text.match_indices(COMMAND) {
+                let rest = &text[at + COMMAND.len()..];
+                let end = rest.find(['>', '`', '|', '\n']).unwrap_or(rest.len());
+                let flags = rest[..end].split_whitespace().map(|w| match w {
+                    "T" => "0.7",
+                    "C" => "0.9",
+                    "RULE" => "give_up",
+                    w => w,
+                });
+                lines.push(flags.collect::<Vec<_>>().join(" "));
+            }
+        }
+        lines.sort();
+        lines.dedup();
+        lines
+    }
 
     #[test]
     fn every_documented_command_line_still_parses_and_passes_the_flag_checks() {
-        for line in DOCUMENTED {
+        let lines = documented();
+        assert!(lines.len() >= 30, "found only {} command lines: {lines:?}", lines.len());
+        for line in &lines {
             let flags: Vec<&str> = line.split_whitespace().collect();
             let args = parse(&flags).unwrap_or_else(|e| panic!("{line}: {e}"));
             check(&args).unwrap_or_else(|e| panic!("{line}: {e}"));

@@ -12,7 +12,8 @@ use super::EvalArgs;
 /// old contents stay until then (nothing is truncated at opening: a failed
 /// run keeps the previous results, and `--questions-in` may read the file
 /// `--questions-out` rewrites); a file the run created and never wrote is
-/// removed again.
+/// removed again when the run ends in an error (a run killed by a signal
+/// leaves it, empty).
 #[derive(Debug)]
 pub(super) struct OutputFile {
     flag: &'static str,
@@ -39,8 +40,11 @@ impl OutputFile {
     /// Replaces the file's contents with `bytes`.
     pub(super) fn write(mut self, bytes: &[u8]) -> anyhow::Result<()> {
         let err = |e: std::io::Error| anyhow::anyhow!("{} {}: {e}", self.flag, self.path.display());
-        self.file.set_len(0).map_err(err)?;
-        self.file.rewind().map_err(err)?;
+        // /dev/stdout, /dev/null and pipes can be neither truncated nor rewound.
+        if self.file.metadata().map_err(err)?.is_file() {
+            self.file.set_len(0).map_err(err)?;
+            self.file.rewind().map_err(err)?;
+        }
         self.file.write_all(bytes).map_err(err)?;
         self.file.flush().map_err(err)?;
         self.written = true;

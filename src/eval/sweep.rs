@@ -172,7 +172,7 @@ fn read_questions(path: &std::path::Path) -> anyhow::Result<Vec<SweepQuestion>> 
                     .map(|c| Candidate {
                         text: c.text,
                         answer: c.answer,
-                        score: c.score,
+                        score: crate::reasoning::strategies::sample_score(c.steps, c.score),
                         tokens: c.tokens,
                         steps: c.steps,
                         ended: true,

@@ -31,16 +31,7 @@ async fn to_the_end<B: Trajectories>(b: &B, ts: &[Traj]) -> Result<(), Reasoning
 
 fn candidate<B: Trajectories>(b: &B, p: &ReasoningParams, t: Traj, score: Option<PrmScore>) -> Candidate {
     let info = b.info(t);
-    // Why: a sample that ended before its first step holds no step for the
-    // PRM to read, so its score is the question's own estimate; a model that
-    // stops at once on an easy question would look confident with nothing
-    // said. It is a certain failure instead.
-    let score = match score {
-        Some(_) if info.steps.is_empty() => {
-            Some(PrmScore { quantiles: Quantiles::point(0.0), raw: Some(0.0) })
-        }
-        s => s,
-    };
+    let score = sample_score(info.steps.len(), score);
     Candidate {
         answer: p.answer.key(&info.text),
         text: info.text,
@@ -48,6 +39,18 @@ fn candidate<B: Trajectories>(b: &B, p: &ReasoningParams, t: Traj, score: Option
         tokens: info.tokens,
         steps: info.steps.len(),
         ended: info.ended,
+    }
+}
+
+/// A finished sample's score as the rules read it. Why: a sample that ended
+/// before its first step holds no step for the PRM to read, so its score is
+/// the question's own estimate, and a model that stops at once on an easy
+/// question would look confident with nothing said; it is a certain failure
+/// instead. `ponder eval` replays read runs through this too.
+pub fn sample_score(steps: usize, score: Option<PrmScore>) -> Option<PrmScore> {
+    match score {
+        Some(s) if steps == 0 => Some(PrmScore { quantiles: Quantiles::point(0.0), raw: s.raw.map(|_| 0.0) }),
+        s => s,
     }
 }
 

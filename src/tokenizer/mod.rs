@@ -256,7 +256,14 @@ impl Tokenizer {
         let rendered = chat.render(&turn, true).ok()?;
         let (before, after) = rendered.split_once(MARK)?;
         let inner = prompt.strip_prefix(before)?.strip_suffix(after)?;
-        Some(inner.trim().to_string()).filter(|q| !q.is_empty())
+        // A conversation of several turns has the same two ends: its middle
+        // holds the template's own markup, which no user's message does.
+        let special = self.inner.get_added_tokens_decoder();
+        let markup = [before.trim(), after.trim()]
+            .into_iter()
+            .chain(special.values().filter(|t| t.special).map(|t| t.content.as_str()))
+            .any(|m| !m.is_empty() && inner.contains(m));
+        (!markup).then(|| inner.trim().to_string()).filter(|q| !q.is_empty())
     }
 
     /// A decoder that turns generated ids into text pieces as they arrive.
