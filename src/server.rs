@@ -25,6 +25,9 @@ pub enum ServerError {
     ModelLoad(String),
 }
 
+/// How long requests abandoned at the drain timeout get to send their 503.
+const ANSWER_ABANDONED: Duration = Duration::from_secs(5);
+
 /// Serves `config`'s models on `listener` until `shutdown` resolves, then
 /// refuses new requests and lets in-flight ones finish for at most the
 /// configured drain timeout.
@@ -76,10 +79,17 @@ pub async fn run_with(
             std::future::pending::<()>().await;
         }
     };
+    let serve = serve.into_future();
+    tokio::pin!(serve);
     let result = tokio::select! {
-        r = serve.into_future() => r.map_err(ServerError::from),
+        r = &mut serve => r.map_err(ServerError::from),
         _ = deadline => {
-            tracing::warn!(secs = drain.as_secs(), "drain timeout reached; abandoning in-flight requests");
+            tracing::warn!(secs = drain.as_secs(), "drain timeout reached; answering in-flight requests 503");
+            state.abandon_in_flight();
+            // Their 503s and error events go out before the process ends.
+            if tokio::time::timeout(ANSWER_ABANDONED, &mut serve).await.is_err() {
+                tracing::warn!("connections still open after the drain timeout's answers; closing them");
+            }
             Ok(())
         }
         failure = watch_loads(state.clone()) => Err(ServerError::ModelLoad(failure)),

@@ -107,3 +107,39 @@ async fn sigterm_lets_the_request_in_flight_finish_refuses_new_ones_and_exits_ze
     assert!(f["id"].as_str().is_some_and(|id| !id.is_empty()) && f["total_ms"].is_number());
     assert!(f.get("prompt").is_none(), "prompts are not logged by default");
 }
+
+#[tokio::test]
+async fn requests_still_running_when_the_drain_timeout_ends_get_503_not_a_cut_connection() {
+    let mut c = common::smollm_config();
+    c.server.drain_timeout_secs = 1;
+    let server = common::TestServer::start(c);
+    let completions_url = server.url("/v1/completions");
+    // Counting at temperature 0 runs to max_tokens: far longer than the drain.
+    let long = |stream: bool| {
+        json!({"model": "smollm2-135m-instruct", "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1500,
+               "temperature": 0, "stream": stream})
+    };
+    let client = reqwest::Client::new();
+    let whole = tokio::spawn({
+        let (client, body) = (client.clone(), long(false));
+        async move { client.post(completions_url).json(&body).send().await.unwrap() }
+    });
+    let resp = client.post(server.url("/v1/completions")).json(&long(true)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let mut received = String::from_utf8(stream.next().await.unwrap().unwrap().to_vec()).unwrap();
+    let stopped = tokio::task::spawn_blocking(move || server.stop());
+    while let Some(chunk) = stream.next().await {
+        received.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+    }
+    let data = common::sse_data(&received);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{received}");
+    let error: serde_json::Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "shutting_down", "{error}");
+    let whole = whole.await.unwrap();
+    assert_eq!(whole.status(), 503);
+    let body: serde_json::Value = whole.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "shutting_down", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("drain_timeout_secs"), "{body}");
+    stopped.await.unwrap();
+}

@@ -23,6 +23,8 @@ pub enum ApiError {
     Loading(String),
     #[error("the server is shutting down")]
     Draining,
+    #[error("the server shut down before the request finished")]
+    DrainTimeout,
     #[error("model {0:?} is restarting")]
     Restarting(String),
     #[error("internal error: {0}")]
@@ -93,6 +95,14 @@ impl ApiError {
                 None,
                 Some("shutting_down"),
                 "The server is shutting down and accepts no new requests.".into(),
+            ),
+            ApiError::DrainTimeout => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("shutting_down"),
+                "The server shut down before this request finished (server.drain_timeout_secs ran out); retry it."
+                    .into(),
             ),
             ApiError::Internal(_) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -86,7 +86,7 @@ async fn run(
         s.prompt = Some(valid.prompt_text.clone());
         s.streamed = matches!(valid.streaming, Streaming::On(_));
     });
-    let ctx = StreamCtx { id, created: unix_now(), valid, summary };
+    let ctx = StreamCtx { id, created: unix_now(), valid, summary, abandon: state.abandon_watch() };
     match ctx.valid.streaming {
         Streaming::On(usage) => {
             // A remote engine that fails before its first token gets the
@@ -144,14 +144,21 @@ fn ponder_headers(p: &PonderInfo) -> Vec<(&'static str, String)> {
     h
 }
 
-async fn collect(ctx: StreamCtx, mut events: EventStream) -> Result<Response, ApiError> {
+async fn collect(mut ctx: StreamCtx, mut events: EventStream) -> Result<Response, ApiError> {
     let choices = ctx.valid.generation.choices();
     let mut texts = vec![String::new(); choices];
     let mut tokens = vec![Vec::new(); choices];
     let mut finish = vec![None; choices];
     let mut reasoning = None;
     let stats = loop {
-        match events.next().await {
+        let event = tokio::select! {
+            e = events.next() => e,
+            () = ctx.abandon.signalled() => {
+                tracing::warn!(request = %ctx.id, "drain timeout: a request ended unfinished");
+                return Err(ApiError::DrainTimeout);
+            }
+        };
+        match event {
             Some(GenEvent::Progress(_)) => {}
             Some(GenEvent::Reasoning(r)) => reasoning = Some(r),
             Some(GenEvent::Delta { choice, text, tokens: t }) => {

@@ -48,6 +48,19 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// The OpenAPI document, served as is.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 
+/// A request's view of [`AppState::abandon_in_flight`].
+pub(crate) struct Abandon(tokio::sync::watch::Receiver<bool>);
+
+impl Abandon {
+    /// Resolves once the server abandons requests in flight; never, if the
+    /// state is gone first (then nothing is left to abandon them).
+    pub(crate) async fn signalled(&mut self) {
+        if self.0.wait_for(|&a| a).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct AppState {
     pub config: Arc<Config>,
@@ -56,6 +69,9 @@ pub struct AppState {
     /// The PRMs served on `/pooling`.
     pub prms: Arc<BTreeMap<String, Arc<ModelPrm>>>,
     draining: Arc<AtomicBool>,
+    /// Set once the drain timeout has run out: requests still in flight
+    /// answer 503 instead of having their connection cut.
+    abandon: Arc<tokio::sync::watch::Sender<bool>>,
     started: u64,
     /// Reasoning defaults for a model the configuration does not list.
     fallback_reasoning: ReasoningDefaults,
@@ -69,6 +85,7 @@ impl AppState {
             models: Arc::new(models),
             prms: Arc::new(BTreeMap::new()),
             draining: Arc::new(AtomicBool::new(false)),
+            abandon: Arc::new(tokio::sync::watch::Sender::new(false)),
             started: generate::unix_now(),
             fallback_reasoning: ReasoningDefaults::default(),
         }
@@ -87,6 +104,17 @@ impl AppState {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The drain timeout ran out: every request still in flight answers 503
+    /// (a stream ends with an error event) and lets its job go.
+    pub fn abandon_in_flight(&self) {
+        self.abandon.send_replace(true);
+    }
+
+    /// What a request in flight watches for [`AppState::abandon_in_flight`].
+    pub(crate) fn abandon_watch(&self) -> Abandon {
+        Abandon(self.abandon.subscribe())
     }
 
     fn request_limits<'a>(&'a self, model: &'a str) -> RequestLimits<'a> {

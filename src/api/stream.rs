@@ -30,6 +30,8 @@ pub(crate) struct StreamCtx {
     pub created: u64,
     pub valid: ValidRequest,
     pub summary: SummaryCell,
+    /// Fires when the drain timeout runs out with this request in flight.
+    pub abandon: super::Abandon,
 }
 
 struct State {
@@ -42,6 +44,12 @@ struct State {
     announced: Vec<bool>,
     phase: Phase,
     reasoning: Option<Box<ReasoningReport>>,
+}
+
+/// What the body phase reads next.
+enum Next {
+    Event(Option<GenEvent>),
+    Abandoned,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -169,6 +177,15 @@ impl State {
         }
     }
 
+    /// The backend's next event, unless the server gives up on requests in
+    /// flight first.
+    async fn next_event(&mut self) -> Next {
+        tokio::select! {
+            e = self.events.next() => Next::Event(e),
+            () = self.ctx.abandon.signalled() => Next::Abandoned,
+        }
+    }
+
     async fn next_events(&mut self) -> Vec<Event> {
         match self.phase {
             Phase::Start => {
@@ -190,52 +207,64 @@ impl State {
                 }
                 Vec::new()
             }
-            Phase::Body => match self.events.next().await {
-                Some(GenEvent::Progress(p)) => vec![self.progress_chunk(p)],
-                Some(GenEvent::Reasoning(r)) => {
-                    self.reasoning = Some(r);
-                    Vec::new()
-                }
-                Some(GenEvent::Delta { choice, text, tokens }) => {
-                    vec![self.chunk(choice, text, &tokens, None)]
-                }
-                Some(GenEvent::Finished { choice, reason }) => {
-                    vec![self.chunk(choice, String::new(), &[], Some(reason))]
-                }
-                Some(GenEvent::Done(stats)) => {
+            Phase::Body => match self.next_event().await {
+                Next::Abandoned => {
                     self.phase = Phase::End;
-                    update(&self.ctx.summary, |s| {
-                        s.prompt_tokens = stats.prompt_tokens;
-                        s.completion_tokens = stats.completion_tokens;
-                        s.queue_secs = Some(stats.queue_secs);
-                        s.ttft_secs = stats.ttft_secs;
-                    });
-                    let usage = usage(&stats, self.reasoning.as_deref());
-                    let ponder = self.reasoning.as_deref().map(|r| PonderField::Done(ponder_info(r)));
-                    let mut out = Vec::new();
-                    // A reasoning request always ends with its figures and usage.
-                    if self.usage == UsageChunk::Send || ponder.is_some() {
-                        out.push(match self.ctx.valid.endpoint {
-                            Endpoint::Chat => self.chat_final(Vec::new(), Some(usage), ponder),
-                            Endpoint::Completion => self.completion_final(Vec::new(), Some(usage), ponder),
-                        });
-                    }
-                    out.push(Event::default().data("[DONE]"));
-                    out
+                    tracing::warn!(request = %self.ctx.id, "drain timeout: a streaming request ended unfinished");
+                    vec![data(&ApiError::DrainTimeout.body()), Event::default().data("[DONE]")]
                 }
-                Some(GenEvent::Failed) | None => {
-                    self.phase = Phase::End;
-                    let err = ApiError::Internal(format!("worker failed request {}", self.ctx.id));
-                    tracing::error!(request = %self.ctx.id, "worker failed a streaming request");
-                    vec![data(&err.body()), Event::default().data("[DONE]")]
-                }
-                Some(GenEvent::Upstream(f)) => {
-                    self.phase = Phase::End;
-                    let err = ApiError::from(f);
-                    vec![data(&err.body()), Event::default().data("[DONE]")]
-                }
+                Next::Event(event) => self.body_events(event),
             },
             Phase::End => Vec::new(),
+        }
+    }
+
+    /// The chunks one backend event becomes.
+    fn body_events(&mut self, event: Option<GenEvent>) -> Vec<Event> {
+        match event {
+            Some(GenEvent::Progress(p)) => vec![self.progress_chunk(p)],
+            Some(GenEvent::Reasoning(r)) => {
+                self.reasoning = Some(r);
+                Vec::new()
+            }
+            Some(GenEvent::Delta { choice, text, tokens }) => {
+                vec![self.chunk(choice, text, &tokens, None)]
+            }
+            Some(GenEvent::Finished { choice, reason }) => {
+                vec![self.chunk(choice, String::new(), &[], Some(reason))]
+            }
+            Some(GenEvent::Done(stats)) => {
+                self.phase = Phase::End;
+                update(&self.ctx.summary, |s| {
+                    s.prompt_tokens = stats.prompt_tokens;
+                    s.completion_tokens = stats.completion_tokens;
+                    s.queue_secs = Some(stats.queue_secs);
+                    s.ttft_secs = stats.ttft_secs;
+                });
+                let usage = usage(&stats, self.reasoning.as_deref());
+                let ponder = self.reasoning.as_deref().map(|r| PonderField::Done(ponder_info(r)));
+                let mut out = Vec::new();
+                // A reasoning request always ends with its figures and usage.
+                if self.usage == UsageChunk::Send || ponder.is_some() {
+                    out.push(match self.ctx.valid.endpoint {
+                        Endpoint::Chat => self.chat_final(Vec::new(), Some(usage), ponder),
+                        Endpoint::Completion => self.completion_final(Vec::new(), Some(usage), ponder),
+                    });
+                }
+                out.push(Event::default().data("[DONE]"));
+                out
+            }
+            Some(GenEvent::Failed) | None => {
+                self.phase = Phase::End;
+                let err = ApiError::Internal(format!("worker failed request {}", self.ctx.id));
+                tracing::error!(request = %self.ctx.id, "worker failed a streaming request");
+                vec![data(&err.body()), Event::default().data("[DONE]")]
+            }
+            Some(GenEvent::Upstream(f)) => {
+                self.phase = Phase::End;
+                let err = ApiError::from(f);
+                vec![data(&err.body()), Event::default().data("[DONE]")]
+            }
         }
     }
 }
