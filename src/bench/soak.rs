@@ -364,6 +364,27 @@ fn growth(samples: &[(f64, f64)], run_s: f64) -> Option<f64> {
     Some(samples.last()?.1 / base - 1.0)
 }
 
+/// One request of each kind before the load, so that a server that
+/// refuses one (no PRM for ponder-arith, an API key the clients do not
+/// send) fails the run with its answer instead of spinning the load's
+/// clients on refusals.
+async fn preflight(ctx: &Ctx) -> anyhow::Result<()> {
+    let p = &ctx.questions[0];
+    for kind in [Kind::BestOfN, Kind::Beam, Kind::Plain] {
+        let r =
+            client::request(&ctx.addr, "POST", "/v1/chat/completions", Some(&body(ctx, kind, false, p, 0)))
+                .await?;
+        anyhow::ensure!(
+            r.head.status == 200,
+            "before the load, a {kind:?} request answered {}: {}; bench soak needs a server whose \
+             {REASONING_MODEL} has a PRM and that asks no API key",
+            r.head.status,
+            String::from_utf8_lossy(&r.body).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The ids `GET /v1/models` lists.
 async fn served_models(addr: &str) -> anyhow::Result<Vec<String>> {
     let r = client::request(addr, "GET", "/v1/models", None).await?;
@@ -394,6 +415,7 @@ async fn soak(server: &mut client::Server, args: &SoakBenchArgs) -> anyhow::Resu
         questions: task::generate(Split::Test, 20)?,
         tally: SharedTally::default(),
     });
+    preflight(&ctx).await?;
     let before = scrape(&addr).await?;
     let run = Duration::from_secs_f64(args.minutes * 60.0);
     let start = Instant::now();
