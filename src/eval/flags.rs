@@ -5,7 +5,6 @@
 //! field.
 
 use super::{EvalArgs, MAX_SEQUENCES};
-use crate::config::ReasoningDefaults;
 use crate::reasoning::{BudgetRule, Select, Strategy};
 
 /// What a best-of-N or beam run does, the defaults filled in for the model.
@@ -157,7 +156,7 @@ fn check_budget_flags(args: &EvalArgs) -> anyhow::Result<()> {
 /// (`vote`, `majority`); asked for, one that needs a PRM the model lacks
 /// is an error naming the flag.
 pub(super) fn choose(args: &EvalArgs, has_prm: bool) -> anyhow::Result<Choice> {
-    let d = ReasoningDefaults::default();
+    let d = args.defaults;
     let no_prm = |flag: &str, what: &str| {
         anyhow::anyhow!(
             "{flag}: {what} needs a PRM and model {:?} has none (configure `prm` for it, pass \
@@ -184,7 +183,9 @@ pub(super) fn choose(args: &EvalArgs, has_prm: bool) -> anyhow::Result<Choice> {
             ));
         }
         Some(r) => r,
-        None if !has_prm => BudgetRule::Vote,
+        None if d.budget_rule.needs_prm() && !has_prm => BudgetRule::Vote,
+        // As the server: a vote has nothing to count in a beam search.
+        None if strategy == Strategy::Beam && !d.budget_rule.needs_prm() => BudgetRule::Ias,
         None => d.budget_rule,
     };
     let select = match args.select {
@@ -192,7 +193,7 @@ pub(super) fn choose(args: &EvalArgs, has_prm: bool) -> anyhow::Result<Choice> {
             return Err(no_prm(&format!("--select {}", s.name()), &format!("select {:?}", s.name())));
         }
         Some(s) => s,
-        None if !has_prm => Select::Majority,
+        None if d.select.needs_prm() && !has_prm => Select::Majority,
         None => d.select,
     };
     Ok(Choice { strategy, adaptive, rule, select })
@@ -318,6 +319,28 @@ mod tests {
         assert!(error(&["--samples", "0"]).contains("--samples must be between 1 and 1024, got 0"));
         assert!(error(&["--concurrent", "0"]).contains("--concurrent must be at least 1, got 0"));
         assert!(error(&["--per-level", "0"]).contains("--per-level must be at least 1, got 0"));
+    }
+
+    #[test]
+    fn flags_left_out_take_the_configured_models_reasoning_defaults_and_a_paths_the_built_in_ones() {
+        let smol =
+            super::super::resolve_entry(crate::config::DEFAULT_MODEL_ID, None).expect("built-in config");
+        let mut args = parse(&["--strategy", "best_of_n"]).expect("flags parse");
+        args.defaults = smol.reasoning;
+        let c = choose(&args, false).expect("no PRM needed");
+        assert_eq!((c.rule, c.select), (BudgetRule::Vote, Select::Majority));
+        assert_eq!(args.round_knobs(Strategy::BestOfN).confidence, 0.95);
+        // The same defaults with a PRM: a vote cannot run a beam search.
+        let mut beam = parse(&["--strategy", "beam"]).expect("flags parse");
+        beam.defaults = smol.reasoning;
+        assert_eq!(choose(&beam, true).expect("with a PRM").rule, BudgetRule::Ias);
+
+        let path = super::super::resolve_entry("some/dir", None).expect("a path is taken as is");
+        assert_eq!(path.path, std::path::PathBuf::from("some/dir"));
+        let mut args = parse(&["--strategy", "best_of_n"]).expect("flags parse");
+        args.defaults = path.reasoning;
+        assert_eq!(args.round_knobs(Strategy::BestOfN).confidence, 0.9);
+        assert_eq!(choose(&args, true).expect("with a PRM").rule, BudgetRule::GiveUp);
     }
 
     #[test]

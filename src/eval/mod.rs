@@ -34,7 +34,9 @@ use crate::reasoning::{BudgetRule, Select, Strategy};
 /// [`EvalArgs`]' accessors.
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A model id from the configuration, or a model path.
+    /// A model id from the configuration, or a model path. The reasoning flags left out take
+    /// a configured model's `[models.reasoning]`, and a path's the built-in defaults (given
+    /// below).
     #[arg(long)]
     pub model: String,
     /// Configuration file that lists model ids (defaults are built in).
@@ -58,42 +60,42 @@ pub struct EvalArgs {
     /// Budget from the PRM (by `--budget-rule`) or fixed [default: true].
     #[arg(long, action = clap::ArgAction::Set)]
     pub adaptive: Option<bool>,
-    /// N_max [default: 64; with --questions-in, the run's samples per question].
+    /// N_max [default: the model's, built in 64; with --questions-in, the run's samples per question].
     #[arg(long)]
     pub max_samples: Option<usize>,
-    /// C [default: the one served for a model with a PRM: 0.9, beam search 0.99].
+    /// C [default: the model's; built in 0.9, beam search 0.99].
     #[arg(long)]
     pub confidence: Option<f64>,
-    /// The quantile of the PRM's estimate the rules read [default: 0.1].
+    /// The quantile of the PRM's estimate the rules read [default: the model's; built in 0.1].
     #[arg(long)]
     pub budget_quantile: Option<f64>,
     /// How an adaptive budget is set (`--sweep` replays every rule instead)
-    /// [default: the one served: give_up for a model with a PRM, vote without].
+    /// [default: the model's; built in give_up; vote for a model without a PRM].
     #[arg(long = "budget-rule", value_enum)]
     pub rule: Option<BudgetRule>,
     /// Samples per round (rules that draw in rounds); beam search: each search's initial and kept
-    /// paths [default: the served one: 2, beam search 4].
+    /// paths [default: the model's; built in 2, beam search 4].
     #[arg(long)]
     pub round_size: Option<usize>,
-    /// give_up: the least expected gain of another round worth drawing [default: the served
-    /// one: 0.05, beam search 0.01].
+    /// give_up: the least expected gain of another round worth drawing [default: the model's;
+    /// built in 0.05, beam search 0.01].
     #[arg(long)]
     pub give_up_gain: Option<f64>,
     /// give_up (best-of-N): no giving up once a finished sample's raw PRM score exceeds this
-    /// (1: off) [default: the served one: 0.03].
+    /// (1: off) [default: the model's; built in 0.03].
     #[arg(long)]
     pub give_up_plausible: Option<f64>,
-    /// M_max (beam) [default: 8].
+    /// M_max (beam) [default: the model's; built in 8].
     #[arg(long)]
     pub beam_width: Option<usize>,
-    /// K_max (beam) [default: 8].
+    /// K_max (beam) [default: the model's; built in 8].
     #[arg(long)]
     pub beams: Option<usize>,
-    /// Steps between prunings (beam) [default: 1].
+    /// Steps between prunings (beam) [default: the model's; built in 1].
     #[arg(long)]
     pub prune_every: Option<usize>,
-    /// The answer chosen among the samples [default: prm_max for a model with a PRM, majority
-    /// without].
+    /// The answer chosen among the samples [default: the model's; built in prm_max;
+    /// majority for a model without a PRM].
     #[arg(long, value_enum)]
     pub select: Option<Select>,
     /// Which head answers as the PRM: the calibrated quantiles or the raw score
@@ -137,6 +139,11 @@ pub struct EvalArgs {
     pub concurrent: usize,
     #[arg(long)]
     pub json: bool,
+    /// The model's served reasoning defaults, which the flags left out take:
+    /// its `[models.reasoning]` when `--model` is a configured id, else the
+    /// built-in ones. Set by [`run`] from the configuration.
+    #[arg(skip)]
+    pub defaults: ReasoningDefaults,
 }
 
 /// A question with its reference answer.
@@ -200,19 +207,29 @@ fn parse_problems(path: &Path, text: &str) -> anyhow::Result<Vec<EvalProblem>> {
         .collect()
 }
 
-pub fn resolve(model: &str, config: Option<&Path>) -> anyhow::Result<(PathBuf, WeightFormat)> {
-    resolve_entry(model, config).map(|(p, w, _)| (p, w))
+/// What the configuration says of a model id; a path not listed there is
+/// taken as is, with the built-in reasoning defaults (the server's rule for
+/// `--model ID=PATH`).
+pub(crate) struct Entry {
+    pub(crate) path: PathBuf,
+    pub(crate) weights: WeightFormat,
+    pub(crate) prm: Option<PrmConfig>,
+    pub(crate) reasoning: ReasoningDefaults,
 }
 
-/// Path, weight format and PRM of a model id (or a path taken as is).
-pub(crate) fn resolve_entry(
-    model: &str,
-    config: Option<&Path>,
-) -> anyhow::Result<(PathBuf, WeightFormat, Option<PrmConfig>)> {
+/// Reads only the configuration file: no model is loaded.
+pub(crate) fn resolve_entry(model: &str, config: Option<&Path>) -> anyhow::Result<Entry> {
     let cfg = Config::load(config, std::iter::empty(), &Overrides::default())?;
     Ok(match cfg.models.iter().find(|m| m.id == model) {
-        Some(m) => (m.path.clone(), m.weights, m.prm.clone()),
-        None => (PathBuf::from(model), WeightFormat::Auto, None),
+        Some(m) => {
+            Entry { path: m.path.clone(), weights: m.weights, prm: m.prm.clone(), reasoning: m.reasoning }
+        }
+        None => Entry {
+            path: PathBuf::from(model),
+            weights: WeightFormat::Auto,
+            prm: None,
+            reasoning: ReasoningDefaults::default(),
+        },
     })
 }
 
@@ -238,15 +255,18 @@ pub(crate) fn load_prm(
 
 /// Every flag is checked, and every output file opened, before a model is
 /// loaded or a question read: a mistake fails at once, not after the run.
-pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+pub fn run(mut args: EvalArgs) -> anyhow::Result<()> {
     flags::check(&args)?;
+    let entry = resolve_entry(&args.model, args.config.as_deref())?;
+    // The flags left out take the model's served defaults.
+    args.defaults = entry.reasoning;
     check_knobs(&args)?;
     let outputs = output::SweepOutputs::open(&args)?;
     if let Some(path) = &args.questions_in {
         // Nothing to generate: the run is in the file.
         return sweep::replay(path, outputs, &args);
     }
-    let (path, weights, configured_prm) = resolve_entry(&args.model, args.config.as_deref())?;
+    let Entry { path, weights, prm: configured_prm, .. } = entry;
     let prm = model_prm(args.prm_path.as_deref(), &path, configured_prm);
     let choice = flags::choose(&args, prm.is_some())?;
     let problems = problems(&args)?;
@@ -299,7 +319,7 @@ pub(crate) fn source_name(args: &EvalArgs) -> String {
     }
 }
 
-/// The served defaults (`ReasoningDefaults`) of the flags left out.
+/// The flags left out take the model's served defaults (`self.defaults`).
 impl EvalArgs {
     /// What runs: `--sweep` replays best-of-N.
     pub(crate) fn strategy(&self) -> Strategy {
@@ -319,23 +339,23 @@ impl EvalArgs {
     }
 
     pub(crate) fn max_samples(&self) -> usize {
-        self.max_samples.unwrap_or(ReasoningDefaults::default().max_samples)
+        self.max_samples.unwrap_or(self.defaults.max_samples)
     }
 
     pub(crate) fn budget_quantile(&self) -> f64 {
-        self.budget_quantile.unwrap_or(ReasoningDefaults::default().budget_quantile)
+        self.budget_quantile.unwrap_or(self.defaults.budget_quantile)
     }
 
     pub(crate) fn beam_width(&self) -> usize {
-        self.beam_width.unwrap_or(ReasoningDefaults::default().beam_width)
+        self.beam_width.unwrap_or(self.defaults.beam_width)
     }
 
     pub(crate) fn beams(&self) -> usize {
-        self.beams.unwrap_or(ReasoningDefaults::default().beams)
+        self.beams.unwrap_or(self.defaults.beams)
     }
 
     pub(crate) fn prune_every(&self) -> usize {
-        self.prune_every.unwrap_or(ReasoningDefaults::default().prune_every)
+        self.prune_every.unwrap_or(self.defaults.prune_every)
     }
 
     pub(crate) fn prm_output(&self) -> HeadOutput {
@@ -345,7 +365,7 @@ impl EvalArgs {
     /// C, the round size and the gain floor as given, else the served
     /// defaults for `strategy`.
     pub(crate) fn round_knobs(&self, strategy: Strategy) -> crate::reasoning::knobs::RoundKnobs {
-        let d = ReasoningDefaults::default().round_knobs(strategy);
+        let d = self.defaults.round_knobs(strategy);
         crate::reasoning::knobs::RoundKnobs {
             confidence: self.confidence.unwrap_or(d.confidence),
             round_size: self.round_size.unwrap_or(d.round_size),
@@ -355,7 +375,7 @@ impl EvalArgs {
 
     /// `give_up_plausible` as given, else the served default.
     pub(crate) fn plausible(&self) -> f64 {
-        self.give_up_plausible.unwrap_or(ReasoningDefaults::default().give_up_plausible)
+        self.give_up_plausible.unwrap_or(self.defaults.give_up_plausible)
     }
 }
 

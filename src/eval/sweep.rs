@@ -82,7 +82,7 @@ fn fixed_run(
     let prm = load_prm(prm, &engine, HeadOutput::Calibrated)?;
     let roots = root_scores(&engine, prm.as_ref(), problems)?;
     anyhow::ensure!(roots.iter().all(|r| r.raw.is_some()), "the sweep needs a PRM with a raw score too");
-    let rule = crate::config::ReasoningDefaults::default().budget_rule;
+    let rule = args.defaults.budget_rule;
     let fixed = Choice { strategy: Strategy::BestOfN, adaptive: false, rule, select };
     let outcomes = run_all(&engine, Some(prm), problems, params(args, &fixed, Candidates::Return), args)?;
     Ok(problems
@@ -254,7 +254,7 @@ pub(super) fn sweep(
 pub(super) fn replay(path: &std::path::Path, outputs: SweepOutputs, args: &EvalArgs) -> anyhow::Result<()> {
     let mut questions = read_questions(path)?;
     let n_max = replay_n_max(&mut questions, args.max_samples, path)?;
-    let select = args.select.unwrap_or(crate::config::ReasoningDefaults::default().select);
+    let select = args.select.unwrap_or(args.defaults.select);
     let grid = Grid { n_max, budget_quantile: args.budget_quantile(), select };
     finish(&questions, grid, args, outputs)
 }
