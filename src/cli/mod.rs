@@ -30,7 +30,7 @@ enum Command {
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Accuracy on the arithmetic task: per level, and the spread of per-question success.
-    Eval(crate::eval::EvalArgs),
+    Eval(Box<crate::eval::EvalArgs>),
     /// Calibrate a model's PRM head: Monte-Carlo labels, quantile head, baselines, report.
     Calibrate(crate::calibrate::run::CalibrateArgs),
     /// The ponder-arith task and model: train it, export splits.
@@ -100,7 +100,7 @@ pub fn main() -> ExitCode {
         Command::Bench(BenchCommand::Server(args)) => crate::bench::server::run(args),
         Command::Bench(BenchCommand::Reasoning(args)) => crate::bench::reasoning::run(args),
         Command::Bench(BenchCommand::Soak(args)) => crate::bench::soak::run(args),
-        Command::Eval(args) => crate::eval::run(args),
+        Command::Eval(args) => crate::eval::run(*args),
         Command::Calibrate(args) => crate::calibrate::run::run(args),
         Command::Arith(ArithCommand::Train(args)) => crate::arith::train::run(args),
         Command::Arith(ArithCommand::TrainPrm(args)) => crate::arith::verifier::run(args),
