@@ -484,6 +484,23 @@ mod tests {
         assert!(chat(r#", "max_tokens": 1e300"#).is_err());
         assert!(chat(r#", "n": "2""#).is_err());
     }
+
+    #[test]
+    fn fractions_parse_to_the_nearest_double_so_a_value_just_below_a_limit_stays_below_it() {
+        // serde_json's default float parser may land one ulp off; with
+        // `float_roundtrip` the largest double below 1 is not read as 1 and
+        // then refused as "confidence must be greater than 0 and less than 1,
+        // got 1".
+        let r = chat(r#", "reasoning": {"confidence": 0.9999999999999999}"#).unwrap();
+        let c = r.reasoning.unwrap().confidence.unwrap();
+        assert_eq!(c, 0.999_999_999_999_999_9_f64);
+        assert!(c < 1.0);
+        let r = chat(r#", "temperature": 0.30000000000000004, "top_p": 2.2250738585072014e-308"#).unwrap();
+        assert_eq!(
+            (r.temperature, r.top_p),
+            (Some(0.300_000_000_000_000_04), Some(2.225_073_858_507_201_4e-308))
+        );
+    }
 }
 
 /// vLLM's `POST /pooling` request, as ponder answers it for its PRMs.
