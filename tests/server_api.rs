@@ -171,7 +171,7 @@ async fn logprobs_come_per_token_in_both_formats() {
         let top = t["top_logprobs"].as_array().unwrap();
         assert_eq!(top.len(), 2);
         assert_eq!(top[0]["token"], t["token"], "greedy picks the most likely token");
-        assert_eq!(t["bytes"].as_array().unwrap().len(), t["token"].as_str().unwrap().len());
+        assert_eq!(t["bytes"].as_array().unwrap().len(), t["token"].as_str().unwrap().len(), "ASCII tokens");
     }
     let joined: String = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
     assert_eq!(joined, v["choices"][0]["message"]["content"].as_str().unwrap());
@@ -187,6 +187,99 @@ async fn logprobs_come_per_token_in_both_formats() {
     assert_eq!(lp["text_offset"][0], 0);
     let no = post_json("/v1/completions", json!({"model": MODEL, "prompt": "Hello", "max_tokens": 2})).await;
     assert!(no["choices"][0]["logprobs"].is_null());
+}
+
+/// Completions logprobs of a whole answer, or of a stream's chunks put
+/// together: (tokens, text_offset, token_ids).
+fn completion_tokens(chunks: &[Value]) -> (Vec<String>, Vec<u64>, Vec<u64>) {
+    let (mut tokens, mut offsets, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for c in chunks {
+        let lp = &c["choices"][0]["logprobs"];
+        if !lp.is_null() {
+            tokens.extend(lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()));
+            offsets.extend(lp["text_offset"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()));
+        }
+        if let Some(t) = c["choices"][0]["token_ids"].as_array() {
+            ids.extend(t.iter().map(|i| i.as_u64().unwrap()));
+        }
+    }
+    (tokens, offsets, ids)
+}
+
+#[tokio::test]
+async fn logprobs_cover_exactly_the_returned_text_streamed_or_whole_a_stop_strings_tokens_keep_only_their_ids()
+ {
+    let body = json!({"model": MODEL, "prompt": "1, 2, 3, 4, 5,", "max_tokens": 16, "temperature": 0,
+        "stop": "6, 7", "logprobs": 1, "return_token_ids": true});
+    let whole = post_json("/v1/completions", body.clone()).await;
+    let c = &whole["choices"][0];
+    assert_eq!(
+        (c["finish_reason"].as_str(), c["stop_reason"].as_str()),
+        (Some("stop"), Some("6, 7")),
+        "{whole}"
+    );
+    let text = c["text"].as_str().unwrap();
+    let (tokens, offsets, ids) = completion_tokens(std::slice::from_ref(&whole));
+    assert_eq!(tokens.concat(), text, "logprobs cover the text and not the stop string");
+    let chars: Vec<char> = text.chars().collect();
+    for (t, &o) in tokens.iter().zip(&offsets) {
+        let at: String = chars[o as usize..].iter().collect();
+        assert!(at.starts_with(t.as_str()), "offset {o} of {t:?} in {text:?}");
+    }
+    assert_eq!(
+        ids.len() as u64,
+        whole["usage"]["completion_tokens"].as_u64().unwrap(),
+        "every id is returned"
+    );
+    assert!(ids.len() > tokens.len(), "the stop string's tokens keep their ids");
+
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, sse) = post("/v1/completions", streamed).await;
+    let data = sse_data(&sse);
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(
+        completion_tokens(&chunks),
+        (tokens, offsets, ids),
+        "a stream carries what the whole answer does"
+    );
+}
+
+#[tokio::test]
+async fn logprob_bytes_are_the_tokens_raw_bytes_and_offsets_count_characters() {
+    let chat = post_json(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "Reply with three emoji: 🙂🙂"}],
+            "max_tokens": 6, "temperature": 0, "logprobs": true}),
+    )
+    .await;
+    let content = chat["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!content.is_ascii(), "the reply holds multi-byte characters: {content:?}");
+    let bytes: Vec<u8> = chat["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8))
+        .collect();
+    assert_eq!(
+        String::from_utf8(bytes).unwrap(),
+        content,
+        "the tokens' bytes put the characters back together"
+    );
+
+    let c = post_json(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": "Café, café, café, café,", "max_tokens": 8, "temperature": 0, "logprobs": 1}),
+    )
+    .await;
+    let text: Vec<char> = c["choices"][0]["text"].as_str().unwrap().chars().collect();
+    let (tokens, offsets, _) = completion_tokens(std::slice::from_ref(&c));
+    assert!(tokens.iter().any(|t| !t.is_ascii()), "{tokens:?}");
+    for (t, &o) in tokens.iter().zip(&offsets) {
+        let at: String = text[o as usize..].iter().collect();
+        assert!(at.starts_with(t.as_str()), "offset {o} of {t:?}");
+    }
 }
 
 #[tokio::test]

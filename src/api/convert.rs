@@ -1,7 +1,7 @@
 //! Worker events to wire types, shared by whole-body responses and SSE
 //! chunks so that both print the same figures.
 
-use crate::backend::{JobStats, ReasoningReport, TokenOut};
+use crate::backend::{JobStats, ReasoningReport, TokenOut, TokenPlace};
 use crate::reasoning::{Budget, Candidates, Stop};
 use crate::wire::{
     CandidateOut, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, PonderInfo, TopLogprob, Usage,
@@ -53,32 +53,35 @@ pub(crate) fn usage(stats: &JobStats, reasoning: Option<&ReasoningReport>) -> Us
 
 pub(crate) fn chat_logprobs(tokens: &[TokenOut]) -> ChatLogprobs {
     ChatLogprobs {
-        content: tokens
-            .iter()
+        content: in_text(tokens)
             .map(|t| ChatTokenLogprob {
                 token: t.text.clone(),
                 logprob: t.logprob,
-                bytes: t.text.as_bytes().to_vec(),
+                bytes: t.bytes.clone(),
                 top_logprobs: t
                     .top
                     .iter()
-                    .map(|(s, l)| TopLogprob { token: s.clone(), logprob: *l, bytes: s.as_bytes().to_vec() })
+                    .map(|a| TopLogprob { token: a.text.clone(), logprob: a.logprob, bytes: a.bytes.clone() })
                     .collect(),
             })
             .collect(),
     }
 }
 
-/// The completions logprobs layout; `offset` is where the first token's
-/// text starts in the choice's text.
-pub(crate) fn completion_logprobs(tokens: &[TokenOut], mut offset: usize) -> CompletionLogprobs {
+/// The completions logprobs layout, `text_offset` in characters of the
+/// choice's text (as vLLM and OpenAI count them).
+pub(crate) fn completion_logprobs(tokens: &[TokenOut]) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
-    for t in tokens {
+    for t in in_text(tokens) {
         out.tokens.push(t.text.clone());
         out.token_logprobs.push(t.logprob);
-        out.top_logprobs.push(t.top.iter().map(|(s, l)| (s.clone(), serde_json::json!(l))).collect());
-        out.text_offset.push(offset);
-        offset += t.text.len();
+        out.top_logprobs.push(t.top.iter().map(|a| (a.text.clone(), serde_json::json!(a.logprob))).collect());
+        out.text_offset.push(t.offset);
     }
     out
+}
+
+/// The tokens whose text is in the returned text.
+fn in_text(tokens: &[TokenOut]) -> impl Iterator<Item = &TokenOut> {
+    tokens.iter().filter(|t| t.place == TokenPlace::Text)
 }

@@ -253,7 +253,7 @@ fn completion_body(ctx: &StreamCtx, c: Collected) -> Completion {
             .map(|(index, ((text, tokens), finish))| CompletionChoice {
                 index,
                 text,
-                logprobs: want_logprobs.then(|| completion_logprobs(&tokens, 0)),
+                logprobs: want_logprobs.then(|| completion_logprobs(&tokens)),
                 finish_reason: finish.map(FinishReason::openai),
                 stop_reason: finish.and_then(|f| stop_string(&ctx.valid.generation.stop, f)),
                 token_ids: want_ids.then(|| tokens.iter().map(|t| t.id).collect()),

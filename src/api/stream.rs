@@ -12,7 +12,7 @@ use futures::stream::{self, Stream, StreamExt};
 use super::convert::{chat_logprobs, completion_logprobs, ponder_info, usage};
 use super::error::ApiError;
 use super::middleware::{SummaryCell, update};
-use crate::backend::{EventStream, GenEvent, Progress, ReasoningReport, TokenOut};
+use crate::backend::{EventStream, GenEvent, Progress, ReasoningReport, TokenOut, TokenPlace};
 use crate::engine::FinishReason;
 use crate::validation::{Endpoint, UsageChunk, ValidRequest};
 use crate::wire::{
@@ -38,8 +38,6 @@ struct State {
     ctx: StreamCtx,
     usage: UsageChunk,
     events: EventStream,
-    /// Bytes of text sent per choice (completions' `text_offset`).
-    sent: Vec<usize>,
     /// Whether each chat choice has had its `role: assistant` delta.
     announced: Vec<bool>,
     phase: Phase,
@@ -128,7 +126,9 @@ impl State {
         tokens: &[TokenOut],
         finish: Option<FinishReason>,
     ) -> Event {
-        let want_logprobs = self.ctx.valid.generation.logprobs.is_some() && !tokens.is_empty();
+        // A chunk whose tokens all lie in the stop string carries none.
+        let want_logprobs = self.ctx.valid.generation.logprobs.is_some()
+            && tokens.iter().any(|t| t.place == TokenPlace::Text);
         match self.ctx.valid.endpoint {
             Endpoint::Chat => {
                 let role = (!std::mem::replace(&mut self.announced[index], true)).then_some("assistant");
@@ -143,8 +143,7 @@ impl State {
                 self.chat_chunk(vec![choice], None)
             }
             Endpoint::Completion => {
-                let logprobs = want_logprobs.then(|| completion_logprobs(tokens, self.sent[index]));
-                self.sent[index] += text.len();
+                let logprobs = want_logprobs.then(|| completion_logprobs(tokens));
                 let choice = CompletionChoice {
                     index,
                     text,
@@ -195,7 +194,7 @@ impl State {
                 let searching = self.ctx.valid.generation.reasoning.is_some();
                 if self.ctx.valid.endpoint == Endpoint::Chat && !searching {
                     self.announced.fill(true);
-                    let roles = (0..self.sent.len())
+                    let roles = (0..self.announced.len())
                         .map(|index| ChatChunkChoice {
                             index,
                             delta: ChatDelta { role: Some("assistant"), content: Some(String::new()) },
@@ -282,14 +281,7 @@ fn events(state: State) -> impl Stream<Item = Result<Event, Infallible>> {
 
 pub(crate) fn sse(ctx: StreamCtx, usage: UsageChunk, events: EventStream) -> Response {
     let choices = ctx.valid.generation.choices();
-    let state = State {
-        ctx,
-        usage,
-        events,
-        sent: vec![0; choices],
-        announced: vec![false; choices],
-        phase: Phase::Start,
-        reasoning: None,
-    };
+    let state =
+        State { ctx, usage, events, announced: vec![false; choices], phase: Phase::Start, reasoning: None };
     Sse::new(self::events(state)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }

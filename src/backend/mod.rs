@@ -158,13 +158,39 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn schedule(&self, request: Scheduled) -> Result<EventStream, ScheduleError>;
 }
 
+/// One generated token, sent with the text it belongs to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenOut {
     pub id: u32,
     /// The token's text (lossy where a token holds part of a character).
     pub text: String,
+    /// Its raw bytes (OpenAI's `bytes`: part of a character for such a token).
+    pub bytes: Vec<u8>,
     pub logprob: f32,
-    pub top: Vec<(String, f32)>,
+    pub top: Vec<TopToken>,
+    /// Characters of the choice's text before this token's (completions'
+    /// `text_offset`).
+    pub offset: usize,
+    pub place: TokenPlace,
+}
+
+/// An alternative to a generated token, with its logprob.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopToken {
+    pub text: String,
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// Where a generated token's text went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenPlace {
+    /// Into the choice's text (at least one of its bytes).
+    Text,
+    /// Wholly into the stop string that ended the choice, which is not
+    /// returned: the token keeps its id (`token_ids`) but has no logprob
+    /// entry, so that logprobs cover exactly the returned text.
+    StopString,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::backend::{
     Backend, BackendStatus, Delivery, EventStream, GenEvent, JobStats, ModelInfo, ScheduleError, Scheduled,
-    TokenMeter, TokenOut,
+    TokenMeter, TokenOut, TokenPlace, TopToken,
 };
 use crate::config::{BackendConfig, ModelEntry, QueueConfig};
 use crate::engine::FinishReason;
@@ -313,6 +313,8 @@ struct Relay {
 struct ChoiceState {
     tokens: usize,
     last: Option<Instant>,
+    /// Characters of the choice's token texts so far (`text_offset`).
+    chars: usize,
 }
 
 impl Relay {
@@ -374,7 +376,7 @@ impl Relay {
                     });
                 };
                 let choice = part.first + c.index;
-                let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some());
+                let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some(), &mut state.chars);
                 let new = if c.logprobs.is_some() {
                     c.logprobs.as_ref().map_or(0, |l| l.tokens.len())
                 } else {
@@ -456,7 +458,7 @@ impl Relay {
                     });
                 }
                 let choice = part.first + c.index;
-                let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some());
+                let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some(), &mut 0);
                 let reason =
                     finish_reason(c.finish_reason.as_deref().unwrap_or("stop"), c.stop_string(), &g.stop);
                 events.push(GenEvent::Delta { choice, text: c.text, tokens });
@@ -477,25 +479,44 @@ impl Relay {
         Ok(())
     }
 
-    fn token_outs(&self, lp: Option<&upstream::ChunkLogprobs>, wanted: bool) -> Vec<TokenOut> {
+    /// The engine's tokens as ponder's, `offset` counting the characters of
+    /// the choice's token texts so far. Their bytes are those of the
+    /// engine's token text (its completions answer carries no others).
+    fn token_outs(
+        &self,
+        lp: Option<&upstream::ChunkLogprobs>,
+        wanted: bool,
+        offset: &mut usize,
+    ) -> Vec<TokenOut> {
         let Some(lp) = lp.filter(|_| wanted) else { return Vec::new() };
         lp.tokens
             .iter()
             .enumerate()
-            .map(|(k, text)| TokenOut {
-                id: self.tokenizer.token_id(text).unwrap_or(0),
-                text: text.clone(),
-                logprob: lp.token_logprobs.get(k).copied().flatten().unwrap_or(f32::NEG_INFINITY),
-                top: lp
-                    .top_logprobs
-                    .get(k)
-                    .and_then(Option::as_ref)
-                    .map(|m| {
-                        m.iter()
-                            .map(|(t, v)| (t.clone(), v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+            .map(|(k, text)| {
+                let at = *offset;
+                *offset += text.chars().count();
+                TokenOut {
+                    id: self.tokenizer.token_id(text).unwrap_or(0),
+                    text: text.clone(),
+                    bytes: text.as_bytes().to_vec(),
+                    logprob: lp.token_logprobs.get(k).copied().flatten().unwrap_or(f32::NEG_INFINITY),
+                    top: lp
+                        .top_logprobs
+                        .get(k)
+                        .and_then(Option::as_ref)
+                        .map(|m| {
+                            m.iter()
+                                .map(|(t, v)| TopToken {
+                                    text: t.clone(),
+                                    bytes: t.as_bytes().to_vec(),
+                                    logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    offset: at,
+                    place: TokenPlace::Text,
+                }
             })
             .collect()
     }
@@ -615,7 +636,10 @@ mod tests {
     fn the_engines_usage_corrects_a_chunk_count_that_missed_tokens() {
         let mm = Metrics::new().for_model("m", "remote");
         let meter = TokenMeter::default();
-        let choices = [ChoiceState { tokens: 3, last: None }, ChoiceState { tokens: 2, last: None }];
+        let choices = [
+            ChoiceState { tokens: 3, last: None, chars: 0 },
+            ChoiceState { tokens: 2, last: None, chars: 0 },
+        ];
         // Five chunks seen, seven tokens generated (speculative decoding).
         assert_eq!(settle_counts(&choices, &[(0, 2)], &[Some(7)], &meter, &mm), 7);
         assert_eq!(meter.get(), 2, "only the missed tokens are added");

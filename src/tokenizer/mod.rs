@@ -2,6 +2,7 @@
 //! from GGUF metadata), its special tokens, its chat template, and
 //! incremental decoding for streams.
 
+mod bytes;
 pub mod chat;
 pub mod gguf;
 
@@ -274,6 +275,19 @@ impl Tokenizer {
     /// The token's bytes as text (lossy), for logprob entries.
     pub fn token_text(&self, id: u32) -> String {
         self.inner.decode(&[id], false).unwrap_or_default()
+    }
+
+    /// The token's raw bytes (part of a character where the token holds
+    /// one), for logprob entries; an added token's are its text's.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(t) = self.inner.get_added_tokens_decoder().get(&id) {
+            return t.content.as_bytes().to_vec();
+        }
+        let pieces = bytes::Pieces::of(self.inner.get_decoder());
+        self.inner
+            .id_to_token(id)
+            .and_then(|piece| bytes::piece_bytes(pieces, &piece))
+            .unwrap_or_else(|| self.token_text(id).into_bytes())
     }
 }
 

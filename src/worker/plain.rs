@@ -4,10 +4,10 @@
 
 use std::time::Instant;
 
-use crate::backend::{GenEvent, JobStats, TokenOut};
+use crate::backend::{GenEvent, JobStats, TokenOut, TokenPlace, TopToken};
 use crate::engine::{
-    Engine, EngineError, EosPolicy, HiddenCapture, Logprobs, SeqOptions, SeqUpdate, Sequence, StopCriteria,
-    child_seed,
+    Engine, EngineError, EosPolicy, FinishReason, HiddenCapture, Logprobs, SeqOptions, SeqUpdate, Sequence,
+    StopCriteria, child_seed,
 };
 use crate::metrics::ModelMetrics;
 use crate::validation::TokenIds;
@@ -26,6 +26,49 @@ pub(crate) struct Plain {
     pub(crate) completion_tokens: usize,
     /// What [`sequences`](Self::sequences) handed out for the current step.
     stepped: Vec<Stepped>,
+    /// Per choice: its tokens whose text is not sent yet.
+    held: Vec<HeldTokens>,
+}
+
+/// A choice's tokens waiting for their text: a token goes out with the
+/// delta that carries its first byte, so that logprobs and `token_ids`
+/// arrive beside their text (streamed or whole alike), and tokens wholly
+/// inside a stop string are marked as such.
+#[derive(Debug, Default)]
+struct HeldTokens {
+    /// Each token with the byte of the sequence's text where its own starts.
+    tokens: std::collections::VecDeque<(usize, TokenOut)>,
+    /// The sequence's decoded text so far, in bytes and in characters.
+    bytes: usize,
+    chars: usize,
+}
+
+impl HeldTokens {
+    /// Records the token of a step after which the sequence's text is `text`.
+    fn push(&mut self, text: &str, token: impl FnOnce(usize) -> TokenOut) {
+        let (start, offset) = (self.bytes, self.chars);
+        // Text only ever grows by whole characters (the decoder holds
+        // partial ones back), so `start` is a char boundary.
+        self.chars += text.get(start..).map_or(0, |new| new.chars().count());
+        self.bytes = text.len();
+        self.tokens.push_back((start, token(offset)));
+    }
+
+    /// The tokens whose text starts before `emitted` bytes; at a finish,
+    /// the rest too (marked when a stop string took their text).
+    fn release(&mut self, emitted: usize, finished: Option<FinishReason>) -> Vec<TokenOut> {
+        let mut out = Vec::new();
+        while let Some((start, _)) = self.tokens.front()
+            && (*start < emitted || finished.is_some())
+        {
+            let (start, mut t) = self.tokens.pop_front().expect("front checked above");
+            if matches!(finished, Some(FinishReason::Stop { .. })) && start >= emitted {
+                t.place = TokenPlace::StopString;
+            }
+            out.push(t);
+        }
+        out
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +104,7 @@ impl Plain {
             last_token: vec![None; choices],
             completion_tokens: 0,
             stepped: Vec::new(),
+            held: (0..choices).map(|_| HeldTokens::default()).collect(),
         })
     }
 
@@ -126,27 +170,30 @@ impl Plain {
                 }
             }
             let wants_ids = job.request.token_ids == TokenIds::Return;
-            let token_out = match (update.token, seq.logprobs().last()) {
-                (Some(id), Some(lp)) if job.request.logprobs.is_some() => {
-                    let tok = engine.tokenizer();
-                    vec![TokenOut {
-                        id,
-                        text: tok.token_text(id),
-                        logprob: lp.logprob,
-                        top: lp.top.iter().map(|&(t, l)| (tok.token_text(t), l)).collect(),
-                    }]
-                }
-                // Ids only: no logprob was recorded, and none is shown.
-                (Some(id), _) if wants_ids => {
-                    vec![TokenOut {
-                        id,
-                        text: engine.tokenizer().token_text(id),
-                        logprob: f32::NAN,
-                        top: Vec::new(),
-                    }]
-                }
-                _ => Vec::new(),
-            };
+            let tok = engine.tokenizer();
+            let logprob = seq.logprobs().last().filter(|_| job.request.logprobs.is_some());
+            if let Some(id) = update.token.filter(|_| logprob.is_some() || wants_ids) {
+                self.held[c].push(&seq.text.text, |offset| TokenOut {
+                    id,
+                    text: tok.token_text(id),
+                    bytes: tok.token_bytes(id),
+                    // Ids only: no logprob was recorded, and none is shown.
+                    logprob: logprob.map_or(f32::NAN, |lp| lp.logprob),
+                    top: logprob.map_or_else(Vec::new, |lp| {
+                        lp.top
+                            .iter()
+                            .map(|&(t, l)| TopToken {
+                                text: tok.token_text(t),
+                                bytes: tok.token_bytes(t),
+                                logprob: l,
+                            })
+                            .collect()
+                    }),
+                    offset,
+                    place: TokenPlace::Text,
+                });
+            }
+            let token_out = self.held[c].release(seq.text.emitted, update.finished);
             if !update.delta.is_empty() || !token_out.is_empty() {
                 outbox.push(GenEvent::Delta { choice: c, text: update.delta.clone(), tokens: token_out });
             }
