@@ -1,9 +1,10 @@
 //! OpenAI wire types: what clients send and receive, exactly as JSON has
 //! them. Validation turns requests into internal types; nothing else reads
-//! these. Fields OpenAI defines that ponder does not act on are accepted and
-//! ignored (serde skips unknown fields); ponder's own `reasoning` object
-//! refuses unknown fields, since a misspelt knob would silently run the
-//! defaults.
+//! these. Fields OpenAI defines that ponder does not act on are declared
+//! where a value of them asks for something ponder cannot do (validation
+//! refuses it) or has a range to check; other unknown fields are skipped.
+//! ponder's own `reasoning` object refuses unknown fields, since a misspelt
+//! knob would silently run the defaults.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,18 @@ fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Er
         }
     }
     d.deserialize_option(Visit)
+}
+
+/// An integer inside an array (a token id), read as [`integral`] reads a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Integral(pub i64);
+
+impl<'de> Deserialize<'de> for Integral {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        integral(d)?
+            .map(Integral)
+            .ok_or_else(|| serde::de::Error::invalid_type(serde::de::Unexpected::Unit, &"an integer"))
+    }
 }
 
 /// A struct read from a JSON object only: serde's derived structs also read
@@ -143,6 +156,15 @@ macro_rules! request_with_sampling {
             pub stream_options: Option<StreamOptions>,
             #[serde(default)]
             pub user: Option<String>,
+            /// Range-checked as OpenAI does, not applied (README says so).
+            #[serde(default)]
+            pub presence_penalty: Option<f64>,
+            #[serde(default)]
+            pub frequency_penalty: Option<f64>,
+            /// Token id (as a string) to a bias in -100..=100; ponder applies
+            /// none, so a non-empty map is refused rather than ignored.
+            #[serde(default)]
+            pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
             /// ponder's adaptive reasoning (OpenAI clients send it through `extra_body`).
             #[serde(default, deserialize_with = "object")]
             pub reasoning: Option<ReasoningWire>,
@@ -199,7 +221,30 @@ request_with_sampling! {
         pub logprobs: Option<bool>,
         #[serde(default, deserialize_with = "integral")]
         pub top_logprobs: Option<i64>,
+        /// Accepted: the model answers in text and never calls a tool,
+        /// which `tool_choice` `auto` allows.
+        #[serde(default)]
+        pub tools: Option<Vec<serde_json::Value>>,
+        #[serde(default)]
+        pub tool_choice: Option<ToolChoiceWire>,
+        #[serde(default, deserialize_with = "object")]
+        pub response_format: Option<ResponseFormatWire>,
     }
+}
+
+/// `tool_choice`: a mode, or the one function the model must call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged, expecting = "a string (none, auto, required) or an object naming a function")]
+pub enum ToolChoiceWire {
+    Mode(String),
+    Function(serde_json::Map<String, serde_json::Value>),
+}
+
+/// `response_format`; only its type matters to ponder.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponseFormatWire {
+    #[serde(rename = "type")]
+    pub kind: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,9 +256,9 @@ pub enum PromptWire {
     One(String),
     Many(Vec<String>),
     /// One prompt as token ids (as OpenAI and vLLM accept).
-    Tokens(Vec<i64>),
+    Tokens(Vec<Integral>),
     /// Several prompts as token ids.
-    ManyTokens(Vec<Vec<i64>>),
+    ManyTokens(Vec<Vec<Integral>>),
 }
 
 request_with_sampling! {
@@ -226,6 +271,14 @@ request_with_sampling! {
         /// vLLM's extension: each choice carries its token ids.
         #[serde(default)]
         pub return_token_ids: Option<bool>,
+        /// OpenAI's legacy fields ponder does not implement: refused when
+        /// they ask for something (`echo: true`, a `suffix`, `best_of` > n).
+        #[serde(default)]
+        pub echo: Option<bool>,
+        #[serde(default)]
+        pub suffix: Option<String>,
+        #[serde(default, deserialize_with = "integral")]
+        pub best_of: Option<i64>,
     }
 }
 
@@ -483,6 +536,17 @@ mod tests {
         assert!(err.contains("2.5") && err.contains("integer"), "{err}");
         assert!(chat(r#", "max_tokens": 1e300"#).is_err());
         assert!(chat(r#", "n": "2""#).is_err());
+        let prompt = |p: &str| {
+            serde_json::from_str::<CompletionRequest>(&format!(r#"{{"model": "m", "prompt": {p}}}"#))
+        };
+        assert!(
+            matches!(prompt("[1.0, 2]").unwrap().prompt, PromptWire::Tokens(t) if t == [Integral(1), Integral(2)])
+        );
+        assert!(
+            matches!(prompt("[[3.0]]").unwrap().prompt, PromptWire::ManyTokens(t) if t == [[Integral(3)]])
+        );
+        assert!(prompt("[1.5]").is_err());
+        assert!(prompt("[null]").is_err());
     }
 
     #[test]

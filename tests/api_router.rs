@@ -126,6 +126,68 @@ async fn out_of_range_sampling_fields_are_rejected_naming_field_limit_and_value(
 }
 
 #[tokio::test]
+async fn openai_fields_ponder_cannot_honour_are_refused_by_name_and_harmless_ones_accepted() {
+    let app = app();
+    let path = "/v1/chat/completions";
+    let cases: Vec<(Value, &str, Vec<&str>)> = vec![
+        (json!({"presence_penalty": 5}), "presence_penalty", vec!["-2", "2", "got 5"]),
+        (json!({"frequency_penalty": -2.5}), "frequency_penalty", vec!["got -2.5"]),
+        (json!({"logit_bias": {"15": -100}}), "logit_bias", vec!["not supported", "15"]),
+        (json!({"logit_bias": "x"}), "logit_bias", vec![]),
+        (json!({"stream_options": {"include_usage": true}}), "stream_options", vec!["stream is true"]),
+        (json!({"tool_choice": "required", "tools": []}), "tool_choice", vec!["never calls a tool"]),
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+            "tool_choice",
+            vec!["\"auto\""],
+        ),
+        (json!({"tool_choice": "sometimes"}), "tool_choice", vec!["sometimes"]),
+        (json!({"response_format": {"type": "json_object"}}), "response_format", vec!["json_object"]),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
+            "response_format",
+            vec!["json_schema"],
+        ),
+        (json!({"response_format": {"type": "xml"}}), "response_format.type", vec!["xml"]),
+    ];
+    for (extra, param, needles) in cases {
+        expect_400(&app, path, chat(extra), Some(param), &needles).await;
+    }
+    let null_content = json!({"model": MODEL, "messages": [{"role": "user", "content": null}]});
+    expect_400(&app, path, null_content, Some("messages[0].content"), &["user message needs content"]).await;
+    let completions: Vec<(Value, &str, Vec<&str>)> = vec![
+        (json!({"echo": true}), "echo", vec!["not supported"]),
+        (json!({"suffix": "end"}), "suffix", vec!["not supported"]),
+        (json!({"best_of": 3, "n": 2}), "best_of", vec!["best_of 3 with n 2"]),
+        (json!({"logit_bias": {"7": 1}}), "logit_bias", vec!["7"]),
+    ];
+    for (extra, param, needles) in completions {
+        let mut body = json!({"model": MODEL, "prompt": "1", "max_tokens": 1});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        expect_400(&app, "/v1/completions", body, Some(param), &needles).await;
+    }
+    assert!(app.fake.seen().is_empty(), "no refused request reached the backend");
+
+    let harmless = [
+        json!({"presence_penalty": 1.5, "frequency_penalty": -2, "logit_bias": {}, "user": "u"}),
+        json!({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto"}),
+        json!({"tool_choice": "none", "response_format": {"type": "text"}}),
+        json!({"stream": true, "stream_options": {"include_usage": false}}),
+        json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}, {"role": "user", "content": "again"}]}),
+    ];
+    for extra in harmless {
+        let r = post(&app, path, &chat(extra.clone())).await;
+        assert_eq!(r.status, 200, "{extra}: {}", r.text);
+    }
+    for extra in [json!({"echo": false, "suffix": "", "best_of": 1}), json!({"prompt": [1.0, 2.0]})] {
+        let mut body = json!({"model": MODEL, "prompt": "1", "max_tokens": 1});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = post(&app, "/v1/completions", &body).await;
+        assert_eq!(r.status, 200, "{extra}: {}", r.text);
+    }
+}
+
+#[tokio::test]
 async fn reasoning_fields_are_checked_against_the_same_ranges_as_the_config() {
     let app = app();
     let cases: Vec<(Value, &str, Vec<&str>)> = vec![

@@ -214,7 +214,13 @@ pub async fn track(State(state): State<AppState>, mut req: Request, next: Next) 
 /// Whether `Authorization: Bearer <key>` holds one of the keys, compared in
 /// constant time.
 fn authorized(keys: &[String], header: Option<&HeaderValue>) -> bool {
-    let Some(given) = header.and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer ")) else {
+    // The scheme is case-insensitive (RFC 7235): `bearer` is `Bearer`.
+    let Some(given) = header
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key)
+    else {
         return false;
     };
     // Check every key so timing does not reveal which one matched.
@@ -235,10 +241,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_configured_bearer_key_is_authorized() {
+    fn only_a_configured_bearer_key_is_authorized_whatever_the_schemes_case() {
         let keys = vec!["alpha".to_string(), "beta-key".to_string()];
         let h = |s: &str| HeaderValue::from_str(s).unwrap();
         assert!(authorized(&keys, Some(&h("Bearer beta-key"))));
+        assert!(authorized(&keys, Some(&h("bearer beta-key"))), "the scheme is case-insensitive");
+        assert!(authorized(&keys, Some(&h("BEARER alpha"))));
         assert!(!authorized(&keys, Some(&h("Bearer beta"))));
         assert!(!authorized(&keys, Some(&h("beta-key"))));
         assert!(!authorized(&keys, Some(&h("Basic alpha"))));

@@ -39,6 +39,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/chat/completions"),
     ("POST", "/v1/completions"),
     ("GET", "/v1/models"),
+    // A wildcard: engines' model ids often hold a slash (`Qwen/Qwen2.5-7B`),
+    // which OpenAI's clients send as is.
+    ("GET", "/v1/models/{*model}"),
     ("POST", "/pooling"),
     ("GET", "/health"),
     ("GET", "/metrics"),
@@ -152,19 +155,27 @@ async fn list_models(State(state): State<AppState>) -> Json<ModelList> {
         object: "list",
         // Config order, so that clients taking the first model get the
         // configured default.
-        data: state
-            .config
-            .models
-            .iter()
-            .filter_map(|m| state.models.get(&m.id).map(|b| (m, b)))
-            .map(|(m, b)| ModelCard {
-                id: m.id.clone(),
-                object: "model",
-                created: state.started,
-                owned_by: "ponder",
-                max_model_len: b.model_info().map(|i| i.context_length),
-            })
-            .collect(),
+        data: state.config.models.iter().filter_map(|m| model_card(&state, &m.id)).collect(),
+    })
+}
+
+/// `GET /v1/models/{model}` (OpenAI's `models.retrieve`): the card
+/// `/v1/models` lists for that id.
+async fn retrieve_model(
+    State(state): State<AppState>,
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    model_card(&state, &model).map(Json).ok_or(ApiError::ModelNotFound(model))
+}
+
+fn model_card(state: &AppState, id: &str) -> Option<ModelCard> {
+    let backend = state.models.get(id)?;
+    Some(ModelCard {
+        id: id.to_string(),
+        object: "model",
+        created: state.started,
+        owned_by: "ponder",
+        max_model_len: backend.model_info().map(|i| i.context_length),
     })
 }
 
@@ -217,6 +228,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
         ("POST", "/v1/chat/completions") => post(generate::chat),
         ("POST", "/v1/completions") => post(generate::completions),
         ("GET", "/v1/models") => get(list_models),
+        ("GET", "/v1/models/{*model}") => get(retrieve_model),
         ("POST", "/pooling") => post(pooling::pooling),
         ("GET", "/health") => get(health),
         ("GET", "/metrics") => get(metrics),

@@ -69,6 +69,12 @@ def run_checks(base):
 
     models = client.models.list()
     assert sorted(m.id for m in models.data) == sorted([MODEL, "ponder-arith"]), models
+    assert client.models.retrieve(MODEL).id == MODEL
+    try:
+        client.models.retrieve("no-such-model")
+        raise AssertionError("an unknown model was retrieved")
+    except openai.NotFoundError:
+        pass
 
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
     text = chat.choices[0].message.content

@@ -8,8 +8,11 @@ use crate::reasoning::knobs::{self, KnobValues, ReasoningDefaults};
 use crate::reasoning::{Budget, BudgetRule, Candidates, ReasoningParams, Select, Strategy};
 use crate::tokenizer::{AddSpecial, ChatMessage, Tokenizer, TokenizerError};
 use crate::wire::{
-    ChatCompletionRequest, CompletionRequest, ContentWire, PromptWire, ReasoningWire, StopWire, StreamOptions,
+    ChatCompletionRequest, CompletionRequest, ContentWire, Integral, PromptWire, ReasoningWire, StopWire,
+    StreamOptions,
 };
+
+mod openai;
 
 /// What validation reads of the served model.
 #[derive(Debug, Clone, Copy)]
@@ -448,13 +451,20 @@ fn checked_max_tokens(
         None => limits.default_max_tokens.min(room),
     };
     if longest + max_tokens > context || max_tokens == 0 {
-        return Err(ValidationError {
-            param: Some(if c.max_tokens.is_some() { c.max_tokens_param } else { prompt_param }.to_string()),
-            message: format!(
+        let message = match c.max_tokens {
+            Some(_) => format!(
                 "this model's context is {context} tokens; the prompt has {longest} and {} = {max_tokens} asks for {} in all",
                 c.max_tokens_param,
                 longest + max_tokens
             ),
+            // No max_tokens given: the default shrank to the room left, which is none.
+            None => format!(
+                "this model's context is {context} tokens and the prompt has {longest}, which leaves no room for even one generated token"
+            ),
+        };
+        return Err(ValidationError {
+            param: Some(if c.max_tokens.is_some() { c.max_tokens_param } else { prompt_param }.to_string()),
+            message,
             code: Some("context_length_exceeded"),
         });
     }
@@ -500,6 +510,7 @@ pub fn chat(
     if req.messages.is_empty() {
         return Err(ValidationError::new("messages", "messages must hold at least one message"));
     }
+    openai::check_chat(&req)?;
     let mut messages = Vec::with_capacity(req.messages.len());
     for (i, m) in req.messages.iter().enumerate() {
         let role = match m.role.as_str() {
@@ -514,7 +525,15 @@ pub fn chat(
             }
         };
         let content = match &m.content {
-            None => String::new(),
+            // OpenAI's assistant turns may carry tool calls instead of text;
+            // every other turn has content.
+            None if role == "assistant" => String::new(),
+            None => {
+                return Err(ValidationError::new(
+                    &format!("messages[{i}].content"),
+                    format!("a {} message needs content (a string or text parts)", m.role),
+                ));
+            }
             Some(ContentWire::Text(t)) => t.clone(),
             Some(ContentWire::Parts(parts)) => {
                 let mut text = String::new();
@@ -578,7 +597,7 @@ fn completion_prompts(
     add_special: AddSpecial,
 ) -> Result<(Vec<Vec<u32>>, Vec<String>), ValidationError> {
     let empty = || ValidationError::new("prompt", "prompt must hold at least one string or token id");
-    let from_ids = |i: usize, ids: &[i64]| -> Result<(Vec<u32>, String), ValidationError> {
+    let from_ids = |i: usize, ids: &[Integral]| -> Result<(Vec<u32>, String), ValidationError> {
         let vocab = tok.vocab_size() as i64;
         let param = format!("prompt[{i}]");
         if ids.is_empty() {
@@ -587,7 +606,7 @@ fn completion_prompts(
         let ids = ids
             .iter()
             .enumerate()
-            .map(|(j, &t)| {
+            .map(|(j, &Integral(t))| {
                 if (0..vocab).contains(&t) {
                     Ok(t as u32)
                 } else {
@@ -624,6 +643,7 @@ pub fn completion(
     model: ModelView<'_>,
     rl: RequestLimits<'_>,
 ) -> Result<ValidRequest, ValidationError> {
+    openai::check_completion(&req)?;
     let tok = model.tokenizer;
     let (prompts, texts) = completion_prompts(&req.prompt, tok, AddSpecial::Yes)?;
     let logprobs = match req.logprobs {
