@@ -1,7 +1,7 @@
 //! `ponder eval`'s flags before any work: ranges, flags that nothing would
 //! read with the others given (an error, not ignored), and what runs on a
 //! model with or without a PRM — the server's rules for a request's
-//! `reasoning` object (`src/validation.rs`), the flag named instead of the
+//! `reasoning` object (`src/validation/`), the flag named instead of the
 //! field.
 
 use super::{EvalArgs, MAX_SEQUENCES};
