@@ -53,29 +53,24 @@ pub(super) fn check_chat(req: &ChatCompletionRequest) -> Result<(), ValidationEr
         req.stream,
         req.stream_options,
     )?;
-    match &req.tool_choice {
-        None => {}
-        Some(ToolChoiceWire::Mode(m)) if m == "none" || m == "auto" => {}
-        Some(ToolChoiceWire::Mode(m)) if m == "required" => {
-            return Err(ValidationError::new(
-                "tool_choice",
-                "tool calls are not supported: the model answers in text and never calls a tool; \
-                 tool_choice must be \"none\" or \"auto\"",
-            ));
-        }
+    let forced = match &req.tool_choice {
+        None => false,
+        Some(ToolChoiceWire::Mode(m)) if m == "none" || m == "auto" => false,
+        Some(ToolChoiceWire::Mode(m)) if m == "required" => true,
+        Some(ToolChoiceWire::Function(_)) => true,
         Some(ToolChoiceWire::Mode(m)) => {
             return Err(ValidationError::new(
                 "tool_choice",
                 format!("tool_choice must be \"none\", \"auto\" or \"required\", got {m:?}"),
             ));
         }
-        Some(ToolChoiceWire::Function(_)) => {
-            return Err(ValidationError::new(
-                "tool_choice",
-                "tool calls are not supported: the model answers in text and never calls a tool; \
-                 tool_choice must be \"none\" or \"auto\"",
-            ));
-        }
+    };
+    if forced {
+        return Err(ValidationError::new(
+            "tool_choice",
+            "tool calls are not supported: the model answers in text and never calls a tool; \
+             tool_choice must be \"none\" or \"auto\"",
+        ));
     }
     match &req.response_format {
         None => Ok(()),
