@@ -98,6 +98,18 @@ fn submit_with(
     seed: u64,
     max_tokens: usize,
 ) -> Client {
+    submit_n(s, e, question, reasoning, seed, max_tokens, 1)
+}
+
+fn submit_n(
+    s: &mut Scheduler,
+    e: &Engine,
+    question: &str,
+    reasoning: Option<ReasoningParams>,
+    seed: u64,
+    max_tokens: usize,
+    n: usize,
+) -> Client {
     let tok = e.tokenizer();
     let text = tok.apply_chat_template(&[ChatMessage::new("user", question)]).unwrap();
     let prompt = tok.encode(&text, AddSpecial::No).unwrap();
@@ -107,7 +119,7 @@ fn submit_with(
         id: format!("req-{seed}"),
         request: GenerationRequest {
             prompts: vec![prompt],
-            n: 1,
+            n,
             sampling: SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed },
             stop: Vec::new(),
             max_tokens,
@@ -194,12 +206,7 @@ fn a_beam_gives_back_what_pruning_frees() {
 #[test]
 fn a_plain_request_completes_while_reasoning_requests_hold_the_worker() {
     let (mut s, e, _) = scheduler(0.01, 64);
-    let hard = ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
-        .unwrap()
-        .into_iter()
-        .find(|p| p.level == 6)
-        .expect("level 6 has problems")
-        .question;
+    let hard = hard_question();
     let mut heavy: Vec<Client> = (0..2)
         .map(|i| submit(&mut s, &e, &hard, Some(params(Strategy::BestOfN, Budget::Fixed, 64)), 10 + i))
         .collect();
@@ -267,4 +274,47 @@ fn a_client_that_leaves_is_dropped_at_the_next_step_with_its_caches_and_counted_
     assert!(text.contains("ponder_cancelled_requests_total{model=\"arith\"} 3"), "{text}");
     assert!(text.contains("ponder_kv_cache_bytes{device=\"cpu\",model=\"arith\"} 0"), "{text}");
     assert!(text.contains("ponder_running_sequences{device=\"cpu\",model=\"arith\"} 0"), "{text}");
+}
+
+/// The hard (level 6) arithmetic question: samples run many reasoning steps.
+fn hard_question() -> String {
+    ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.level == 6)
+        .expect("level 6 has problems")
+        .question
+}
+
+#[test]
+fn a_waiting_request_that_running_floors_block_does_not_slow_the_running_ones() {
+    // A best-of-8 holds the whole limit of 8 and keeps 1 whatever happens, so
+    // a plain request with n = 8 can start only once it ends: holding
+    // sequences back for it would run the best-of-8 at batch 1 for nothing.
+    let steps_to_finish = |with_waiting: bool| {
+        let (mut s, e, _) = scheduler(0.01, 8);
+        let mut heavy =
+            submit(&mut s, &e, &hard_question(), Some(params(Strategy::BestOfN, Budget::Fixed, 8)), 40);
+        let mut waiting = None;
+        let mut steps = 0;
+        while !heavy.drain() {
+            if with_waiting && steps == 3 {
+                waiting = Some(submit_n(&mut s, &e, "What is 2 + 2?", None, 41, 4, 8));
+            }
+            s.step().unwrap();
+            steps += 1;
+            if waiting.is_some() && !heavy.done() {
+                assert_eq!(s.waiting_requests(), 1, "the n = 8 request cannot start beside the best-of-8");
+            }
+            assert!(steps < 2000, "the best-of-8 never finished");
+        }
+        if let Some(mut w) = waiting {
+            while !w.drain() {
+                s.step().unwrap();
+            }
+        }
+        steps
+    };
+    let alone = steps_to_finish(false);
+    assert_eq!(steps_to_finish(true), alone, "the same steps as with nobody waiting");
 }

@@ -17,7 +17,7 @@ use crate::metrics::ModelMetrics;
 use crate::prm::Scorer;
 use crate::reasoning::runtime::{Grants, ReasoningJob, Runtime, TaskId};
 
-use super::admission::{Claim, allocate, keep};
+use super::admission::{Claim, allocate, keep, reserve_for};
 use super::job::{Delivery, Job, Outbox};
 use super::plain::Plain;
 
@@ -261,14 +261,15 @@ impl Scheduler {
         }
     }
 
-    /// Gives back what running requests no longer use, starts waiting
-    /// requests that now fit (oldest first, none overtaking), then shares
-    /// the rest out.
+    /// Gives back what running requests no longer use (and, while sequences
+    /// are reserved for the oldest waiting request, what has not begun its
+    /// step), starts waiting requests that now fit (oldest first, none
+    /// overtaking), then shares the rest out.
     fn share_out(&mut self) {
         let claims: Vec<Claim> = self.tasks.iter().map(|t| self.claim(t)).collect();
-        let someone_waits = !self.waiting.is_empty();
+        let reserving = self.head_needs().is_some_and(|k| reserve_for(&claims, self.max_running, k));
         for (t, c) in self.tasks.iter_mut().zip(&claims) {
-            t.held = keep(c, someone_waits);
+            t.held = keep(c, reserving);
         }
         let mut used: usize = self.tasks.iter().map(|t| t.held).sum();
         while let Some(job) = self.waiting.front() {
@@ -281,11 +282,16 @@ impl Scheduler {
                 used += need;
             }
         }
-        let head_needs = self.waiting.front().map(|j| j.request.initial_sequences());
         let claims: Vec<Claim> = self.tasks.iter().map(|t| self.claim(t)).collect();
-        for (t, held) in self.tasks.iter_mut().zip(allocate(&claims, self.max_running, head_needs)) {
+        let held = allocate(&claims, self.max_running, self.head_needs());
+        for (t, held) in self.tasks.iter_mut().zip(held) {
             t.held = held;
         }
+    }
+
+    /// Sequences the oldest waiting request needs to start.
+    fn head_needs(&self) -> Option<usize> {
+        self.waiting.front().map(|j| j.request.initial_sequences())
     }
 
     /// Starts a request; false when its sequences could not be created.
