@@ -20,12 +20,9 @@ use ponder::validation::GenerationRequest;
 use ponder::worker::{Admission, Job, Scheduler};
 use tokio::sync::mpsc;
 
-fn engine() -> Arc<Engine> {
+fn engine(opts: EngineOptions) -> Arc<Engine> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith");
-    Arc::new(
-        Engine::load(&dir, WeightFormat::Auto, &Device::Cpu, EngineOptions::default())
-            .expect("ponder-arith loads"),
-    )
+    Arc::new(Engine::load(&dir, WeightFormat::Auto, &Device::Cpu, opts).expect("ponder-arith loads"))
 }
 
 /// Says `p` for every prefix (the question alone included).
@@ -138,7 +135,11 @@ fn submit_n(
 }
 
 fn scheduler(p: f32, max_running: usize) -> (Scheduler, Arc<Engine>, Metrics) {
-    let e = engine();
+    scheduler_with(p, max_running, EngineOptions::default())
+}
+
+fn scheduler_with(p: f32, max_running: usize, opts: EngineOptions) -> (Scheduler, Arc<Engine>, Metrics) {
+    let e = engine(opts);
     let metrics = Metrics::new();
     let scorer: Arc<dyn Scorer> = Arc::new(FixedScorer(Mutex::new(p)));
     (Scheduler::new(e.clone(), metrics.for_model("arith", "cpu"), max_running, Some(scorer)), e, metrics)
@@ -317,4 +318,44 @@ fn a_waiting_request_that_running_floors_block_does_not_slow_the_running_ones() 
     };
     let alone = steps_to_finish(false);
     assert_eq!(steps_to_finish(true), alone, "the same steps as with nobody waiting");
+}
+
+/// The value of one series in the metrics' text.
+fn metric(metrics: &Metrics, series: &str) -> f64 {
+    let text = metrics.render();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[test]
+fn a_prompt_longer_than_a_prefill_chunk_is_fed_one_chunk_per_step_beside_running_requests() {
+    let chunk = 4;
+    let (mut s, e, metrics) =
+        scheduler_with(0.01, 64, EngineOptions { prefill_chunk: chunk, ..Default::default() });
+    let mut heavy =
+        submit(&mut s, &e, &hard_question(), Some(params(Strategy::BestOfN, Budget::Fixed, 8)), 50);
+    for _ in 0..3 {
+        s.step().unwrap();
+    }
+    // Plain requests alone count their prompt as it is fed.
+    let fed = || metric(&metrics, "ponder_prompt_tokens_total{model=\"arith\"}");
+    let question = "What is 12 + 30 - 7 * 2 + 5?";
+    let mut plain = submit_with(&mut s, &e, question, None, 51, 8);
+    let prompt_len = {
+        let tok = e.tokenizer();
+        let text = tok.apply_chat_template(&[ChatMessage::new("user", question)]).unwrap();
+        tok.encode(&text, AddSpecial::No).unwrap().len()
+    };
+    assert!(prompt_len > 3 * chunk, "the prompt spans several chunks ({prompt_len} tokens)");
+    let mut steps = 0;
+    while !plain.events.iter().any(|e| matches!(e, GenEvent::Delta { .. })) {
+        let before = fed();
+        s.step().unwrap();
+        steps += 1;
+        let step_fed = fed() - before;
+        assert!(step_fed <= chunk as f64, "step {steps} fed {step_fed} prompt tokens (chunk {chunk})");
+        plain.drain();
+        assert!(!heavy.drain(), "the reasoning request still runs");
+    }
+    // The last chunk and the first token in the fast lane: one step per chunk.
+    assert_eq!(steps, prompt_len.div_ceil(chunk), "first token after {steps} steps");
 }

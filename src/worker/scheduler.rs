@@ -33,7 +33,7 @@ pub enum StepError {
 /// Which requests an engine step takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
-    /// Plain requests that have not sent their first token.
+    /// Plain requests one prefill chunk or less from their first token.
     Fresh,
     /// Everyone, within their shares.
     All,
@@ -350,11 +350,12 @@ impl Scheduler {
                 .collect(),
         };
         let mut thinking = self.runtime.begin_step(&Grants::Limited(grants));
+        let chunk = self.engine.prefill_chunk();
         let mut plain_refs: Vec<(usize, usize)> = Vec::new();
         let mut refs: Vec<&mut Sequence> = Vec::new();
         for (i, t) in self.tasks.iter_mut().enumerate() {
             if let Kind::Plain(p) = &mut t.kind
-                && (lane == Lane::All || !p.has_first_token())
+                && (lane == Lane::All || p.first_token_within_chunk(chunk))
             {
                 let seqs = p.sequences();
                 plain_refs.push((i, seqs.len()));
@@ -392,15 +393,22 @@ impl Scheduler {
         Ok((batch, tokens))
     }
 
-    /// Plain requests that have not sent a token yet get up to two small
-    /// steps of their own (prefill, then the first token, delivered at once)
-    /// before the full batch: a request's time to first token is then about
-    /// one full step however many reasoning trajectories share the batch,
-    /// at the cost of two small forward passes per new request.
+    /// Plain requests that have not sent a token yet and have at most one
+    /// prefill chunk of prompt left get up to two small steps of their own
+    /// (the rest of the prompt, then the first token, delivered at once)
+    /// before the full batch: a request whose prompt fits in one chunk gets
+    /// its first token in about one full step however many reasoning
+    /// trajectories share the batch, at the cost of two small forward passes
+    /// per new request. A longer prompt is fed one chunk per full step, as
+    /// chunked prefill means (a step never carries more of it, so running
+    /// requests keep their pace), and takes the fast lane for its last
+    /// chunk: its first token comes a full step sooner than in the batch.
+    /// A request takes the fast lane at most once: it leaves with its first
+    /// token.
     fn fast_lane(&mut self) -> Result<usize, EngineError> {
-        fn fresh(t: &Task) -> bool {
-            !t.complete && matches!(&t.kind, Kind::Plain(p) if !p.has_first_token())
-        }
+        let chunk = self.engine.prefill_chunk();
+        let fresh =
+            |t: &Task| !t.complete && matches!(&t.kind, Kind::Plain(p) if p.first_token_within_chunk(chunk));
         // Only worth it when a fuller batch would otherwise carry them.
         let others = self.tasks.iter().any(|t| !t.complete && !fresh(t));
         let mut tokens = 0;
