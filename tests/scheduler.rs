@@ -359,3 +359,24 @@ fn a_prompt_longer_than_a_prefill_chunk_is_fed_one_chunk_per_step_beside_running
     // The last chunk and the first token in the fast lane: one step per chunk.
     assert_eq!(steps, prompt_len.div_ceil(chunk), "first token after {steps} steps");
 }
+
+#[test]
+fn a_request_the_fast_lane_completes_counts_in_the_step_report() {
+    let (mut s, e, _) = scheduler(0.01, 64);
+    let mut heavy =
+        submit(&mut s, &e, &hard_question(), Some(params(Strategy::BestOfN, Budget::Fixed, 8)), 60);
+    let mut completed = 0;
+    for _ in 0..3 {
+        completed += s.step().unwrap().completed;
+    }
+    // One token: the fast lane's second pass finishes it and delivers its answer.
+    let mut plain = submit_with(&mut s, &e, "What is 2 + 2?", None, 61, 1);
+    let r = s.step().unwrap();
+    completed += r.completed;
+    assert!(plain.drain(), "answered within the step it started: {:?}", plain.events);
+    assert_eq!(r.completed, 1, "{r:?}");
+    while !heavy.drain() {
+        completed += s.step().unwrap().completed;
+    }
+    assert_eq!(completed, 2, "each request counted once");
+}

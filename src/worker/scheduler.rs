@@ -209,10 +209,10 @@ impl Scheduler {
         let fast = self.fast_lane()?;
         let (batch, tokens) = self.decode(Lane::All)?;
         report.batch = batch;
-        report.tokens = tokens + fast;
+        report.tokens = tokens + fast.tokens;
         self.runtime.poll();
-        report.completed = self.complete_plain() + self.complete_reasoning();
-        report.cancelled += self.flush();
+        report.completed = fast.completed + self.complete_plain() + self.complete_reasoning();
+        report.cancelled += fast.cancelled + self.flush();
         self.update_gauges();
         Ok(report)
     }
@@ -404,23 +404,23 @@ impl Scheduler {
     /// requests keep their pace), and takes the fast lane for its last
     /// chunk: its first token comes a full step sooner than in the batch.
     /// A request takes the fast lane at most once: it leaves with its first
-    /// token.
-    fn fast_lane(&mut self) -> Result<usize, EngineError> {
+    /// token. Reports the tokens, completions and cancellations of its steps.
+    fn fast_lane(&mut self) -> Result<StepReport, EngineError> {
         let chunk = self.engine.prefill_chunk();
         let fresh =
             |t: &Task| !t.complete && matches!(&t.kind, Kind::Plain(p) if p.first_token_within_chunk(chunk));
         // Only worth it when a fuller batch would otherwise carry them.
         let others = self.tasks.iter().any(|t| !t.complete && !fresh(t));
-        let mut tokens = 0;
+        let mut report = StepReport::default();
         for _ in 0..2 {
             if !others || !self.tasks.iter().any(fresh) {
                 break;
             }
-            tokens += self.decode(Lane::Fresh)?.1;
-            self.complete_plain();
-            self.flush();
+            report.tokens += self.decode(Lane::Fresh)?.1;
+            report.completed += self.complete_plain();
+            report.cancelled += self.flush();
         }
-        Ok(tokens)
+        Ok(report)
     }
 
     /// Forks prefilled prompts into choices and queues `Done` for plain
