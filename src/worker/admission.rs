@@ -44,8 +44,8 @@ impl Admission {
         }
     }
 
-    /// Admits a request to a backend in `status`, or says why not: a
-    /// refusal it counts in the metrics where it is one.
+    /// Admits a request to a backend in `status`, or says why not; every
+    /// refusal is counted in the metrics under its reason.
     pub fn admit(
         &self,
         status: BackendStatus,
@@ -53,16 +53,9 @@ impl Admission {
         metrics: &Metrics,
         retry_after_secs: u64,
     ) -> Result<QueuePermit, ScheduleError> {
-        match status {
-            BackendStatus::Ready => {}
-            BackendStatus::Unreachable(why) => {
-                return Err(ScheduleError::Unreachable { model: model.to_string(), why });
-            }
-            BackendStatus::Restarting => return Err(ScheduleError::Restarting(model.to_string())),
-            BackendStatus::Loading | BackendStatus::Failed(_) => {
-                metrics.rejected(model, Rejection::Loading);
-                return Err(ScheduleError::Loading(model.to_string()));
-            }
+        if let Some((refusal, why)) = status.refusal(model) {
+            metrics.rejected(model, why);
+            return Err(refusal);
         }
         self.try_admit().map_err(|QueueFull| {
             metrics.rejected(model, Rejection::QueueFull);
@@ -164,6 +157,30 @@ mod tests {
         drop(p1);
         assert_eq!(a.in_flight(), 1);
         assert!(a.try_admit().is_ok());
+    }
+
+    #[test]
+    fn each_refusal_is_counted_under_its_own_reason_and_a_failed_model_is_not_loading() {
+        let a = Admission::new(1);
+        let metrics = Metrics::new();
+        let err = |status| a.admit(status, "m", &metrics, 1).unwrap_err();
+        assert_eq!(
+            err(BackendStatus::Failed("bad weights".into())),
+            ScheduleError::Failed { model: "m".into(), why: "bad weights".into() }
+        );
+        assert_eq!(err(BackendStatus::Loading), ScheduleError::Loading("m".into()));
+        assert_eq!(err(BackendStatus::Restarting), ScheduleError::Restarting("m".into()));
+        assert!(matches!(
+            err(BackendStatus::Unreachable("refused".into())),
+            ScheduleError::Unreachable { .. }
+        ));
+        let _held = a.admit(BackendStatus::Ready, "m", &metrics, 1).unwrap();
+        assert_eq!(err(BackendStatus::Ready), ScheduleError::QueueFull { retry_after_secs: 1 });
+        let text = metrics.render();
+        for reason in ["failed", "loading", "restarting", "unreachable", "queue_full"] {
+            let series = format!("ponder_rejected_requests_total{{model=\"m\",reason=\"{reason}\"}} 1");
+            assert!(text.contains(&series), "{series} in {text}");
+        }
     }
 
     fn claim(held: usize, wants: usize, floor: usize) -> Claim {
