@@ -360,6 +360,19 @@ async fn backend_refusals_and_failures_map_to_429_503_and_a_generic_500() {
 }
 
 #[tokio::test]
+async fn a_request_that_fails_before_its_first_event_is_a_generic_500_streamed_or_not() {
+    let app = app();
+    app.fake.set_behaviour(FakeBehaviour::FailAtOnce);
+    for stream in [false, true] {
+        let r = post(&app, "/v1/chat/completions", &chat(json!({"stream": stream}))).await;
+        assert_eq!(r.status, 500, "stream {stream}: {}", r.text);
+        let v = r.json();
+        assert_eq!(v["error"]["type"], "server_error", "stream {stream}: {}", r.text);
+        assert_eq!(v["error"]["message"], "The server failed to complete the request.", "generic: {v}");
+    }
+}
+
+#[tokio::test]
 async fn a_model_that_failed_for_good_is_refused_as_failed_not_loading_and_counted_so() {
     let app = app();
     app.fake.set_status(BackendStatus::Failed("weights unreadable".into()));
