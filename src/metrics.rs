@@ -41,14 +41,33 @@ pub enum Rejection {
     QueueFull,
     Draining,
     Loading,
+    /// A worker is reloading its model after a failure.
+    Restarting,
+    /// A remote engine does not answer.
+    Unreachable,
+    /// The model failed to load and is not retried.
+    Failed,
 }
 
 impl Rejection {
+    /// Every reason, for series that exist from the start.
+    pub const ALL: [Rejection; 6] = [
+        Rejection::QueueFull,
+        Rejection::Draining,
+        Rejection::Loading,
+        Rejection::Restarting,
+        Rejection::Unreachable,
+        Rejection::Failed,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Rejection::QueueFull => "queue_full",
             Rejection::Draining => "draining",
             Rejection::Loading => "loading",
+            Rejection::Restarting => "restarting",
+            Rejection::Unreachable => "unreachable",
+            Rejection::Failed => "failed",
         }
     }
 }
@@ -272,7 +291,7 @@ impl Metrics {
         let d = [model, device];
         // Every reason's series exists from the start, at 0, so that a
         // dashboard's rate() of rejections reads 0 rather than no data.
-        for why in [Rejection::QueueFull, Rejection::Draining, Rejection::Loading] {
+        for why in Rejection::ALL {
             self.rejected.with_label_values(&[model, why.label()]);
         }
         ModelMetrics {

@@ -422,6 +422,44 @@ async fn backend_refusals_and_failures_map_to_429_503_and_a_generic_500() {
 }
 
 #[tokio::test]
+async fn a_request_that_fails_before_its_first_event_is_a_generic_500_streamed_or_not() {
+    let app = app();
+    app.fake.set_behaviour(FakeBehaviour::FailAtOnce);
+    for stream in [false, true] {
+        let r = post(&app, "/v1/chat/completions", &chat(json!({"stream": stream}))).await;
+        assert_eq!(r.status, 500, "stream {stream}: {}", r.text);
+        let v = r.json();
+        assert_eq!(v["error"]["type"], "server_error", "stream {stream}: {}", r.text);
+        assert_eq!(v["error"]["message"], "The server failed to complete the request.", "generic: {v}");
+    }
+}
+
+#[tokio::test]
+async fn a_model_that_failed_for_good_is_refused_as_failed_not_loading_and_counted_so() {
+    let app = app();
+    app.fake.set_status(BackendStatus::Failed("weights unreadable".into()));
+    for stream in [false, true] {
+        let r = post(&app, "/v1/chat/completions", &chat(json!({"stream": stream}))).await;
+        let v = r.json();
+        assert_eq!((r.status, v["error"]["code"].clone()), (503, json!("model_failed")), "{}", r.text);
+        assert!(v["error"]["message"].as_str().unwrap().contains("not being retried"), "{v}");
+        assert!(r.headers.get("retry-after").is_none(), "there is nothing to wait for");
+    }
+    let h = call(&app, "GET", "/health", None, None).await;
+    assert_eq!((h.status, h.json()["status"].clone()), (503, json!("failed")), "{}", h.text);
+    assert_eq!(h.json()["models"][MODEL], "failed: weights unreadable");
+    app.fake.set_status(BackendStatus::Restarting);
+    assert_eq!(post(&app, "/v1/chat/completions", &chat(json!({}))).await.status, 503);
+    let m = call(&app, "GET", "/metrics", None, Some(KEY)).await.text;
+    for (reason, count) in [("failed", 2), ("restarting", 1)] {
+        let series =
+            format!("ponder_rejected_requests_total{{model=\"{MODEL}\",reason=\"{reason}\"}} {count}");
+        assert!(m.contains(&series), "{series} in {m}");
+    }
+    assert!(!m.contains("reason=\"loading\"} 1"), "{m}");
+}
+
+#[tokio::test]
 async fn a_streamed_reasoning_request_sends_progress_chunks_before_the_answer() {
     let app = app();
     app.fake.set_behaviour(FakeBehaviour::Answer("The answer is 3.".into()));

@@ -20,12 +20,9 @@ use ponder::validation::GenerationRequest;
 use ponder::worker::{Admission, Job, Scheduler};
 use tokio::sync::mpsc;
 
-fn engine() -> Arc<Engine> {
+fn engine(opts: EngineOptions) -> Arc<Engine> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/ponder-arith");
-    Arc::new(
-        Engine::load(&dir, WeightFormat::Auto, &Device::Cpu, EngineOptions::default())
-            .expect("ponder-arith loads"),
-    )
+    Arc::new(Engine::load(&dir, WeightFormat::Auto, &Device::Cpu, opts).expect("ponder-arith loads"))
 }
 
 /// Says `p` for every prefix (the question alone included).
@@ -98,6 +95,18 @@ fn submit_with(
     seed: u64,
     max_tokens: usize,
 ) -> Client {
+    submit_n(s, e, question, reasoning, seed, max_tokens, 1)
+}
+
+fn submit_n(
+    s: &mut Scheduler,
+    e: &Engine,
+    question: &str,
+    reasoning: Option<ReasoningParams>,
+    seed: u64,
+    max_tokens: usize,
+    n: usize,
+) -> Client {
     let tok = e.tokenizer();
     let text = tok.apply_chat_template(&[ChatMessage::new("user", question)]).unwrap();
     let prompt = tok.encode(&text, AddSpecial::No).unwrap();
@@ -107,7 +116,7 @@ fn submit_with(
         id: format!("req-{seed}"),
         request: GenerationRequest {
             prompts: vec![prompt],
-            n: 1,
+            n,
             sampling: SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed },
             stop: Vec::new(),
             max_tokens,
@@ -126,7 +135,11 @@ fn submit_with(
 }
 
 fn scheduler(p: f32, max_running: usize) -> (Scheduler, Arc<Engine>, Metrics) {
-    let e = engine();
+    scheduler_with(p, max_running, EngineOptions::default())
+}
+
+fn scheduler_with(p: f32, max_running: usize, opts: EngineOptions) -> (Scheduler, Arc<Engine>, Metrics) {
+    let e = engine(opts);
     let metrics = Metrics::new();
     let scorer: Arc<dyn Scorer> = Arc::new(FixedScorer(Mutex::new(p)));
     (Scheduler::new(e.clone(), metrics.for_model("arith", "cpu"), max_running, Some(scorer)), e, metrics)
@@ -194,12 +207,7 @@ fn a_beam_gives_back_what_pruning_frees() {
 #[test]
 fn a_plain_request_completes_while_reasoning_requests_hold_the_worker() {
     let (mut s, e, _) = scheduler(0.01, 64);
-    let hard = ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
-        .unwrap()
-        .into_iter()
-        .find(|p| p.level == 6)
-        .expect("level 6 has problems")
-        .question;
+    let hard = hard_question();
     let mut heavy: Vec<Client> = (0..2)
         .map(|i| submit(&mut s, &e, &hard, Some(params(Strategy::BestOfN, Budget::Fixed, 64)), 10 + i))
         .collect();
@@ -267,4 +275,108 @@ fn a_client_that_leaves_is_dropped_at_the_next_step_with_its_caches_and_counted_
     assert!(text.contains("ponder_cancelled_requests_total{model=\"arith\"} 3"), "{text}");
     assert!(text.contains("ponder_kv_cache_bytes{device=\"cpu\",model=\"arith\"} 0"), "{text}");
     assert!(text.contains("ponder_running_sequences{device=\"cpu\",model=\"arith\"} 0"), "{text}");
+}
+
+/// The hard (level 6) arithmetic question: samples run many reasoning steps.
+fn hard_question() -> String {
+    ponder::arith::task::generate(ponder::arith::task::Split::Test, 2)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.level == 6)
+        .expect("level 6 has problems")
+        .question
+}
+
+#[test]
+fn a_waiting_request_that_running_floors_block_does_not_slow_the_running_ones() {
+    // A best-of-8 holds the whole limit of 8 and keeps 1 whatever happens, so
+    // a plain request with n = 8 can start only once it ends: holding
+    // sequences back for it would run the best-of-8 at batch 1 for nothing.
+    let steps_to_finish = |with_waiting: bool| {
+        let (mut s, e, _) = scheduler(0.01, 8);
+        let mut heavy =
+            submit(&mut s, &e, &hard_question(), Some(params(Strategy::BestOfN, Budget::Fixed, 8)), 40);
+        let mut waiting = None;
+        let mut steps = 0;
+        while !heavy.drain() {
+            if with_waiting && steps == 3 {
+                waiting = Some(submit_n(&mut s, &e, "What is 2 + 2?", None, 41, 4, 8));
+            }
+            s.step().unwrap();
+            steps += 1;
+            if waiting.is_some() && !heavy.done() {
+                assert_eq!(s.waiting_requests(), 1, "the n = 8 request cannot start beside the best-of-8");
+            }
+            assert!(steps < 2000, "the best-of-8 never finished");
+        }
+        if let Some(mut w) = waiting {
+            while !w.drain() {
+                s.step().unwrap();
+            }
+        }
+        steps
+    };
+    let alone = steps_to_finish(false);
+    assert_eq!(steps_to_finish(true), alone, "the same steps as with nobody waiting");
+}
+
+/// The value of one series in the metrics' text.
+fn metric(metrics: &Metrics, series: &str) -> f64 {
+    let text = metrics.render();
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[test]
+fn a_prompt_longer_than_a_prefill_chunk_is_fed_one_chunk_per_step_beside_running_requests() {
+    let chunk = 4;
+    let (mut s, e, metrics) =
+        scheduler_with(0.01, 64, EngineOptions { prefill_chunk: chunk, ..Default::default() });
+    let mut heavy =
+        submit(&mut s, &e, &hard_question(), Some(params(Strategy::BestOfN, Budget::Fixed, 8)), 50);
+    for _ in 0..3 {
+        s.step().unwrap();
+    }
+    // Plain requests alone count their prompt as it is fed.
+    let fed = || metric(&metrics, "ponder_prompt_tokens_total{model=\"arith\"}");
+    let question = "What is 12 + 30 - 7 * 2 + 5?";
+    let mut plain = submit_with(&mut s, &e, question, None, 51, 8);
+    let prompt_len = {
+        let tok = e.tokenizer();
+        let text = tok.apply_chat_template(&[ChatMessage::new("user", question)]).unwrap();
+        tok.encode(&text, AddSpecial::No).unwrap().len()
+    };
+    assert!(prompt_len > 3 * chunk, "the prompt spans several chunks ({prompt_len} tokens)");
+    let mut steps = 0;
+    while !plain.events.iter().any(|e| matches!(e, GenEvent::Delta { .. })) {
+        let before = fed();
+        s.step().unwrap();
+        steps += 1;
+        let step_fed = fed() - before;
+        assert!(step_fed <= chunk as f64, "step {steps} fed {step_fed} prompt tokens (chunk {chunk})");
+        plain.drain();
+        assert!(!heavy.drain(), "the reasoning request still runs");
+    }
+    // The last chunk and the first token in the fast lane: one step per chunk.
+    assert_eq!(steps, prompt_len.div_ceil(chunk), "first token after {steps} steps");
+}
+
+#[test]
+fn a_request_the_fast_lane_completes_counts_in_the_step_report() {
+    let (mut s, e, _) = scheduler(0.01, 64);
+    let mut heavy =
+        submit(&mut s, &e, &hard_question(), Some(params(Strategy::BestOfN, Budget::Fixed, 8)), 60);
+    let mut completed = 0;
+    for _ in 0..3 {
+        completed += s.step().unwrap().completed;
+    }
+    // One token: the fast lane's second pass finishes it and delivers its answer.
+    let mut plain = submit_with(&mut s, &e, "What is 2 + 2?", None, 61, 1);
+    let r = s.step().unwrap();
+    completed += r.completed;
+    assert!(plain.drain(), "answered within the step it started: {:?}", plain.events);
+    assert_eq!(r.completed, 1, "{r:?}");
+    while !heavy.drain() {
+        completed += s.step().unwrap().completed;
+    }
+    assert_eq!(completed, 2, "each request counted once");
 }

@@ -85,3 +85,33 @@ async fn a_failed_worker_fails_its_requests_with_500_restarts_and_serves_again()
         assert_eq!(metric(&m, &series), Some(restarts), "fault {fault}");
     }
 }
+
+#[tokio::test]
+async fn a_reload_that_panics_leaves_the_model_failed_not_restarting_forever() {
+    let armed = Arc::new(AtomicU64::new(0));
+    let hook = {
+        let armed = armed.clone();
+        Arc::new(move |_step: u64| (armed.swap(0, Ordering::SeqCst) == 1).then_some(Fault::Panic))
+    };
+    let mut config = common::smollm_config();
+    config.models.retain(|m| m.id == ARITH);
+    let before_reload = Arc::new(|| panic!("injected panic while reloading"));
+    let options = WorkerOptions { fault: Some(hook), before_reload: Some(before_reload) };
+    let server = TestServer::start_with(config, options);
+    armed.store(1, Ordering::SeqCst);
+    assert_eq!(chat(&server).await.0, 500);
+    let mut health = (0, String::new());
+    for _ in 0..250 {
+        health = blocking_get(&server.url("/health")).unwrap();
+        if health.1.contains("failed") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(health.0, 503, "{}", health.1);
+    let v: Value = serde_json::from_str(&health.1).unwrap();
+    assert_eq!(v["status"], "failed", "{v}");
+    assert!(v["models"][ARITH].as_str().unwrap().contains("injected panic while reloading"), "{v}");
+    let (status, v) = chat(&server).await;
+    assert_eq!((status, &v["error"]["code"]), (503, &json!("model_failed")), "{v}");
+}

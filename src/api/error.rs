@@ -27,6 +27,8 @@ pub enum ApiError {
     DrainTimeout,
     #[error("model {0:?} is restarting")]
     Restarting(String),
+    #[error("model {0:?} failed to load")]
+    Failed(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("the model's engine is unreachable: {0}")]
@@ -89,6 +91,13 @@ impl ApiError {
                     "The model `{m}` is restarting after a failure; retry shortly (GET /health says when)."
                 ),
             ),
+            ApiError::Failed(m) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                None,
+                Some("model_failed"),
+                format!("The model `{m}` failed to load and is not being retried; GET /health says why."),
+            ),
             ApiError::Draining => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -148,6 +157,8 @@ impl From<ScheduleError> for ApiError {
             ScheduleError::QueueFull { retry_after_secs } => ApiError::QueueFull { retry_after_secs },
             ScheduleError::Loading(m) => ApiError::Loading(m),
             ScheduleError::Restarting(m) => ApiError::Restarting(m),
+            // Why it failed was logged when it did, and /health shows it.
+            ScheduleError::Failed { model, .. } => ApiError::Failed(model),
             ScheduleError::Closed => ApiError::Draining,
             ScheduleError::Unreachable { model, .. } => ApiError::Unreachable(model),
         }

@@ -89,14 +89,18 @@ async fn run(
     let ctx = StreamCtx { id, created: unix_now(), valid, summary, abandon: state.abandon_watch() };
     match ctx.valid.streaming {
         Streaming::On(usage) => {
-            // A remote engine that fails before its first token gets the
-            // request a 502/504 status rather than a 200 stream holding an
-            // error; the wait is short so keep-alives still start in time.
+            // A request that fails before its first event (a remote
+            // engine's 502/504, a worker that could not start it or went
+            // away) gets the status a non-streamed one gets rather than a
+            // 200 stream holding an error; the wait is short so keep-alives
+            // still start in time.
             if let Ok(first) = tokio::time::timeout(FIRST_EVENT_WAIT, events.next()).await {
                 match first {
                     Some(GenEvent::Upstream(f)) => return Err(f.into()),
+                    Some(GenEvent::Failed) | None => {
+                        return Err(ApiError::Internal(format!("worker failed request {}", ctx.id)));
+                    }
                     Some(e) => events.put_back(e),
-                    None => return Err(ApiError::Internal(format!("worker failed request {}", ctx.id))),
                 }
             }
             Ok(stream::sse(ctx, usage, events))

@@ -24,7 +24,7 @@ use axum::{Json, Router};
 
 pub use error::ApiError;
 
-use crate::backend::{Backend, BackendStatus, ModelInfo};
+use crate::backend::{Backend, BackendStatus, ModelInfo, ScheduleError};
 use crate::config::{Config, MetricsAuth};
 use crate::metrics::{Metrics, Rejection};
 use crate::prm::model_prm::ModelPrm;
@@ -136,17 +136,22 @@ impl AppState {
         self.models.get(model).cloned().ok_or_else(|| ApiError::ModelNotFound(model.to_string()))
     }
 
-    /// What validation needs of `model`, once it can serve.
+    /// What validation needs of `model`, once it can serve. A model that
+    /// is restarting or failed is refused before validation; one loading on
+    /// some devices, or whose remote engine is down, validates the request
+    /// first when it knows its tokenizer, and the backend refuses it then.
     fn model_info(&self, model: &str) -> Result<ModelInfo, ApiError> {
         let backend = self.backend(model)?;
-        match (backend.status(), backend.model_info()) {
-            (BackendStatus::Restarting, _) => Err(ApiError::Restarting(model.to_string())),
-            (_, Some(info)) => Ok(info),
-            (_, None) => {
-                self.metrics.rejected(model, Rejection::Loading);
-                Err(ApiError::Loading(model.to_string()))
+        let (refusal, why) = match (backend.status(), backend.model_info()) {
+            (status @ (BackendStatus::Restarting | BackendStatus::Failed(_)), _) => {
+                status.refusal(model).expect("a restarting or failed backend refuses requests")
             }
-        }
+            (_, Some(info)) => return Ok(info),
+            // Never ready yet: there is no tokenizer to validate with.
+            (_, None) => (ScheduleError::Loading(model.to_string()), Rejection::Loading),
+        };
+        self.metrics.rejected(model, why);
+        Err(refusal.into())
     }
 }
 
@@ -194,16 +199,23 @@ async fn health(State(state): State<AppState>) -> Response {
             (id.as_str(), s)
         })
         .collect();
-    let all_ready = state.models.values().all(|p| p.status() == BackendStatus::Ready);
-    let restarting = state.models.values().any(|p| p.status() == BackendStatus::Restarting);
-    let unreachable = state.models.values().any(|p| matches!(p.status(), BackendStatus::Unreachable(_)));
-    let (code, status) = match (state.is_draining(), all_ready, restarting, unreachable) {
-        (true, ..) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
-        (false, true, ..) => (StatusCode::OK, "ok"),
-        (false, false, true, _) => (StatusCode::SERVICE_UNAVAILABLE, "restarting"),
-        (false, false, false, true) => (StatusCode::SERVICE_UNAVAILABLE, "unreachable"),
-        (false, false, false, false) => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+    let statuses: Vec<BackendStatus> = state.models.values().map(|p| p.status()).collect();
+    let any = |f: fn(&BackendStatus) -> bool| statuses.iter().any(f);
+    // The most lasting state first: a failed model stays failed.
+    let status = if state.is_draining() {
+        "draining"
+    } else if statuses.iter().all(|s| *s == BackendStatus::Ready) {
+        "ok"
+    } else if any(|s| matches!(s, BackendStatus::Failed(_))) {
+        "failed"
+    } else if any(|s| *s == BackendStatus::Restarting) {
+        "restarting"
+    } else if any(|s| matches!(s, BackendStatus::Unreachable(_))) {
+        "unreachable"
+    } else {
+        "loading"
     };
+    let code = if status == "ok" { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(serde_json::json!({ "status": status, "models": models }))).into_response()
 }
 

@@ -28,6 +28,9 @@ pub enum FakeBehaviour {
     QueueFull { retry_after_secs: u64 },
     /// Start, then fail after the first delta.
     Fail,
+    /// Fail before sending anything, as a worker that cannot start the
+    /// request does.
+    FailAtOnce,
     /// Never answer (until the client leaves).
     Hang,
 }
@@ -159,6 +162,11 @@ impl Backend for FakeBackend {
             FakeBehaviour::Fail => {
                 tokio::spawn(async move {
                     let _ = tx.send(GenEvent::Delta { choice: 0, text: "par".into(), tokens: vec![] }).await;
+                    let _ = tx.send(GenEvent::Failed).await;
+                });
+            }
+            FakeBehaviour::FailAtOnce => {
+                tokio::spawn(async move {
                     let _ = tx.send(GenEvent::Failed).await;
                 });
             }

@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::engine::FinishReason;
+use crate::metrics::Rejection;
 use crate::reasoning::{Accounting, Candidate, ReasoningParams};
 use crate::tokenizer::Tokenizer;
 use crate::validation::{GenerationRequest, ModelView};
@@ -45,6 +46,23 @@ pub enum BackendStatus {
     Unreachable(String),
 }
 
+impl BackendStatus {
+    /// Why a backend in this state takes no new request, with the reason
+    /// the refusal is counted under; `None` when it is ready.
+    pub fn refusal(self, model: &str) -> Option<(ScheduleError, Rejection)> {
+        let model = model.to_string();
+        match self {
+            BackendStatus::Ready => None,
+            BackendStatus::Loading => Some((ScheduleError::Loading(model), Rejection::Loading)),
+            BackendStatus::Restarting => Some((ScheduleError::Restarting(model), Rejection::Restarting)),
+            BackendStatus::Failed(why) => Some((ScheduleError::Failed { model, why }, Rejection::Failed)),
+            BackendStatus::Unreachable(why) => {
+                Some((ScheduleError::Unreachable { model, why }, Rejection::Unreachable))
+            }
+        }
+    }
+}
+
 /// Why a backend refused a request before generating anything.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScheduleError {
@@ -54,6 +72,9 @@ pub enum ScheduleError {
     Loading(String),
     #[error("model {0:?} is restarting after a worker failure")]
     Restarting(String),
+    /// Loading (or reloading after a failure) failed; nothing retries it.
+    #[error("model {model:?} failed to load and is not retried: {why}")]
+    Failed { model: String, why: String },
     #[error("the backend accepts no new requests")]
     Closed,
     /// A remote engine is not reachable now.

@@ -100,6 +100,11 @@ impl Engine {
         &self.model
     }
 
+    /// Most prompt tokens of one sequence a `step` feeds.
+    pub fn prefill_chunk(&self) -> usize {
+        self.opts.prefill_chunk.max(1)
+    }
+
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
@@ -236,7 +241,7 @@ impl Engine {
     }
 
     fn feed(&self, seqs: &mut [&mut Sequence], updates: &mut [SeqUpdate]) -> Result<(), EngineError> {
-        let chunk = self.opts.prefill_chunk.max(1);
+        let chunk = self.prefill_chunk();
         let mut fed: Vec<(usize, usize)> = Vec::new();
         let mut entries: Vec<BatchEntry<'_>> = Vec::new();
         for (i, seq) in seqs.iter_mut().enumerate() {

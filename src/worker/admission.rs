@@ -44,8 +44,8 @@ impl Admission {
         }
     }
 
-    /// Admits a request to a backend in `status`, or says why not: a
-    /// refusal it counts in the metrics where it is one.
+    /// Admits a request to a backend in `status`, or says why not; every
+    /// refusal is counted in the metrics under its reason.
     pub fn admit(
         &self,
         status: BackendStatus,
@@ -53,16 +53,9 @@ impl Admission {
         metrics: &Metrics,
         retry_after_secs: u64,
     ) -> Result<QueuePermit, ScheduleError> {
-        match status {
-            BackendStatus::Ready => {}
-            BackendStatus::Unreachable(why) => {
-                return Err(ScheduleError::Unreachable { model: model.to_string(), why });
-            }
-            BackendStatus::Restarting => return Err(ScheduleError::Restarting(model.to_string())),
-            BackendStatus::Loading | BackendStatus::Failed(_) => {
-                metrics.rejected(model, Rejection::Loading);
-                return Err(ScheduleError::Loading(model.to_string()));
-            }
+        if let Some((refusal, why)) = status.refusal(model) {
+            metrics.rejected(model, why);
+            return Err(refusal);
         }
         self.try_admit().map_err(|QueueFull| {
             metrics.rejected(model, Rejection::QueueFull);
@@ -93,13 +86,26 @@ pub struct Claim {
     pub floor: usize,
 }
 
+/// Whether holding sequences back for the oldest waiting request, which
+/// needs `head_needs` to start, can let it start: only if what the running
+/// requests keep whatever happens (their floors) leaves room for it. When
+/// the floors alone block it, it starts only once a running request ends
+/// (or a plain one finishes choices), and cutting the others down would
+/// only make that later.
+pub fn reserve_for(claims: &[Claim], limit: usize, head_needs: usize) -> bool {
+    let floors: usize = claims.iter().map(|c| c.held.min(c.floor)).sum();
+    floors + head_needs <= limit
+}
+
 /// What a request keeps before new requests start: everything it wants,
-/// or, while a request waits to start, only what is part-way through a
-/// step (trajectories that have not begun their step yet can wait one), so
-/// that a waiting request starts within about one reasoning step however
-/// many samples the running requests drew.
-pub fn keep(c: &Claim, someone_waits: bool) -> usize {
-    let keep = if someone_waits { c.started.max(c.floor) } else { c.wants.max(c.floor) };
+/// or, while sequences are reserved for a waiting request ([`reserve_for`]),
+/// only what is part-way through a step (trajectories that have not begun
+/// their step yet can wait one). A reserved-for request thus starts within
+/// about one reasoning step however many samples the running requests drew;
+/// one that the floors block gets no reservation and waits for a request to
+/// end, while the running requests keep what they want.
+pub fn keep(c: &Claim, reserving: bool) -> usize {
+    let keep = if reserving { c.started.max(c.floor) } else { c.wants.max(c.floor) };
     c.held.min(keep)
 }
 
@@ -107,19 +113,20 @@ pub fn keep(c: &Claim, someone_waits: bool) -> usize {
 ///
 /// Each request first gives back what it holds beyond `max(wants, floor)`.
 /// If `head_needs` is `Some(k)` — the oldest waiting request needs `k`
-/// sequences to start — free sequences are kept for it and nobody grows,
-/// so a plain request never waits behind reasoning requests that keep
-/// growing into every sequence that comes free. Otherwise the free
-/// sequences are shared max-min fairly among the requests that want more:
-/// one at a time, to whoever holds the fewest (the oldest on a tie). That
-/// fair share is the point: a request's share of each batched step does not
-/// depend on how many samples it asked for, so a best-of-64 cannot starve a
+/// sequences to start — and [`reserve_for`] says holding sequences back
+/// can let it start, free sequences are kept for it and nobody grows, so a
+/// plain request never waits behind reasoning requests that keep growing
+/// into every sequence that comes free. Otherwise the free sequences are
+/// shared max-min fairly among the requests that want more: one at a time,
+/// to whoever holds the fewest (the oldest on a tie). That fair share is
+/// the point: a request's share of each batched step does not depend on
+/// how many samples it asked for, so a best-of-64 cannot starve a
 /// best-of-2 or a chat request.
 pub fn allocate(claims: &[Claim], limit: usize, head_needs: Option<usize>) -> Vec<usize> {
     let mut held: Vec<usize> = claims.iter().map(|c| c.held.min(c.wants.max(c.floor))).collect();
     let used: usize = held.iter().sum();
     let mut free = limit.saturating_sub(used);
-    if head_needs.is_some() {
+    if head_needs.is_some_and(|k| reserve_for(claims, limit, k)) {
         return held;
     }
     while free > 0 {
@@ -150,6 +157,30 @@ mod tests {
         drop(p1);
         assert_eq!(a.in_flight(), 1);
         assert!(a.try_admit().is_ok());
+    }
+
+    #[test]
+    fn each_refusal_is_counted_under_its_own_reason_and_a_failed_model_is_not_loading() {
+        let a = Admission::new(1);
+        let metrics = Metrics::new();
+        let err = |status| a.admit(status, "m", &metrics, 1).unwrap_err();
+        assert_eq!(
+            err(BackendStatus::Failed("bad weights".into())),
+            ScheduleError::Failed { model: "m".into(), why: "bad weights".into() }
+        );
+        assert_eq!(err(BackendStatus::Loading), ScheduleError::Loading("m".into()));
+        assert_eq!(err(BackendStatus::Restarting), ScheduleError::Restarting("m".into()));
+        assert!(matches!(
+            err(BackendStatus::Unreachable("refused".into())),
+            ScheduleError::Unreachable { .. }
+        ));
+        let _held = a.admit(BackendStatus::Ready, "m", &metrics, 1).unwrap();
+        assert_eq!(err(BackendStatus::Ready), ScheduleError::QueueFull { retry_after_secs: 1 });
+        let text = metrics.render();
+        for reason in ["failed", "loading", "restarting", "unreachable", "queue_full"] {
+            let series = format!("ponder_rejected_requests_total{{model=\"m\",reason=\"{reason}\"}} 1");
+            assert!(text.contains(&series), "{series} in {text}");
+        }
     }
 
     fn claim(held: usize, wants: usize, floor: usize) -> Claim {
@@ -196,5 +227,24 @@ mod tests {
         // Nobody holds more than the limit, even when floors add up.
         let got = allocate(&[claim(3, 1, 3)], 4, None);
         assert_eq!(got, vec![3]);
+    }
+
+    #[test]
+    fn a_head_that_the_running_floors_block_does_not_stop_growth() {
+        // A plain request keeps its 4 choices and a reasoning request its 1:
+        // a head needing 4 of 8 cannot start until one ends, so nothing is held for it.
+        let running = [claim(4, 4, 4), claim(2, 8, 1)];
+        assert!(!reserve_for(&running, 8, 4));
+        assert_eq!(allocate(&running, 8, Some(4)), vec![4, 4], "the free 2 go to the reasoning request");
+        let c = Claim { held: 8, wants: 8, started: 2, floor: 1 };
+        assert_eq!(
+            keep(&c, reserve_for(&[c], 8, 8)),
+            8,
+            "nothing is cut for a head of 8 behind a floor of 1"
+        );
+        // The promise holds where the head fits beside the floors.
+        assert!(reserve_for(&running, 8, 3));
+        assert_eq!(allocate(&running, 8, Some(3)), vec![4, 2]);
+        assert_eq!(keep(&c, reserve_for(&[c], 8, 7)), 2);
     }
 }

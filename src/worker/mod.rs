@@ -8,7 +8,8 @@
 //! A worker that panics or whose model fails is restarted: its in-flight
 //! requests fail with a generic 500 (their reply channels close), the pool
 //! reports [`BackendStatus::Restarting`] while it reloads the model, and
-//! requests after the restart are served as before.
+//! requests after the restart are served as before. A reload that fails
+//! (or panics) leaves the model [`BackendStatus::Failed`].
 
 pub mod admission;
 pub mod job;
@@ -244,16 +245,25 @@ fn in_own_pool(name: &str, work: impl FnOnce() + Send) {
 
 /// Loads the model and runs the worker; when a step panics or fails, fails
 /// what the worker held and starts again with a freshly loaded model. Jobs
-/// still in the channel wait for the new worker.
+/// still in the channel wait for the new worker. A load that fails or
+/// panics marks the model failed for good and ends the thread.
 fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
     let mut restarts = 0u64;
     loop {
-        if restarts > 0
-            && let Some(hook) = &ctx.options.before_reload
-        {
-            hook();
-        }
-        let sched = match load(&ctx) {
+        // A panic here would end the thread and leave the model restarting
+        // (or loading) for good: it fails the model as a load error does.
+        let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if restarts > 0
+                && let Some(hook) = &ctx.options.before_reload
+            {
+                hook();
+            }
+            load(&ctx)
+        }))
+        .unwrap_or_else(|panic| {
+            Err(format!("model {:?}: loading panicked: {}", ctx.entry.id, panic_text(&*panic)))
+        });
+        let sched = match loaded {
             Ok(s) => s,
             Err(msg) => {
                 tracing::error!("{msg}");
@@ -275,14 +285,7 @@ fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
         let why = match outcome {
             Ok(Ok(())) => return,
             Ok(Err(e)) => format!("model error: {e}"),
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "non-text panic".into());
-                format!("panic: {text}")
-            }
+            Err(panic) => format!("panic: {}", panic_text(&*panic)),
         };
         // The scheduler's failure guard has marked the worker restarting.
         restarts += 1;
@@ -290,6 +293,15 @@ fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
         ctx.mm.running.set(0);
         tracing::error!(model = %ctx.entry.id, device = ?ctx.device, %why, restarts, "worker failed; failing its requests and reloading the model");
     }
+}
+
+/// A panic's message, where it has one.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "non-text panic".into())
 }
 
 /// The worker loop: block while idle, otherwise take every queued job and

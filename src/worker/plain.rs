@@ -118,6 +118,13 @@ impl Plain {
         self.first_token.is_some()
     }
 
+    /// No token sent yet, and no prompt has more than `chunk` tokens left
+    /// to feed: two engine steps give every choice its first token.
+    pub(crate) fn first_token_within_chunk(&self, chunk: usize) -> bool {
+        let left = |s: &Sequence| s.prompt_len().saturating_sub(s.cached_len());
+        !self.has_first_token() && self.roots.iter().flatten().all(|s| left(s) <= chunk)
+    }
+
     pub(crate) fn is_done(&self, job: &Job) -> bool {
         self.finished == job.request.choices()
     }

@@ -17,7 +17,7 @@ use crate::metrics::ModelMetrics;
 use crate::prm::Scorer;
 use crate::reasoning::runtime::{Grants, ReasoningJob, Runtime, TaskId};
 
-use super::admission::{Claim, allocate, keep};
+use super::admission::{Claim, allocate, keep, reserve_for};
 use super::job::{Delivery, Job, Outbox};
 use super::plain::Plain;
 
@@ -33,7 +33,7 @@ pub enum StepError {
 /// Which requests an engine step takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
-    /// Plain requests that have not sent their first token.
+    /// Plain requests one prefill chunk or less from their first token.
     Fresh,
     /// Everyone, within their shares.
     All,
@@ -209,10 +209,10 @@ impl Scheduler {
         let fast = self.fast_lane()?;
         let (batch, tokens) = self.decode(Lane::All)?;
         report.batch = batch;
-        report.tokens = tokens + fast;
+        report.tokens = tokens + fast.tokens;
         self.runtime.poll();
-        report.completed = self.complete_plain() + self.complete_reasoning();
-        report.cancelled += self.flush();
+        report.completed = fast.completed + self.complete_plain() + self.complete_reasoning();
+        report.cancelled += fast.cancelled + self.flush();
         self.update_gauges();
         Ok(report)
     }
@@ -261,14 +261,15 @@ impl Scheduler {
         }
     }
 
-    /// Gives back what running requests no longer use, starts waiting
-    /// requests that now fit (oldest first, none overtaking), then shares
-    /// the rest out.
+    /// Gives back what running requests no longer use (and, while sequences
+    /// are reserved for the oldest waiting request, what has not begun its
+    /// step), starts waiting requests that now fit (oldest first, none
+    /// overtaking), then shares the rest out.
     fn share_out(&mut self) {
         let claims: Vec<Claim> = self.tasks.iter().map(|t| self.claim(t)).collect();
-        let someone_waits = !self.waiting.is_empty();
+        let reserving = self.head_needs().is_some_and(|k| reserve_for(&claims, self.max_running, k));
         for (t, c) in self.tasks.iter_mut().zip(&claims) {
-            t.held = keep(c, someone_waits);
+            t.held = keep(c, reserving);
         }
         let mut used: usize = self.tasks.iter().map(|t| t.held).sum();
         while let Some(job) = self.waiting.front() {
@@ -281,11 +282,16 @@ impl Scheduler {
                 used += need;
             }
         }
-        let head_needs = self.waiting.front().map(|j| j.request.initial_sequences());
         let claims: Vec<Claim> = self.tasks.iter().map(|t| self.claim(t)).collect();
-        for (t, held) in self.tasks.iter_mut().zip(allocate(&claims, self.max_running, head_needs)) {
+        let held = allocate(&claims, self.max_running, self.head_needs());
+        for (t, held) in self.tasks.iter_mut().zip(held) {
             t.held = held;
         }
+    }
+
+    /// Sequences the oldest waiting request needs to start.
+    fn head_needs(&self) -> Option<usize> {
+        self.waiting.front().map(|j| j.request.initial_sequences())
     }
 
     /// Starts a request; false when its sequences could not be created.
@@ -344,11 +350,12 @@ impl Scheduler {
                 .collect(),
         };
         let mut thinking = self.runtime.begin_step(&Grants::Limited(grants));
+        let chunk = self.engine.prefill_chunk();
         let mut plain_refs: Vec<(usize, usize)> = Vec::new();
         let mut refs: Vec<&mut Sequence> = Vec::new();
         for (i, t) in self.tasks.iter_mut().enumerate() {
             if let Kind::Plain(p) = &mut t.kind
-                && (lane == Lane::All || !p.has_first_token())
+                && (lane == Lane::All || p.first_token_within_chunk(chunk))
             {
                 let seqs = p.sequences();
                 plain_refs.push((i, seqs.len()));
@@ -386,27 +393,34 @@ impl Scheduler {
         Ok((batch, tokens))
     }
 
-    /// Plain requests that have not sent a token yet get up to two small
-    /// steps of their own (prefill, then the first token, delivered at once)
-    /// before the full batch: a request's time to first token is then about
-    /// one full step however many reasoning trajectories share the batch,
-    /// at the cost of two small forward passes per new request.
-    fn fast_lane(&mut self) -> Result<usize, EngineError> {
-        fn fresh(t: &Task) -> bool {
-            !t.complete && matches!(&t.kind, Kind::Plain(p) if !p.has_first_token())
-        }
+    /// Plain requests that have not sent a token yet and have at most one
+    /// prefill chunk of prompt left get up to two small steps of their own
+    /// (the rest of the prompt, then the first token, delivered at once)
+    /// before the full batch: a request whose prompt fits in one chunk gets
+    /// its first token in about one full step however many reasoning
+    /// trajectories share the batch, at the cost of two small forward passes
+    /// per new request. A longer prompt is fed one chunk per full step, as
+    /// chunked prefill means (a step never carries more of it, so running
+    /// requests keep their pace), and takes the fast lane for its last
+    /// chunk: its first token comes a full step sooner than in the batch.
+    /// A request takes the fast lane at most once: it leaves with its first
+    /// token. Reports the tokens, completions and cancellations of its steps.
+    fn fast_lane(&mut self) -> Result<StepReport, EngineError> {
+        let chunk = self.engine.prefill_chunk();
+        let fresh =
+            |t: &Task| !t.complete && matches!(&t.kind, Kind::Plain(p) if p.first_token_within_chunk(chunk));
         // Only worth it when a fuller batch would otherwise carry them.
         let others = self.tasks.iter().any(|t| !t.complete && !fresh(t));
-        let mut tokens = 0;
+        let mut report = StepReport::default();
         for _ in 0..2 {
             if !others || !self.tasks.iter().any(fresh) {
                 break;
             }
-            tokens += self.decode(Lane::Fresh)?.1;
-            self.complete_plain();
-            self.flush();
+            report.tokens += self.decode(Lane::Fresh)?.1;
+            report.completed += self.complete_plain();
+            report.cancelled += self.flush();
         }
-        Ok(tokens)
+        Ok(report)
     }
 
     /// Forks prefilled prompts into choices and queues `Done` for plain
