@@ -364,6 +364,25 @@ async fn an_unknown_model_is_404_model_not_found() {
 }
 
 #[tokio::test]
+async fn unknown_routes_methods_and_prms_answer_openai_error_bodies() {
+    let app = app();
+    let r = call(&app, "GET", "/v2/nothing", None, Some(KEY)).await;
+    assert_eq!((r.status, r.json()["error"]["code"].clone()), (404, json!("not_found")), "{}", r.text);
+    for (method, path) in [("GET", "/v1/chat/completions"), ("PUT", "/v1/completions"), ("POST", "/health")] {
+        let r = call(&app, method, path, None, Some(KEY)).await;
+        assert_eq!(r.status, 405, "{method} {path}");
+        let v = r.json();
+        assert_eq!(v["error"]["code"], "method_not_allowed", "{method} {path}: {}", r.text);
+        assert!(v["error"]["message"].as_str().unwrap().contains(path));
+        assert!(r.headers.contains_key("allow"), "{method} {path}: the Allow header stays");
+    }
+    let r = post(&app, "/pooling", &json!({"model": "no-prm", "input": "x"})).await;
+    assert_eq!(r.status, 404);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("no-prm") && message.contains("[[prms]]"), "{message}");
+}
+
+#[tokio::test]
 async fn api_keys_guard_the_api_and_protected_metrics_but_not_health() {
     let app = app();
     let body = chat(json!({})).to_string();

@@ -15,6 +15,12 @@ pub enum ApiError {
     Invalid(#[from] ValidationError),
     #[error("the model {0:?} does not exist")]
     ModelNotFound(String),
+    #[error("the PRM {model:?} is not served")]
+    PrmNotFound { model: String, served: Vec<String> },
+    #[error("no such route")]
+    NoRoute,
+    #[error("{method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
     #[error("missing or invalid API key")]
     Unauthorized,
     #[error("queue full")]
@@ -60,6 +66,30 @@ impl ApiError {
                 Some("model".into()),
                 Some("model_not_found"),
                 format!("The model `{m}` does not exist; GET /v1/models lists the served models."),
+            ),
+            ApiError::PrmNotFound { model, served } => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model".into()),
+                Some("model_not_found"),
+                match served.as_slice() {
+                    [] => format!("The PRM `{model}` is not served: this server lists no [[prms]]."),
+                    ids => format!("The PRM `{model}` is not served; this server's [[prms]] are: {}.", ids.join(", ")),
+                },
+            ),
+            ApiError::NoRoute => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                None,
+                Some("not_found"),
+                "No such route; GET /openapi.yaml lists the API.".into(),
+            ),
+            ApiError::MethodNotAllowed { method, path } => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                None,
+                Some("method_not_allowed"),
+                format!("{method} is not allowed on {path}; the Allow header lists what is."),
             ),
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,

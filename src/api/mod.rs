@@ -228,11 +228,14 @@ async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
 }
 
-async fn not_found() -> Response {
-    let body = serde_json::json!({"error": {
-        "message": "No such route; GET /openapi.yaml lists the API.",
-        "type": "invalid_request_error", "param": null, "code": "not_found"}});
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+async fn not_found() -> ApiError {
+    ApiError::NoRoute
+}
+
+/// A known route asked with another method. (axum adds the `Allow` header
+/// to this response.)
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_string() }
 }
 
 fn handler(method: &str, path: &str) -> MethodRouter<AppState> {
@@ -273,6 +276,7 @@ pub fn router(state: AppState) -> Router {
         keyed.route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_key));
     open.merge(keyed)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::track))
         .with_state(state)
 }

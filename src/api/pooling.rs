@@ -21,8 +21,10 @@ pub async fn pooling(
     JsonBody(req): JsonBody<PoolingRequest>,
 ) -> Result<Response, ApiError> {
     update(&summary, |s| s.model = Some(req.model.clone()));
-    let prm =
-        state.prms.get(&req.model).cloned().ok_or_else(|| ApiError::ModelNotFound(req.model.clone()))?;
+    let prm = state.prms.get(&req.model).cloned().ok_or_else(|| ApiError::PrmNotFound {
+        model: req.model.clone(),
+        served: state.config.prms.iter().map(|p| p.id.clone()).collect(),
+    })?;
     let valid = validation::pooling(req, prm.tokenizer(), prm.context_length(), &state.config.limits)?;
     let prompt_tokens: usize = valid.inputs.iter().map(Vec::len).sum();
     update(&summary, |s| s.prompt_tokens = prompt_tokens);
