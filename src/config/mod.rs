@@ -220,12 +220,8 @@ impl ModelEntry {
             BackendConfig::Local => return Ok(()),
             BackendConfig::Openai(r) => r,
         };
-        if !r.url.trim_end_matches('/').starts_with("http://") {
-            return Err(format!(
-                "model {id:?}: backend.url must be an http:// URL ending in /v1 (https is not supported; put a TLS proxy in front); got {:?}",
-                r.url
-            ));
-        }
+        check_url(&r.url)
+            .map_err(|why| format!("model {id:?}: backend.url {why} ending in /v1; got {:?}", r.url))?;
         if r.max_n == Some(0) {
             return Err(format!("model {id:?}: backend.max_n must be at least 1"));
         }
@@ -244,6 +240,28 @@ impl ModelEntry {
         }
         Ok(())
     }
+}
+
+/// Most requests in flight per model (`queue.capacity + queue.max_running`).
+pub const MAX_IN_FLIGHT: usize = 1 << 20;
+
+/// An engine's or PRM's URL: plain http (the HTTP client has no TLS), and no
+/// `user:password@`, which would travel into error messages, logs and the
+/// open `/health` (engine keys go in `api_key_env`).
+fn check_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err("must be an http:// URL (https is not supported; put a TLS proxy in front)".into());
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(
+            "must not hold credentials (user:password@); give the engine's key with api_key_env".into()
+        );
+    }
+    if authority.is_empty() {
+        return Err("names no host".into());
+    }
+    Ok(())
 }
 
 fn path_is_empty(p: &Path) -> bool {
@@ -534,6 +552,11 @@ impl Config {
                 return bad(format!("model {:?}: devices: {why}", m.id));
             }
             m.check_backend().map_err(ConfigError::Invalid)?;
+            if let Some(PrmConfig::Remote(p)) = &m.prm {
+                check_url(&p.remote).map_err(|why| {
+                    ConfigError::Invalid(format!("model {:?}: prm.remote {why}; got {:?}", m.id, p.remote))
+                })?;
+            }
             if m.context_length == Some(0) {
                 return bad(format!("model {:?}: context_length must be at least 1", m.id));
             }
@@ -556,6 +579,20 @@ impl Config {
         }
         if self.server.api_keys.iter().any(|k| k.is_empty()) {
             return bad("server.api_keys holds an empty key".into());
+        }
+        if l.default_max_tokens > l.max_tokens {
+            return bad(format!(
+                "limits.default_max_tokens ({}) exceeds limits.max_tokens ({})",
+                l.default_max_tokens, l.max_tokens
+            ));
+        }
+        // Admission counts permits in a semaphore, whose limit is far above
+        // any real queue; a huge value meant as "unbounded" would panic there.
+        let in_flight = self.queue.capacity.saturating_add(self.queue.max_running);
+        if in_flight > MAX_IN_FLIGHT {
+            return bad(format!(
+                "queue.capacity + queue.max_running must be at most {MAX_IN_FLIGHT}, got {in_flight}"
+            ));
         }
         Ok(())
     }
@@ -661,9 +698,24 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
     let sec = table.get_mut(*section).and_then(|s| s.as_table_mut()).expect("every section has defaults");
     let current = sec.get(key).ok_or_else(|| err(format!("{section} has no setting {key:?}")))?;
     let parsed = match current {
-        toml::Value::Array(_) => toml::Value::Array(
-            value.split(',').filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
-        ),
+        toml::Value::Array(_) => {
+            let items: Vec<toml::Value> = value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect();
+            // An empty list here would replace the file's: for
+            // PONDER_SERVER_API_KEYS, a compose `${KEYS}` left unset would
+            // turn authentication off. Fail closed instead.
+            if items.is_empty() {
+                return Err(err(
+                    "is set but lists nothing; unset it to keep the file's value, or list comma-separated values"
+                        .into(),
+                ));
+            }
+            toml::Value::Array(items)
+        }
         toml::Value::String(_) => toml::Value::String(value.into()),
         toml::Value::Integer(_) => {
             toml::Value::Integer(value.parse().map_err(|_| err(format!("{value:?} is not an integer")))?)

@@ -49,6 +49,12 @@ fn a_remote_model_needs_an_http_url_and_a_tokenizer_and_reads_its_key_from_the_n
     assert!(err.to_string().contains("ENGINE_KEY"), "{err}");
     let err = load(&format!("{backend}\n"), &[("ENGINE_KEY", "k")]).unwrap_err();
     assert!(err.to_string().contains("needs `tokenizer`"), "{err}");
+    let creds = backend.replace("http://", "http://user:pw@");
+    let err = load(&format!("tokenizer = \"t.json\"\n{creds}\n"), &[("ENGINE_KEY", "k")]).unwrap_err();
+    assert!(
+        err.to_string().contains("must not hold credentials") && err.to_string().contains("api_key_env"),
+        "{err}"
+    );
     let https = backend.replace("http://", "https://");
     let err = load(&format!("tokenizer = \"t.json\"\n{https}\n"), &[("ENGINE_KEY", "k")]).unwrap_err();
     assert!(err.to_string().contains("backend.url") && err.to_string().contains("https://gpu"), "{err}");
@@ -103,6 +109,43 @@ fn a_remote_prm_is_a_table_naming_its_url_and_a_mistyped_one_names_the_field() {
     assert!(err.to_string().contains("modle"), "{err}");
     let err = load(r#"{ remote = "http://prm:8001", model = "p", format = "grpc" }"#).unwrap_err();
     assert!(err.to_string().contains("grpc"), "{err}");
+    let err = load(r#"{ remote = "http://user:pw@prm:8001", model = "p" }"#).unwrap_err();
+    assert!(err.to_string().contains("prm.remote must not hold credentials"), "{err}");
+    let err = load(r#"{ remote = "https://prm:8001", model = "p" }"#).unwrap_err();
+    assert!(err.to_string().contains("prm.remote must be an http:// URL"), "{err}");
+}
+
+#[test]
+fn an_empty_environment_list_fails_closed_instead_of_dropping_the_files_api_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    std::fs::write(&file, "[server]\napi_keys = [\"k\"]\n").unwrap();
+    for empty in ["", " , "] {
+        let err = Config::load(Some(&file), env(&[("PONDER_SERVER_API_KEYS", empty)]), &Overrides::default())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("PONDER_SERVER_API_KEYS") && err.to_string().contains("lists nothing"),
+            "{err}"
+        );
+    }
+    let cfg = Config::load(Some(&file), env(&[("PONDER_SERVER_API_KEYS", "k1, k2 ")]), &Overrides::default())
+        .unwrap();
+    assert_eq!(cfg.server.api_keys, ["k1", "k2"], "each key is trimmed");
+}
+
+#[test]
+fn limits_that_would_exceed_each_other_or_panic_the_admission_semaphore_stop_start_up() {
+    let load = |pairs: &[(&str, &str)]| Config::load(None, env(pairs), &Overrides::default());
+    let err = load(&[("PONDER_LIMITS_DEFAULT_MAX_TOKENS", "5000"), ("PONDER_LIMITS_MAX_TOKENS", "4000")])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("limits.default_max_tokens (5000) exceeds limits.max_tokens (4000)"),
+        "{err}"
+    );
+    let err = load(&[("PONDER_QUEUE_CAPACITY", &i64::MAX.to_string())]).unwrap_err();
+    assert!(err.to_string().contains("queue.capacity + queue.max_running must be at most"), "{err}");
+    let err = load(&[("PONDER_QUEUE_CAPACITY", "-1")]).unwrap_err();
+    assert!(err.to_string().contains("capacity"), "{err}");
 }
 
 #[test]

@@ -315,6 +315,8 @@ struct ChoiceState {
     last: Option<Instant>,
     /// Characters of the choice's token texts so far (`text_offset`).
     chars: usize,
+    /// Whether the engine sent the choice's finish reason.
+    finished: bool,
 }
 
 impl Relay {
@@ -396,6 +398,7 @@ impl Relay {
                     self.mm.generated_tokens.inc_by(new as u64);
                 }
                 let reason = c.finish_reason.as_deref().map(|r| finish_reason(r, c.stop_string(), &g.stop));
+                state.finished |= reason.is_some();
                 if (!c.text.is_empty() || !tokens.is_empty())
                     && tx.send(GenEvent::Delta { choice, text: c.text, tokens }).await.is_err()
                 {
@@ -407,6 +410,14 @@ impl Relay {
                     return Ok(());
                 }
             }
+        }
+        // Every choice must have ended: one the engine left out would reach
+        // the client with no finish reason.
+        if let Some(i) = choices.iter().position(|c| !c.finished) {
+            return Err(UpstreamError::Protocol {
+                url: "completions".into(),
+                message: format!("the engine's streams ended without finishing choice {i}"),
+            });
         }
         let spans: Vec<(usize, usize)> = parts.iter().map(|p| (p.first, p.call.n)).collect();
         let completion_tokens = settle_counts(&choices, &spans, &usage, &req.meter, &self.mm);
@@ -450,13 +461,11 @@ impl Relay {
             completion_tokens += tokens;
             req.meter.add(tokens);
             self.mm.generated_tokens.inc_by(tokens as u64);
-            for c in answer.choices {
-                if c.index >= part.call.n {
-                    return Err(UpstreamError::Protocol {
-                        url: "completions".into(),
-                        message: format!("choice index {} is beyond n = {}", c.index, part.call.n),
-                    });
-                }
+            // Every choice asked for, once: a missing one would reach the
+            // client as empty text with no finish reason.
+            let choices = reasoning::whole_answer(answer.choices, part.call.n)
+                .map_err(|message| UpstreamError::Protocol { url: "completions".into(), message })?;
+            for c in choices {
                 let choice = part.first + c.index;
                 let tokens = self.token_outs(c.logprobs.as_ref(), g.logprobs.is_some(), &mut 0);
                 let reason =
@@ -637,8 +646,8 @@ mod tests {
         let mm = Metrics::new().for_model("m", "remote");
         let meter = TokenMeter::default();
         let choices = [
-            ChoiceState { tokens: 3, last: None, chars: 0 },
-            ChoiceState { tokens: 2, last: None, chars: 0 },
+            ChoiceState { tokens: 3, ..Default::default() },
+            ChoiceState { tokens: 2, ..Default::default() },
         ];
         // Five chunks seen, seven tokens generated (speculative decoding).
         assert_eq!(settle_counts(&choices, &[(0, 2)], &[Some(7)], &meter, &mm), 7);

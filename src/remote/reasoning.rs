@@ -297,11 +297,20 @@ impl Trajectories for RemoteTrajectories {
                 return Err(ReasoningError::Remote);
             }
         };
+        let mut checked = Vec::with_capacity(answers.len());
+        for ((members, _), answer) in calls.into_iter().zip(answers) {
+            match whole_answer(answer.choices, members.len()) {
+                Ok(choices) => checked.push((members, choices)),
+                Err(message) => {
+                    let e = UpstreamError::Protocol { url: "completions".into(), message };
+                    *self.failure.lock().expect("no panics while holding the failure lock") = Some(e);
+                    return Err(ReasoningError::Remote);
+                }
+            }
+        }
         {
             let mut st = self.state();
-            for ((members, _), answer) in calls.into_iter().zip(answers) {
-                let mut choices = answer.choices;
-                choices.sort_by_key(|c| c.index);
+            for (members, choices) in checked {
                 for (t, c) in members.into_iter().zip(choices) {
                     let Some(mut p) = st.paths.remove(&t) else { continue };
                     let new = self.apply(&mut p, c);
@@ -341,5 +350,46 @@ impl Trajectories for RemoteTrajectories {
         let mut st = self.state();
         st.budget = budget;
         st.best = best;
+    }
+}
+
+/// The choices of an answer to a call for `n`, in index order, each of
+/// which moved its path on. An engine that ignores `n`, or sends a choice
+/// with neither text nor a finish reason, would otherwise leave a path
+/// unchanged and have the search ask for it again forever.
+pub(super) fn whole_answer(
+    mut choices: Vec<CompletionChoice>,
+    n: usize,
+) -> Result<Vec<CompletionChoice>, String> {
+    choices.sort_by_key(|c| c.index);
+    let indices: Vec<usize> = choices.iter().map(|c| c.index).collect();
+    if indices != (0..n).collect::<Vec<_>>() {
+        return Err(format!("asked for {n} choices, the engine answered indices {indices:?}"));
+    }
+    if let Some(c) = choices.iter().find(|c| c.text.is_empty() && c.finish_reason.is_none()) {
+        return Err(format!("choice {} has neither text nor a finish_reason", c.index));
+    }
+    Ok(choices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn choice(index: usize, text: &str, finish: Option<&str>) -> CompletionChoice {
+        serde_json::from_value(serde_json::json!({"index": index, "text": text, "finish_reason": finish}))
+            .expect("a choice")
+    }
+
+    #[test]
+    fn an_answer_missing_a_choice_or_holding_one_that_moved_nothing_is_refused() {
+        let ok = whole_answer(vec![choice(1, "b", None), choice(0, "", Some("stop"))], 2).expect("whole");
+        assert_eq!(ok.iter().map(|c| c.index).collect::<Vec<_>>(), [0, 1]);
+        let e = whole_answer(vec![choice(0, "a", Some("stop"))], 8).unwrap_err();
+        assert!(e.contains("asked for 8 choices") && e.contains("[0]"), "{e}");
+        assert!(whole_answer(vec![], 1).is_err());
+        assert!(whole_answer(vec![choice(0, "a", None), choice(0, "b", None)], 2).is_err(), "an index twice");
+        let e = whole_answer(vec![choice(0, "", None)], 1).unwrap_err();
+        assert!(e.contains("neither text nor a finish_reason"), "{e}");
     }
 }

@@ -129,8 +129,9 @@ pub struct CompletionChoice {
     pub text: String,
     #[serde(default)]
     pub finish_reason: Option<String>,
-    /// vLLM and ponder: the stop string (or token id) that ended the choice.
-    #[serde(default)]
+    /// vLLM and ponder: the stop string (or token id) that ended the
+    /// choice; SGLang names it `matched_stop`.
+    #[serde(default, alias = "matched_stop")]
     pub stop_reason: Option<serde_json::Value>,
     /// llama.cpp: the stop string that ended the choice.
     #[serde(default)]
@@ -148,8 +149,8 @@ impl CompletionChoice {
         self.stop_string() == Some(stop)
     }
 
-    /// The stop string that ended the choice, as vLLM (`stop_reason`) or
-    /// llama.cpp (`stopping_word`) names it.
+    /// The stop string that ended the choice, as vLLM (`stop_reason`),
+    /// SGLang (`matched_stop`) or llama.cpp (`stopping_word`) names it.
     pub fn stop_string(&self) -> Option<&str> {
         self.stop_reason.as_ref().and_then(|v| v.as_str()).or(self.stopping_word.as_deref())
     }
@@ -318,8 +319,7 @@ impl Upstream {
         let r = self.send(&url, self.http.post(&url).json(&self.adapt(call))).await?;
         let timeout_secs = self.timeout_secs;
         let bytes = r.bytes_stream();
-        let state =
-            SseState { bytes: Box::pin(bytes), pending: String::new(), url, timeout_secs, done: false };
+        let state = SseState { bytes: Box::pin(bytes), pending: Vec::new(), url, timeout_secs, done: false };
         Ok(futures::stream::unfold(state, |mut st| async move {
             let item = st.next_chunk().await?;
             Some((item, st))
@@ -332,7 +332,10 @@ type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<a
 /// Reads `data:` lines of server-sent events into chunks.
 struct SseState {
     bytes: ByteStream,
-    pending: String,
+    /// Bytes read and not yet a whole line. Kept as bytes: a frame may end
+    /// inside a UTF-8 character, and decoding frames one by one would turn
+    /// both halves into U+FFFD. Only whole lines are decoded.
+    pending: Vec<u8>,
     url: String,
     timeout_secs: u64,
     done: bool,
@@ -344,8 +347,9 @@ impl SseState {
             if self.done {
                 return None;
             }
-            while let Some(end) = self.pending.find('\n') {
-                let line: String = self.pending.drain(..=end).collect();
+            while let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let bytes: Vec<u8> = self.pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&bytes);
                 let line = line.trim_end_matches(['\r', '\n']);
                 let Some(data) = line.strip_prefix("data:") else { continue };
                 let data = data.trim_start();
@@ -359,7 +363,7 @@ impl SseState {
                 );
             }
             match self.bytes.next().await {
-                Some(Ok(b)) => self.pending.push_str(&String::from_utf8_lossy(&b)),
+                Some(Ok(b)) => self.pending.extend_from_slice(&b),
                 Some(Err(e)) if e.is_timeout() => {
                     self.done = true;
                     return Some(Err(UpstreamError::Timeout {
@@ -424,6 +428,40 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_character_split_across_two_network_frames_arrives_whole() {
+        let line =
+            "data: {\"choices\": [{\"index\": 0, \"text\": \"caf\u{e9} \u{1f642}\"}]}\n\ndata: [DONE]\n\n";
+        let bytes = line.as_bytes();
+        // Cut inside the emoji's four bytes, and again inside the é.
+        let emoji = line.find('\u{1f642}').expect("the emoji is in the line") + 2;
+        let e_acute = line.find('\u{e9}').expect("the é is in the line") + 1;
+        let frames: Vec<reqwest::Result<axum::body::Bytes>> = vec![
+            Ok(axum::body::Bytes::copy_from_slice(&bytes[..e_acute])),
+            Ok(axum::body::Bytes::copy_from_slice(&bytes[e_acute..emoji])),
+            Ok(axum::body::Bytes::copy_from_slice(&bytes[emoji..])),
+        ];
+        let mut st = SseState {
+            bytes: Box::pin(futures::stream::iter(frames)),
+            pending: Vec::new(),
+            url: "test".into(),
+            timeout_secs: 1,
+            done: false,
+        };
+        let chunk = st.next_chunk().await.expect("one chunk").expect("it parses");
+        assert_eq!(chunk.choices[0].text, "caf\u{e9} \u{1f642}");
+        assert!(st.next_chunk().await.is_none(), "[DONE] ends the stream");
+    }
+
+    #[test]
+    fn sglangs_matched_stop_names_the_stop_string_as_vllms_stop_reason_does() {
+        let c: CompletionChoice = serde_json::from_str(
+            r#"{"index": 0, "text": "x", "finish_reason": "stop", "matched_stop": "\n\n"}"#,
+        )
+        .expect("a choice");
+        assert!(c.stopped_on("\n\n"));
+    }
 
     #[test]
     fn the_served_models_context_length_is_read_from_vllm_or_llama_cpp() {
