@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::http::Request;
 use ponder::api::{AppState, router};
 use ponder::backend::fake::{FakeBackend, FakeBehaviour};
-use ponder::backend::{Backend, BackendStatus, ModelInfo};
+use ponder::backend::{Backend, BackendStatus, ModelInfo, TokenDetail};
 use ponder::config::{Config, MetricsAuth, PrmConfig};
 use ponder::metrics::Metrics;
 use ponder::tokenizer::{AddSpecial, Tokenizer};
@@ -37,6 +37,10 @@ struct App {
 
 /// API keys, protected metrics and small limits, over one fake model with a PRM.
 fn app() -> App {
+    app_with(TokenDetail::Full)
+}
+
+fn app_with(detail: TokenDetail) -> App {
     let mut c = Config::default();
     c.server.api_keys = vec!["test-key-1".into(), KEY.into()];
     c.server.metrics_auth = MetricsAuth::Protected;
@@ -46,7 +50,8 @@ fn app() -> App {
     c.models.truncate(1);
     c.models[0].id = MODEL.into();
     c.models[0].prm = Some(PrmConfig::Head("unused".into()));
-    let fake = Arc::new(FakeBackend::new(ModelInfo { tokenizer: tokenizer(), context_length: CONTEXT }));
+    let fake =
+        Arc::new(FakeBackend::new(ModelInfo { tokenizer: tokenizer(), context_length: CONTEXT, detail }));
     let metrics = Metrics::new();
     let backend: Arc<dyn Backend> = fake.clone();
     let state = AppState::new(Arc::new(c), metrics.clone(), BTreeMap::from([(MODEL.to_string(), backend)]));
@@ -380,6 +385,20 @@ async fn unknown_routes_methods_and_prms_answer_openai_error_bodies() {
     assert_eq!(r.status, 404);
     let message = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.contains("no-prm") && message.contains("[[prms]]"), "{message}");
+}
+
+#[tokio::test]
+async fn token_details_a_remote_engine_does_not_return_are_refused_not_faked() {
+    let ids = json!({"model": MODEL, "prompt": "1", "max_tokens": 1, "return_token_ids": true});
+    let logprobs = json!({"model": MODEL, "prompt": "1", "max_tokens": 1, "logprobs": 1});
+    let vllm = app_with(TokenDetail::Logprobs);
+    expect_400(&vllm, "/v1/completions", ids.clone(), Some("return_token_ids"), &["names tokens by text"])
+        .await;
+    assert_eq!(post(&vllm, "/v1/completions", &logprobs).await.status, 200);
+    let llama = app_with(TokenDetail::TextOnly);
+    expect_400(&llama, "/v1/completions", logprobs, Some("logprobs"), &["llama.cpp"]).await;
+    expect_400(&llama, "/v1/chat/completions", chat(json!({"logprobs": true})), Some("logprobs"), &[]).await;
+    assert_eq!(post(&app(), "/v1/completions", &ids).await.status, 200, "ponder's own engine has both");
 }
 
 #[tokio::test]

@@ -17,6 +17,7 @@ use crate::engine::FinishReason;
 use crate::metrics::Rejection;
 use crate::reasoning::{Accounting, Candidate, ReasoningParams};
 use crate::tokenizer::Tokenizer;
+pub use crate::validation::TokenDetail;
 use crate::validation::{GenerationRequest, ModelView};
 
 /// What validation needs to know about a served model.
@@ -25,11 +26,12 @@ pub struct ModelInfo {
     pub tokenizer: Arc<Tokenizer>,
     /// Prompt plus generated tokens must fit in this many positions.
     pub context_length: usize,
+    pub detail: TokenDetail,
 }
 
 impl ModelInfo {
     pub fn view(&self) -> ModelView<'_> {
-        ModelView { tokenizer: &self.tokenizer, context_length: self.context_length }
+        ModelView { tokenizer: &self.tokenizer, context_length: self.context_length, detail: self.detail }
     }
 }
 

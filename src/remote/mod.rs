@@ -25,7 +25,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::backend::{
     Backend, BackendStatus, Delivery, EventStream, GenEvent, JobStats, ModelInfo, ScheduleError, Scheduled,
-    TokenMeter, TokenOut, TokenPlace, TopToken,
+    TokenDetail, TokenMeter, TokenOut, TokenPlace, TopToken,
 };
 use crate::config::{BackendConfig, ModelEntry, QueueConfig};
 use crate::engine::FinishReason;
@@ -150,12 +150,19 @@ async fn start(upstream: Upstream, entry: ModelEntry, shared: Arc<Shared>, metri
         }
     };
     let _ = shared.prm.set(prm);
+    let detail = match &entry.backend {
+        // llama.cpp's server reports its probabilities in a form not relayed.
+        BackendConfig::Openai(r) if r.server == crate::config::EngineServer::LlamaCpp => {
+            TokenDetail::TextOnly
+        }
+        _ => TokenDetail::Logprobs,
+    };
     // With the length configured, requests are validated (and refused with
     // 502 while the engine is down) from the start.
     if let Some(context_length) = entry.context_length {
-        let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length });
+        let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length, detail });
     }
-    probe_loop(upstream, entry.id, entry.context_length, tokenizer, shared, metrics).await;
+    probe_loop(upstream, entry.id, entry.context_length, (tokenizer, detail), shared, metrics).await;
 }
 
 /// Probes the engine every few seconds: `Ready` while it answers and
@@ -165,7 +172,7 @@ async fn probe_loop(
     upstream: Upstream,
     id: String,
     configured: Option<usize>,
-    tokenizer: Arc<Tokenizer>,
+    (tokenizer, detail): (Arc<Tokenizer>, TokenDetail),
     shared: Arc<Shared>,
     metrics: Metrics,
 ) {
@@ -178,11 +185,15 @@ async fn probe_loop(
             )),
             Ok(p) => match configured.or(p.context_length) {
                 Some(context_length) => {
-                    let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length });
+                    let _ =
+                        shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length, detail });
                     BackendStatus::Ready
                 }
-                None => BackendStatus::Failed(format!(
-                    "model {id:?}: the engine does not say its context length; set `context_length`"
+                // An engine still loading the model (another ponder) lists
+                // it without a length: probe on, the model is not served yet.
+                None => BackendStatus::Unreachable(format!(
+                    "the engine serves {:?} but does not say its context length (yet); set `context_length` if it never does",
+                    upstream.model()
                 )),
             },
             Err(e) => BackendStatus::Unreachable(e.to_string()),
@@ -520,7 +531,12 @@ impl Relay {
                                     bytes: t.as_bytes().to_vec(),
                                     logprob: v.as_f64().unwrap_or(f64::NEG_INFINITY) as f32,
                                 })
-                                .collect()
+                                .collect::<Vec<_>>()
+                        })
+                        .map(|mut top| {
+                            // A JSON object has no order: most likely first, as the local engine sends them.
+                            top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+                            top
                         })
                         .unwrap_or_default(),
                     offset: at,

@@ -19,6 +19,19 @@ mod openai;
 pub struct ModelView<'a> {
     pub tokenizer: &'a Tokenizer,
     pub context_length: usize,
+    pub detail: TokenDetail,
+}
+
+/// What a backend returns about each token beside the text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenDetail {
+    /// Logprobs and token ids (ponder's own engine).
+    Full,
+    /// Logprobs, but no trustworthy ids: an engine's completions answer
+    /// names its tokens by text.
+    Logprobs,
+    /// Neither (llama.cpp's server).
+    TextOnly,
 }
 
 /// A generation the backend runs: `n` choices for each prompt.
@@ -373,6 +386,7 @@ fn build(
             ),
         ));
     }
+    check_detail(&c, view.detail)?;
     let max_tokens = checked_max_tokens(&prompts, prompt_param, &c, view.context_length, limits)?;
     let reasoning = match c.reasoning {
         None => None,
@@ -469,6 +483,24 @@ fn checked_max_tokens(
         });
     }
     Ok(max_tokens)
+}
+
+/// Refuses token details the model's engine does not return, rather than
+/// answering with empty or made-up ones.
+fn check_detail(c: &Common<'_>, detail: TokenDetail) -> Result<(), ValidationError> {
+    if c.token_ids == TokenIds::Return && detail != TokenDetail::Full {
+        return Err(ValidationError::new(
+            "return_token_ids",
+            "token ids are not available for this model: its remote engine's answer names tokens by text",
+        ));
+    }
+    if c.logprobs.is_some() && detail == TokenDetail::TextOnly {
+        return Err(ValidationError::new(
+            "logprobs",
+            "logprobs are not available for this model: its engine (llama.cpp's server) does not return them in a form ponder relays",
+        ));
+    }
+    Ok(())
 }
 
 fn template_error(e: TokenizerError) -> ValidationError {

@@ -212,6 +212,7 @@ fn load(ctx: &WorkerCtx) -> Result<Scheduler, String> {
     let _ = ctx.shared.info.set(ModelInfo {
         tokenizer: engine.shared_tokenizer(),
         context_length: engine.model().max_position(),
+        detail: crate::backend::TokenDetail::Full,
     });
     let shared = ctx.shared.clone();
     let guard = FailureGuard::new(move || {
