@@ -172,6 +172,7 @@ async fn reasoning_requests_are_validated_naming_the_field() {
         (smol(json!({"budget_rule": "give_up"})), "reasoning.budget_rule", "has none"),
         (smol(json!({"strategy": "beam", "adaptive": false})), "reasoning.strategy", "has none"),
         (smol(json!({"select": "prm_max"})), "reasoning.select", "has none"),
+        (smol(json!({"strategy": "single", "select": "prm_vote"})), "reasoning.select", "has none"),
         (body("x", json!({"strategy": "beam", "budget_rule": "vote"})), "reasoning.budget_rule", "best_of_n"),
         (body("x", json!({"round_size": 0})), "reasoning.round_size", "got 0"),
         (body("x", json!({"give_up_gain": 1.0})), "reasoning.give_up_gain", "less than 1"),

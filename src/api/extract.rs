@@ -33,9 +33,16 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
         if let Some(n) = declared.filter(|&n| n > limit) {
             return Err(too_big(format!("{n} bytes")));
         }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|_| too_big(format!("more than {limit} bytes")))?;
+        let bytes = axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+            // Only the limit is the client's size; anything else is a body
+            // that broke off (a client that left, a malformed chunk).
+            let e = e.into_inner();
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                too_big(format!("more than {limit} bytes"))
+            } else {
+                invalid(None, format!("the request body could not be read in full: {e}"))
+            }
+        })?;
         // serde's derived structs also read an array of their fields in order.
         let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
         if first.is_some_and(|&b| b != b'{') && serde_json::from_slice::<serde_json::Value>(&bytes).is_ok() {

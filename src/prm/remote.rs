@@ -98,6 +98,13 @@ fn read_pooling(v: &serde_json::Value, n: usize) -> Result<Vec<f32>, String> {
         let last = d["data"].as_array().and_then(|rows| rows.last()).and_then(|r| r.as_array());
         let good = last.filter(|r| r.len() == 2).and_then(|r| r[1].as_f64());
         match (out.get_mut(i), good) {
+            // A pooling server that returns logits (softmax off) would
+            // otherwise make every rule "confident".
+            (Some(_), Some(p)) if !(0.0..=1.0).contains(&p) => {
+                return Err(format!(
+                    "input {i}: P(good) {p} is not a probability (does the server apply softmax?)"
+                ));
+            }
             (Some(slot), Some(p)) => *slot = Some(p as f32),
             (None, _) => return Err(format!("index {i} for {n} inputs")),
             (Some(_), None) => return Err(format!("input {i}: no [p_bad, p_good] row")),
@@ -158,6 +165,8 @@ mod tests {
         assert!(read_pooling(&v, 1).unwrap_err().contains("index 1 for 1 inputs"));
         let flat = serde_json::json!({"data": [{"index": 0, "data": [0.3, 0.7]}]});
         assert!(read_pooling(&flat, 1).is_err(), "a pooled vector is not a per-step answer");
+        let logits = serde_json::json!({"data": [{"index": 0, "data": [[-1.5, 3.2]]}]});
+        assert!(read_pooling(&logits, 1).unwrap_err().contains("3.2 is not a probability"));
     }
 
     #[test]

@@ -233,7 +233,9 @@ fn check_choice(c: &SearchChoice, w: &ReasoningWire, rl: &RequestLimits<'_>) -> 
             "the \"vote\" budget rule applies to best_of_n; beam search takes \"ias\", \"sequential\" or \"give_up\"",
         ));
     }
-    if strategy != Strategy::Single && select.needs_prm() && !rl.has_prm {
+    // The single strategy selects nothing, but naming a PRM selection on a
+    // model without one is refused all the same.
+    if (strategy != Strategy::Single || w.select.is_some()) && select.needs_prm() && !rl.has_prm {
         return Err(no_prm("reasoning.select", &format!("select {:?}", select.name())));
     }
     Ok(())
@@ -644,7 +646,10 @@ fn completion_prompts(
                 } else {
                     Err(ValidationError::new(
                         &param,
-                        format!("token id {t} at position {j} is outside the vocabulary (0..{vocab})"),
+                        format!(
+                            "token id {t} at position {j} is outside the vocabulary (0 to {})",
+                            vocab - 1
+                        ),
                     ))
                 }
             })
@@ -732,8 +737,12 @@ pub fn pooling(
         ));
     }
     // Inputs come formatted by the client, template and tags included.
-    let (inputs, _) = completion_prompts(&req.input, tok, AddSpecial::No)
-        .map_err(|e| ValidationError { param: e.param.map(|p| p.replacen("prompt", "input", 1)), ..e })?;
+    let (inputs, _) = completion_prompts(&req.input, tok, AddSpecial::No).map_err(|e| ValidationError {
+        // The shared prompt checks name `prompt`; this request's field is `input`.
+        param: e.param.map(|p| p.replacen("prompt", "input", 1)),
+        message: e.message.replace("prompt", "input"),
+        ..e
+    })?;
     if let Some((i, ids)) = inputs.iter().enumerate().find(|(_, ids)| ids.len() > limits.max_prompt_tokens) {
         return Err(ValidationError::new(
             &format!("input[{i}]"),
@@ -745,10 +754,11 @@ pub fn pooling(
         ));
     }
     if let Some((i, ids)) = inputs.iter().enumerate().find(|(_, ids)| ids.len() > context_length) {
-        return Err(ValidationError::new(
-            &format!("input[{i}]"),
-            format!("input {i} is {} tokens; the PRM's context is {context_length}", ids.len()),
-        ));
+        return Err(ValidationError {
+            param: Some(format!("input[{i}]")),
+            message: format!("input {i} is {} tokens; the PRM's context is {context_length}", ids.len()),
+            code: Some("context_length_exceeded"),
+        });
     }
     Ok(ValidPooling { model: req.model, inputs })
 }
