@@ -167,6 +167,26 @@ fn a_batch_of_prefixes_of_different_lengths_scores_as_each_alone() {
     assert!(prm.score(&[]).unwrap().is_empty());
 }
 
+#[test]
+fn a_prefix_longer_than_the_prms_context_scores_as_a_failure_and_the_others_as_alone() {
+    use ponder::prm::{ScoreItem, Scorer};
+    let dir = tempfile::tempdir().unwrap();
+    write_prm(dir.path());
+    let prm =
+        ModelPrm::load(dir.path(), &ModelPrmOptions { head: HeadChoice::Converted, lora: None }).unwrap();
+    let all = steps();
+    let long: Vec<String> = (0..prm.context_length()).map(|i| format!("{i} + 1 = {}", i + 1)).collect();
+    assert!(prm.encode("q", &long).unwrap().len() > prm.context_length());
+    let items = [
+        ScoreItem { question: "What is (3 + 4) * 2?", steps: &all, hidden: None, logprobs: &[] },
+        ScoreItem { question: "q", steps: &long, hidden: None, logprobs: &[] },
+    ];
+    let scored = prm.score(&items).expect("an over-long prefix does not fail the batch");
+    assert_eq!((scored[1].raw, scored[1].quantiles.q90), (Some(0.0), 0.0));
+    let alone = *prm.step_scores(items[0].question, &all).unwrap().last().unwrap();
+    assert!((alone.raw.unwrap() - scored[0].raw.unwrap()).abs() < 1e-5, "{alone:?} vs {:?}", scored[0]);
+}
+
 /// The steps a reasoning answer was scored as: its text split at blank lines.
 fn answer_steps(text: &str) -> Vec<String> {
     text.split("\n\n").map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()

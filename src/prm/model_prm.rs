@@ -473,11 +473,36 @@ type HeadLayers = ((Tensor, Tensor), Option<(Tensor, Tensor)>);
 impl super::Scorer for ModelPrm {
     /// Each prefix's last score: its last step's (the question's when
     /// empty). All prefixes go through the backbone in one forward pass.
+    /// A prefix longer than the PRM's context, which it cannot read, scores
+    /// as a certain failure (and is logged): the policy's context may be
+    /// longer than the PRM's, and failing the request would throw away
+    /// every sample already drawn.
     fn score(&self, items: &[super::ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.head_of_features(&self.features(items)?)
+        let encoded: Vec<Vec<u32>> =
+            items.iter().map(|i| self.encode(i.question, i.steps)).collect::<Result<_, _>>()?;
+        let limit = self.context_length();
+        let readable: Vec<usize> = (0..encoded.len()).filter(|&k| encoded[k].len() <= limit).collect();
+        if readable.len() < encoded.len() {
+            let longest = encoded.iter().map(Vec::len).max().unwrap_or(0);
+            tracing::warn!(
+                prefixes = encoded.len() - readable.len(),
+                longest,
+                context = limit,
+                "prefixes longer than the PRM's context score as failures"
+            );
+        }
+        let mut out = vec![PrmScore { quantiles: Quantiles::point(0.0), raw: Some(0.0) }; encoded.len()];
+        if !readable.is_empty() {
+            let seqs: Vec<&[u32]> = readable.iter().map(|&k| encoded[k].as_slice()).collect();
+            let z = self.relu_layer(&self.tag_inputs(&seqs, TagPick::Last)?)?;
+            for (k, score) in readable.into_iter().zip(self.head_of_features(&z)?) {
+                out[k] = score;
+            }
+        }
+        Ok(out)
     }
 }
 
