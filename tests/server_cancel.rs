@@ -156,6 +156,8 @@ async fn a_client_that_leaves_after_100_ms_is_cancelled_counted_once_and_logged_
             }
             let line = line.unwrap_or_else(|| panic!("{what}: no 499 log line"));
             assert_eq!(line["model"], model, "{line}");
+            let completion_id = line["completion_id"].as_str().unwrap_or_else(|| panic!("{what}: {line}"));
+            assert!(completion_id.starts_with("chatcmpl-") || completion_id.starts_with("cmpl-"), "{line}");
             let spent = read(&metrics(&server).await, &generated);
             // Whoever noticed first counted it; the worker stops at its next step at the latest.
             assert!(spent - at_cancel <= 64.0, "{what}: {} tokens after the cancellation", spent - at_cancel);

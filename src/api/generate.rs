@@ -72,6 +72,7 @@ async fn run(
     let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     let meter = TokenMeter::default();
     update(&summary, |s| {
+        s.completion_id = Some(id.clone());
         s.meter = Some(meter.clone());
         s.prompt_tokens = valid.generation.prompts.iter().map(Vec::len).sum();
     });

@@ -33,6 +33,9 @@ pub struct RequestId(pub String);
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
     pub model: Option<String>,
+    /// The response's id (`chatcmpl-…`, `cmpl-…`), which the backend's own
+    /// log lines name: it ties them to this request's line.
+    pub completion_id: Option<String>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub queue_secs: Option<f64>,
@@ -125,6 +128,7 @@ impl LogLine {
             status = self.status,
             sent_status = self.sent_status,
             model = s.model.as_deref().unwrap_or("-"),
+            completion_id = s.completion_id.as_deref(),
             prompt_tokens = s.prompt_tokens,
             completion_tokens = s.completion_tokens.max(metered),
             queue_ms = s.queue_secs.map(|x| (x * 1e3).round()),
