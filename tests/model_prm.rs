@@ -134,10 +134,18 @@ fn a_trained_quantile_head_and_a_lora_adapter_load_from_safetensors() {
         by_hand.step_scores("q?", &steps()).unwrap(),
         plain.step_scores("q?", &steps()).unwrap(),
     );
-    for ((p, q), r) in x.iter().zip(&y).zip(&z) {
+    for (p, q) in x.iter().zip(&y) {
         assert!((p.raw.unwrap() - q.raw.unwrap()).abs() < 1e-6);
-        assert!((p.raw.unwrap() - r.raw.unwrap()).abs() > 1e-7, "the adapter changes the scores");
     }
+    // The adapter moves the head's inputs. (Not P(good) itself: with random
+    // weights it can saturate at 1.0 in f32 with and without the adapter,
+    // which made this test flaky.)
+    let steps = steps();
+    let item = [ponder::prm::ScoreItem { question: "q?", steps: &steps, hidden: None, logprobs: &[] }];
+    let (f_lora, f_plain) = (with_lora.features(&item).unwrap(), plain.features(&item).unwrap());
+    let moved = (f_lora - f_plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-4, "the adapter changes what the head reads: {moved}");
+    assert_eq!(z.len(), x.len());
 }
 
 #[test]
