@@ -299,16 +299,43 @@ async fn message_and_prompt_problems_name_the_offending_element() {
 }
 
 #[tokio::test]
-async fn size_limits_on_body_prompt_and_context_are_enforced() {
+async fn size_limits_on_body_prompt_and_context_are_enforced_and_a_body_over_the_limit_is_413() {
     let app = app();
     let long = "1 + ".repeat(40);
     let tokens = tokenizer().encode(&long, AddSpecial::Yes).unwrap().len();
     assert!(tokens > 60);
     let body = json!({"model": MODEL, "prompt": long, "max_tokens": 1});
     expect_400(&app, "/v1/completions", body, Some("prompt"), &["60", &format!("{tokens} tokens")]).await;
-    let huge = "x".repeat(5000);
-    expect_400(&app, "/v1/completions", json!({"model": MODEL, "prompt": huge}), None, &["4000", "bytes"])
-        .await;
+    let huge = json!({"model": MODEL, "prompt": "x".repeat(5000)}).to_string();
+    let send = |declare: bool| {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/v1/completions")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {KEY}"));
+        if declare {
+            req = req.header("content-length", huge.len());
+        }
+        // A chunked body declares no length, so only reading it finds the excess.
+        let chunks =
+            huge.as_bytes().chunks(1000).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>();
+        let req = req.body(Body::from_stream(futures::stream::iter(chunks))).unwrap();
+        async {
+            let resp = app.router.clone().oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }
+    };
+    let ((s1, v1), (s2, v2)) = (send(true).await, send(false).await);
+    for (status, v, got) in
+        [(s1, v1, format!("got {} bytes", huge.len())), (s2, v2, "got more than 4000 bytes".to_string())]
+    {
+        assert_eq!(status, 413, "{v}");
+        assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("4000 bytes (limits.max_body_bytes)") && msg.contains(&got), "{msg}");
+    }
     let r = post(&app, "/v1/completions", &json!({"model": MODEL, "prompt": "1", "max_tokens": 9000})).await;
     let v = r.json();
     assert_eq!(r.status, 400);

@@ -17,6 +17,8 @@ pub enum ApiError {
     ModelNotFound(String),
     #[error("the PRM {model:?} is not served")]
     PrmNotFound { model: String, served: Vec<String> },
+    #[error("request body over {limit} bytes")]
+    BodyTooLarge { limit: usize, got: String },
     #[error("no such route")]
     NoRoute,
     #[error("{method} is not allowed on {path}")]
@@ -76,6 +78,13 @@ impl ApiError {
                     [] => format!("The PRM `{model}` is not served: this server lists no [[prms]]."),
                     ids => format!("The PRM `{model}` is not served; this server's [[prms]] are: {}.", ids.join(", ")),
                 },
+            ),
+            ApiError::BodyTooLarge { limit, got } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                None,
+                Some("request_too_large"),
+                format!("The request body must be at most {limit} bytes (limits.max_body_bytes), got {got}."),
             ),
             ApiError::NoRoute => (
                 StatusCode::NOT_FOUND,

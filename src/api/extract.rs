@@ -1,5 +1,6 @@
 //! A JSON body extractor whose every failure is an OpenAI-style 400 naming
-//! the field (by its path) and what was wrong.
+//! the field (by its path) and what was wrong, or a 413 for a body over
+//! `limits.max_body_bytes`.
 
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
@@ -24,12 +25,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        let too_big = |got: String| {
-            invalid(
-                None,
-                format!("request body must be at most {limit} bytes (limits.max_body_bytes), got {got}"),
-            )
-        };
+        let too_big = |got: String| ApiError::BodyTooLarge { limit, got };
         if let Some(n) = declared.filter(|&n| n > limit) {
             return Err(too_big(format!("{n} bytes")));
         }
