@@ -287,7 +287,8 @@ async fn an_adaptive_best_of_n_request_reports_the_same_accounting_through_a_rem
 }
 
 #[tokio::test]
-async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_locally() {
+async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_locally_and_a_prefix_over_its_context_as_a_failure()
+ {
     use ponder::config::{ModelPrmConfig, PrmConfig, RemotePrmConfig, ServedPrm};
     use ponder::prm::model_prm::HeadChoice;
     let dir = tempfile::tempdir().unwrap();
@@ -322,6 +323,38 @@ async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_loca
     let (s, v) = pooling(json!({"model": "tiny-prm", "input": [text.clone(), long]})).await;
     assert_eq!((s, &v["error"]["param"]), (400, &json!("input[1]")), "beyond the PRM's context: {v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("the PRM's context is 512"), "{v}");
+    let good_at_last_tag =
+        v_first_rows_last_good(&pooling(json!({"model": "tiny-prm", "input": text})).await.1);
+
+    // Scoring through the client: the prefix the server refuses as over its
+    // context scores as a certain failure; the others keep their scores.
+    let client_config = RemotePrmConfig {
+        remote: prm_server.base.clone(),
+        format: Default::default(),
+        model: "tiny-prm".into(),
+        timeout_secs: 30,
+        calibration: None,
+    };
+    let scores = tokio::task::spawn_blocking(move || {
+        use ponder::prm::{ScoreItem, Scorer};
+        let client = ponder::prm::remote::RemotePrm::new(&client_config, ponder::prm::head::HeadOutput::Raw)
+            .expect("no calibration file to load");
+        let short = vec!["2 + 2 = 4".to_string(), "The answer is 4".to_string()];
+        let long = vec!["x ".repeat(600)];
+        let items: Vec<ScoreItem<'_>> = [&short, &long, &short]
+            .into_iter()
+            .map(|steps| ScoreItem { question: "What is 2 + 2?", steps, hidden: None, logprobs: &[] })
+            .collect();
+        client.score(&items)
+    })
+    .await
+    .unwrap()
+    .expect("an input over the PRM's context does not fail the call");
+    let raw: Vec<f32> = scores.iter().map(|s| s.raw.unwrap()).collect();
+    assert_eq!(raw[1], 0.0, "{raw:?}");
+    for k in [0, 2] {
+        assert!((raw[k] as f64 - good_at_last_tag).abs() < 1e-5, "{raw:?} vs {good_at_last_tag}");
+    }
 
     // The same adaptive request: the local engine with the PRM in process,
     // and ponder over that engine with the PRM on the pooling server.
@@ -345,6 +378,12 @@ async fn a_prm_served_on_another_ponders_pooling_scores_as_the_same_prm_run_loca
     let (here, there) = same_request_both_ways(&engine, &front).await;
     let start = |v: &Value| v["ponder"]["success_probability_start"]["q50"].as_f64().unwrap();
     assert!((start(&here) - start(&there)).abs() < 1e-4, "the same PRM score: {here} {there}");
+}
+
+/// P(good) at the last step tag of a pooling response's first input.
+fn v_first_rows_last_good(v: &Value) -> f64 {
+    let rows = v["data"][0]["data"].as_array().unwrap_or_else(|| panic!("a pooling response: {v}"));
+    rows.last().unwrap()[1].as_f64().unwrap()
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@
 //! score of a prefix is P(good) at its last step tag. The client runs on a
 //! thread of its own with its own small runtime, so that scoring can be
 //! called from a worker thread or a blocking task alike, and nothing async
-//! is ever dropped inside another runtime.
+//! is ever dropped inside another runtime. A prefix the server refuses as
+//! longer than its context scores as a certain failure, as an in-process
+//! PRM scores one.
 
 use std::sync::Mutex;
 use std::sync::mpsc as std_mpsc;
@@ -17,7 +19,8 @@ use super::model_prm::{STEP_TOKEN, SYSTEM_PROMPT};
 use super::quantile_map::QuantileMap;
 use super::{PrmError, PrmScore, Quantiles, ScoreItem, Scorer};
 
-type Reply = std_mpsc::Sender<Result<Vec<f32>, String>>;
+/// P(good) per input; `None` for one longer than the server's context.
+type Reply = std_mpsc::Sender<Result<Vec<Option<f32>>, String>>;
 
 /// A remote PRM; dropping it ends its client thread.
 pub struct RemotePrm {
@@ -51,7 +54,7 @@ impl RemotePrm {
                     .build()
                     .expect("a client without TLS needs no system resources to build");
                 while let Ok((inputs, reply)) = rx.recv() {
-                    let r = rt.block_on(pool(&http, &url, &model, inputs));
+                    let r = rt.block_on(score_each(&http, &url, &model, inputs));
                     let _ = reply.send(r);
                 }
             })
@@ -69,22 +72,66 @@ pub fn prompt(question: &str, steps: &[String]) -> String {
     )
 }
 
+/// Why a pooling call failed.
+enum PoolFailure {
+    /// A 400 that says an input is over the server's context.
+    OverContext,
+    Other(String),
+}
+
+/// P(good) of every input: one call for all, and only when the server
+/// refuses that call as over its context, one call per input, so that the
+/// inputs it can read keep their scores (`None` marks the others).
+async fn score_each(
+    http: &reqwest::Client,
+    url: &str,
+    model: &str,
+    inputs: Vec<String>,
+) -> Result<Vec<Option<f32>>, String> {
+    match pool(http, url, model, &inputs).await {
+        Ok(scores) => return Ok(scores.into_iter().map(Some).collect()),
+        Err(PoolFailure::Other(e)) => return Err(e),
+        Err(PoolFailure::OverContext) => {}
+    }
+    let mut out = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        match pool(http, url, model, std::slice::from_ref(&input)).await {
+            Ok(score) => out.push(score.first().copied()),
+            Err(PoolFailure::OverContext) => out.push(None),
+            Err(PoolFailure::Other(e)) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
 /// One pooling call: P(good) at the last step tag of each input.
 async fn pool(
     http: &reqwest::Client,
     url: &str,
     model: &str,
-    inputs: Vec<String>,
-) -> Result<Vec<f32>, String> {
+    inputs: &[String],
+) -> Result<Vec<f32>, PoolFailure> {
+    let other = |e: String| PoolFailure::Other(format!("{url}: {e}"));
     let body = serde_json::json!({"model": model, "task": "token_classify", "input": inputs});
-    let r = http.post(url).json(&body).send().await.map_err(|e| format!("{url}: {e}"))?;
+    let r = http.post(url).json(&body).send().await.map_err(|e| other(e.to_string()))?;
     let status = r.status().as_u16();
-    let text = r.text().await.map_err(|e| format!("{url}: {e}"))?;
-    if status != 200 {
-        return Err(format!("{url} answered {status}: {}", text.chars().take(300).collect::<String>()));
+    let text = r.text().await.map_err(|e| other(e.to_string()))?;
+    if status == 400 && says_over_context(&text) {
+        return Err(PoolFailure::OverContext);
     }
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{url}: not JSON: {e}"))?;
-    read_pooling(&v, inputs.len()).map_err(|e| format!("{url}: {e}"))
+    if status != 200 {
+        return Err(other(format!("answered {status}: {}", text.chars().take(300).collect::<String>())));
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| other(format!("not JSON: {e}")))?;
+    read_pooling(&v, inputs.len()).map_err(other)
+}
+
+/// Whether an error body says an input is longer than the model's context:
+/// vLLM's and SGLang's messages say "context length", ponder's code is
+/// `context_length_exceeded`.
+fn says_over_context(body: &str) -> bool {
+    let body = body.to_ascii_lowercase();
+    body.contains("context length") || body.contains("context_length")
 }
 
 /// P(good) at the last step tag of each of `n` inputs, from a pooling
@@ -115,7 +162,9 @@ fn read_pooling(v: &serde_json::Value, n: usize) -> Result<Vec<f32>, String> {
 
 impl Scorer for RemotePrm {
     /// P(good) of each prefix's last step, through the quantile map where
-    /// one is configured, else as a point estimate.
+    /// one is configured, else as a point estimate; a prefix the server
+    /// cannot read scores as a certain failure (logged), because failing
+    /// the request would throw away every sample already drawn.
     fn score(&self, items: &[ScoreItem<'_>]) -> Result<Vec<PrmScore>, PrmError> {
         if items.is_empty() {
             return Ok(Vec::new());
@@ -129,11 +178,21 @@ impl Scorer for RemotePrm {
             .map_err(|_| PrmError::Remote("the PRM client thread has stopped".into()))?;
         let scores = rx.recv().map_err(|_| PrmError::Remote("the PRM client thread has stopped".into()))?;
         let scores = scores.map_err(PrmError::Remote)?;
+        let unread = scores.iter().filter(|p| p.is_none()).count();
+        if unread > 0 {
+            tracing::warn!(
+                prefixes = unread,
+                "prefixes longer than the remote PRM's context score as failures"
+            );
+        }
         Ok(scores
             .into_iter()
-            .map(|p| {
-                let quantiles = self.map.as_ref().map_or(Quantiles::point(p), |m| m.apply(p));
-                PrmScore { quantiles, raw: Some(p) }
+            .map(|p| match p {
+                Some(p) => {
+                    let quantiles = self.map.as_ref().map_or(Quantiles::point(p), |m| m.apply(p));
+                    PrmScore { quantiles, raw: Some(p) }
+                }
+                None => PrmScore { quantiles: Quantiles::point(0.0), raw: Some(0.0) },
             })
             .collect())
     }
