@@ -32,8 +32,13 @@ async fn to_the_end<B: Trajectories>(b: &B, ts: &[Traj]) -> Result<(), Reasoning
 fn candidate<B: Trajectories>(b: &B, p: &ReasoningParams, t: Traj, score: Option<PrmScore>) -> Candidate {
     let info = b.info(t);
     let score = sample_score(info.steps.len(), score);
+    // A path a limit cut off (max_tokens, the context, beam search's step
+    // cap) never gave its answer: the last number in its text is an
+    // intermediate result. It casts no vote and is chosen only when no
+    // path ended (as an empty answer is, in `choose`).
+    let answer = if info.ended { p.answer.key(&info.text) } else { String::new() };
     Candidate {
-        answer: p.answer.key(&info.text),
+        answer,
         text: info.text,
         score,
         tokens: info.tokens,

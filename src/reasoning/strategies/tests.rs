@@ -44,6 +44,8 @@ struct State {
     root_forks: Vec<usize>,
     /// Every sample ends at once, before its first step.
     silent: bool,
+    /// Wrong samples are cut off by a limit one step before their answer.
+    cut_wrong: bool,
 }
 
 impl Fake {
@@ -65,6 +67,7 @@ impl Fake {
                 forks: vec![],
                 root_forks: vec![],
                 silent: false,
+                cut_wrong: false,
             }),
         }
     }
@@ -81,6 +84,11 @@ impl Fake {
 
     fn silent(self) -> Self {
         self.st.borrow_mut().silent = true;
+        self
+    }
+
+    fn cut_wrong(self) -> Self {
+        self.st.borrow_mut().cut_wrong = true;
         self
     }
 
@@ -126,10 +134,11 @@ impl Trajectories for Fake {
     fn info(&self, t: Traj) -> TrajInfo {
         let st = self.st.borrow();
         let tr = &st.trajs[&t];
+        let cut = st.cut_wrong && !tr.correct && tr.steps.len() == STEPS;
         let done = tr.steps.len() == STEPS + 1 || (st.silent && t != 0);
         TrajInfo {
             text: tr.steps.join("\n\n"),
-            finished: done,
+            finished: done || cut,
             ended: done,
             tokens: tr.steps.len() * TOKENS_PER_STEP,
             steps: tr.steps.clone(),
@@ -316,6 +325,28 @@ fn a_sample_that_says_nothing_is_never_a_confident_answer() {
     assert_eq!(out.answers.len(), 1);
     assert_eq!(out.answers[0].text, "");
     assert!(out.answers[0].score.is_some_and(|s| s.quantiles.q50 == 0.0), "{:?}", out.answers[0].score);
+}
+
+#[test]
+fn a_sample_cut_off_by_a_limit_casts_no_vote_and_is_chosen_only_when_nothing_ended() {
+    // Wrong samples stop at "step 2" (their last number) without answering;
+    // they outnumber the right ones, so counting that number as their
+    // answer would outvote 42.
+    let fake = Fake::new(0.3, Quantiles::point(0.5)).cut_wrong();
+    let mut p = with_rule(Strategy::BestOfN, BudgetRule::Vote, 0.95);
+    p.select = Select::Majority;
+    p.max_samples = 16;
+    let out = run_fake(&fake, &p);
+    assert_eq!(out.answers[0].answer, "42");
+    assert!(out.answers[0].ended);
+    let cut: Vec<&Candidate> = out.candidates.iter().filter(|c| !c.ended).collect();
+    assert!(!cut.is_empty() && cut.iter().all(|c| c.answer.is_empty() && c.text.ends_with("step 2")));
+
+    let fake = Fake::new(0.0, Quantiles::point(0.5)).cut_wrong();
+    let out = run_fake(&fake, &p);
+    assert_eq!(out.accounting.samples, 16, "no vote, so never confident");
+    assert_eq!(out.answers.len(), 1, "an answer is still owed");
+    assert!(!out.answers[0].ended && out.answers[0].text.ends_with("step 2"));
 }
 
 #[test]
