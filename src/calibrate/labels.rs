@@ -4,9 +4,9 @@
 //! continuations, and the fraction that reaches the right answer. One JSONL
 //! row per distinct prefix, appended per question, so a run can resume.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -17,7 +17,7 @@ use crate::engine::{
 };
 use crate::tokenizer::{AddSpecial, ChatMessage};
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct LabelConfig {
     pub n_val: usize,
     pub n_mc: usize,
@@ -300,6 +300,90 @@ impl Source<'_> {
     }
 }
 
+/// What a labels file was drawn with, kept beside it
+/// (`labels_<split>.settings.json`) so that a run resuming it checks that
+/// its rows answer the same questions with the same settings: a question's
+/// id names its place in the draw, not its text, so another `--per-level`
+/// gives an id another question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct LabelSettings {
+    config: LabelConfig,
+    /// Question id → question text.
+    questions: BTreeMap<String, String>,
+}
+
+fn settings_path(labels: &Path) -> PathBuf {
+    let stem = labels.file_stem().map_or_else(|| "labels".into(), |s| s.to_string_lossy().to_string());
+    labels.with_file_name(format!("{stem}.settings.json"))
+}
+
+/// Refuses to resume `path` with other settings or other questions under
+/// its ids, then records this run's (its questions added).
+fn check_and_record_settings(path: &Path, problems: &[Problem], cfg: &LabelConfig) -> anyhow::Result<()> {
+    let sidecar = settings_path(path);
+    let start_over = || {
+        format!(
+            "label into another directory (--labels) or remove {} and {}",
+            path.display(),
+            sidecar.display()
+        )
+    };
+    let mut questions = BTreeMap::new();
+    if sidecar.exists() {
+        let text =
+            std::fs::read_to_string(&sidecar).map_err(|e| anyhow::anyhow!("{}: {e}", sidecar.display()))?;
+        let old: LabelSettings =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", sidecar.display()))?;
+        let (was, now) = (serde_json::to_value(old.config)?, serde_json::to_value(cfg)?);
+        if let Some((field, v)) = now.as_object().into_iter().flatten().find(|(k, v)| was.get(*k) != Some(*v))
+        {
+            anyhow::bail!(
+                "{} was labelled with {field} {}, this run asks for {v}: {}",
+                path.display(),
+                was.get(field).unwrap_or(&serde_json::Value::Null),
+                start_over()
+            );
+        }
+        for p in problems {
+            if let Some(q) = old.questions.get(&p.id).filter(|q| **q != p.question) {
+                anyhow::bail!(
+                    "{} holds question {} as {q:?}, this run's {} is {:?} (another --per-level draws other \
+                     questions under the same ids): {}",
+                    path.display(),
+                    p.id,
+                    p.id,
+                    p.question,
+                    start_over()
+                );
+            }
+        }
+        questions = old.questions;
+    } else if path.exists() && std::fs::metadata(path)?.len() > 0 {
+        // Labels from before settings were kept: only what each row records
+        // can be checked.
+        let levels: HashMap<&str, u8> = problems.iter().map(|p| (p.id.as_str(), p.level)).collect();
+        for r in read(path)? {
+            let level = levels.get(r.question_id.as_str());
+            anyhow::ensure!(
+                (r.final_answer || r.n_mc == cfg.n_mc) && level.is_none_or(|&l| l == r.level),
+                "{} holds a row for {} with N_MC {} at level {}, this run asks for N_MC {}{}: {}",
+                path.display(),
+                r.question_id,
+                r.n_mc,
+                r.level,
+                cfg.n_mc,
+                level.map(|l| format!(" and has it at level {l}")).unwrap_or_default(),
+                start_over()
+            );
+        }
+    }
+    questions.extend(problems.iter().map(|p| (p.id.clone(), p.question.clone())));
+    let settings = LabelSettings { config: *cfg, questions };
+    std::fs::write(&sidecar, serde_json::to_string_pretty(&settings)? + "\n")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sidecar.display()))?;
+    Ok(())
+}
+
 /// Labels every problem not yet in `path`, appending per batch of
 /// `concurrent` questions. Returns all rows in the file.
 pub fn collect(
@@ -309,6 +393,7 @@ pub fn collect(
     path: &Path,
     concurrent: usize,
 ) -> anyhow::Result<Vec<LabelRow>> {
+    check_and_record_settings(path, problems, cfg)?;
     let done: HashSet<String> = read(path)?.into_iter().map(|r| r.question_id).collect();
     let todo: Vec<Problem> = problems.iter().filter(|p| !done.contains(&p.id)).cloned().collect();
     let bar = indicatif::ProgressBar::new(problems.len() as u64);
@@ -340,4 +425,69 @@ pub fn collect(
         read(path)?.into_iter().filter(|r| by_order.contains_key(&r.question_id)).collect();
     rows.sort_by_key(|r| (by_order[&r.question_id], r.k));
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(p: &Problem, n_mc: usize) -> LabelRow {
+        LabelRow {
+            question_id: p.id.clone(),
+            split: Split::Calib,
+            level: p.level,
+            k: 0,
+            prefix: vec![],
+            tokens: vec![1, 2],
+            prompt_len: 2,
+            logprobs: vec![],
+            success: 0.5,
+            correct: n_mc / 2,
+            n_mc,
+            final_answer: false,
+        }
+    }
+
+    #[test]
+    fn resuming_labels_with_other_questions_under_the_same_ids_or_other_settings_is_refused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("labels_calib.jsonl");
+        let cfg = LabelConfig::default();
+        let few = task::generate(Split::Calib, 2).expect("questions");
+        check_and_record_settings(&path, &few, &cfg).expect("a first run records its settings");
+        check_and_record_settings(&path, &few[..3], &cfg).expect("the same questions resume");
+        let sidecar = dir.path().join("labels_calib.settings.json");
+        assert!(sidecar.exists());
+
+        // Levels 2..6 draw other questions under the same ids.
+        let more = task::generate(Split::Calib, 3).expect("questions");
+        let moved = more.iter().find(|p| few.iter().any(|f| f.id == p.id && f.question != p.question));
+        let moved = moved.expect("another --per-level moves some ids to other questions");
+        let e = check_and_record_settings(&path, &more, &cfg).expect_err("other questions").to_string();
+        assert!(e.contains(&moved.id) && e.contains(&moved.question) && e.contains("--per-level"), "{e}");
+
+        let e = check_and_record_settings(&path, &few, &LabelConfig { n_mc: 16, ..cfg })
+            .expect_err("other settings")
+            .to_string();
+        assert!(e.contains("n_mc 8, this run asks for 16") && e.contains("--labels"), "{e}");
+    }
+
+    #[test]
+    fn labels_without_a_settings_file_are_checked_by_what_each_row_records() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("labels_calib.jsonl");
+        let few = task::generate(Split::Calib, 1).expect("questions");
+        let line = serde_json::to_string(&row(&few[0], 8)).expect("a row serialises") + "\n";
+        std::fs::write(&path, line).expect("written");
+        let cfg = LabelConfig::default();
+        let e = check_and_record_settings(&path, &few, &LabelConfig { n_mc: 16, ..cfg })
+            .expect_err("N_MC differs")
+            .to_string();
+        assert!(e.contains("N_MC 8") && e.contains("N_MC 16"), "{e}");
+        check_and_record_settings(&path, &few, &cfg).expect("matching rows resume");
+        assert!(
+            dir.path().join("labels_calib.settings.json").exists(),
+            "and the settings are kept from now on"
+        );
+    }
 }

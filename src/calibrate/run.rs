@@ -176,6 +176,12 @@ fn check_args(args: &CalibrateArgs) -> anyhow::Result<()> {
     ] {
         anyhow::ensure!(v >= 1, "{flag} must be at least 1, got {v}");
     }
+    // The report is on held-out questions: the same split would be in-sample.
+    anyhow::ensure!(
+        args.split != args.eval_split,
+        "--eval-split must differ from --split (the report is on held-out questions), got {} for both",
+        args.split.name()
+    );
     // Monte-Carlo labels need sampled continuations: greedy ones are all the same.
     let (lo, hi) = (0.0, *crate::validation::TEMPERATURE_RANGE.end() as f32);
     anyhow::ensure!(
