@@ -100,7 +100,16 @@ impl Isotonic {
         // (sum of labels, count, max score) per block.
         let mut blocks: Vec<(f64, f64, f64)> = Vec::new();
         for i in idx {
-            blocks.push((label[i], 1.0, score[i]));
+            // Equal scores must get one value, so they start in one block
+            // (a score that saturates at 1.0 in f32 is common); otherwise
+            // `predict` would give them the lowest of their blocks.
+            match blocks.last_mut() {
+                Some(last) if last.2 == score[i] => {
+                    last.0 += label[i];
+                    last.1 += 1.0;
+                }
+                _ => blocks.push((label[i], 1.0, score[i])),
+            }
             while blocks.len() >= 2 {
                 let n = blocks.len();
                 let (s1, c1, _) = blocks[n - 2];
@@ -172,6 +181,16 @@ mod tests {
         let p = Platt::fit(&scores, &labels);
         assert!(p.a.is_finite() && p.b.is_finite(), "{p:?}");
         assert!((p.predict(1.0) - 0.6).abs() < 0.01 && (p.predict(0.0) - 0.05).abs() < 0.01, "{p:?}");
+    }
+
+    #[test]
+    fn isotonic_gives_tied_scores_their_mean_label() {
+        let iso = Isotonic::fit(&[0.5, 0.5, 0.5, 0.5, 0.9], &[0.0, 1.0, 1.0, 1.0, 1.0]);
+        assert_eq!(iso.predict(0.5), 0.75);
+        assert_eq!(iso.predict(0.9), 1.0);
+        // A tie that violates the order with the block below pools with it.
+        let iso = Isotonic::fit(&[0.2, 0.5, 0.5], &[1.0, 0.0, 0.0]);
+        assert!((iso.predict(0.5) - 1.0 / 3.0).abs() < 1e-12 && iso.predict(0.2) == iso.predict(0.5));
     }
 
     #[test]
