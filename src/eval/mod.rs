@@ -160,6 +160,13 @@ impl EvalProblem {
     pub fn is_correct(&self, text: &str) -> bool {
         crate::reasoning::select::answer_key(text) == self.answer
     }
+
+    /// A candidate is right when it stated an answer and that answer is
+    /// this problem's: a path cut off before its answer is wrong even when
+    /// the last number it wrote happens to match.
+    pub fn is_right(&self, c: &crate::reasoning::Candidate) -> bool {
+        c.has_answer() && self.is_correct(&c.text)
+    }
 }
 
 fn problems(args: &EvalArgs) -> anyhow::Result<Vec<EvalProblem>> {
@@ -181,6 +188,17 @@ fn problems(args: &EvalArgs) -> anyhow::Result<Vec<EvalProblem>> {
     Ok(problems)
 }
 
+/// A numeric `answer` as answers are keyed: an integral float (`42.0`) as
+/// the integer, since a model's `42` is keyed `"42"`.
+fn number_answer(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.as_i64().is_none() && f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+            format!("{}", f as i64)
+        }
+        _ => n.to_string(),
+    }
+}
+
 /// The questions of a JSONL file's `text`, blank lines skipped.
 fn parse_problems(path: &Path, text: &str) -> anyhow::Result<Vec<EvalProblem>> {
     text.lines()
@@ -194,7 +212,7 @@ fn parse_problems(path: &Path, text: &str) -> anyhow::Result<Vec<EvalProblem>> {
                 .ok_or_else(|| anyhow::anyhow!("{}:{}: no \"question\" string", path.display(), i + 1))?;
             let answer = match &v["answer"] {
                 serde_json::Value::String(s) => crate::reasoning::select::answer_key(s),
-                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Number(n) => number_answer(n),
                 _ => anyhow::bail!("{}:{}: no \"answer\"", path.display(), i + 1),
             };
             Ok(EvalProblem {
@@ -397,6 +415,32 @@ mod tests {
         let args = Cli::parse_from(["ponder", "--model", "m", "--jsonl", path.to_str().expect("utf-8")]).eval;
         let e = problems(&args).expect_err("no questions").to_string();
         assert_eq!(e, format!("no questions in {} (--jsonl)", path.display()));
+    }
+
+    #[test]
+    fn a_jsonl_answer_written_as_an_integral_float_matches_the_models_integer() {
+        let text = "{\"question\": \"6 * 7?\", \"answer\": 42.0}\n{\"question\": \"q\", \"answer\": 2.5}\n\
+                    {\"question\": \"r\", \"answer\": -3}\n{\"question\": \"s\", \"answer\": \"The answer is 8.\"}";
+        let ps = parse_problems(Path::new("q.jsonl"), text).expect("four questions");
+        let answers: Vec<&str> = ps.iter().map(|p| p.answer.as_str()).collect();
+        assert_eq!(answers, ["42", "2.5", "-3", "8"]);
+        assert!(ps[0].is_correct("6 * 7 = 42\n\nThe answer is 42."));
+    }
+
+    #[test]
+    fn a_candidate_cut_off_before_its_answer_is_wrong_even_when_its_last_number_matches() {
+        let p = EvalProblem { id: "q".into(), level: 1, question: "9 + 2?".into(), answer: "11".into() };
+        let cut = crate::reasoning::Candidate {
+            text: "9 + 2 = 11".into(),
+            answer: String::new(),
+            score: None,
+            tokens: 7,
+            steps: 1,
+            ended: false,
+        };
+        assert!(p.is_correct(&cut.text) && !p.is_right(&cut));
+        let stated = crate::reasoning::Candidate { answer: "11".into(), ended: true, ..cut };
+        assert!(p.is_right(&stated));
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub(super) fn run(
         .zip(&outcomes)
         .map(|(q, o)| {
             let a = &o.accounting;
-            let correct = o.answers.first().is_some_and(|c| q.is_correct(&c.text));
+            let correct = o.answers.first().is_some_and(|c| q.is_right(c));
             (q.level, correct, a.samples, a.tokens_generated, a.fixed_tokens_estimate, a.prm_evaluations)
         })
         .collect();

@@ -96,7 +96,7 @@ fn fixed_run(
             correct_answers: o
                 .candidates
                 .iter()
-                .filter(|c| q.is_correct(&c.text))
+                .filter(|c| q.is_right(c))
                 .map(|c| c.answer.clone())
                 .collect(),
             candidates: o.candidates,

@@ -199,6 +199,14 @@ pub struct Candidate {
     pub ended: bool,
 }
 
+impl Candidate {
+    /// Whether the path stated an answer: it neither said nothing nor was
+    /// cut off by a limit before its answer (both leave `answer` empty).
+    pub fn has_answer(&self) -> bool {
+        !self.answer.is_empty()
+    }
+}
+
 /// Compute spent and saved, against what the fixed-budget run would spend.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Accounting {

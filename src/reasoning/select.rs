@@ -99,8 +99,8 @@ pub fn choose(candidates: &[Candidate], how: Select, n: usize) -> Vec<Candidate>
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.total_cmp(&a.1)).then(a.2.answer.cmp(&b.2.answer)));
     // A sample that says nothing (the model ended at once) is no answer: it
     // is returned only when nothing else was drawn.
-    if ranked.iter().any(|r| !r.2.answer.is_empty()) {
-        ranked.retain(|r| !r.2.answer.is_empty());
+    if ranked.iter().any(|r| r.2.has_answer()) {
+        ranked.retain(|r| r.2.has_answer());
     }
     ranked.into_iter().take(n.max(1)).map(|(_, _, c)| c.clone()).collect()
 }
