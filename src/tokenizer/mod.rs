@@ -304,6 +304,23 @@ pub struct TextStream {
 impl TextStream {
     /// Feeds one id; returns the new text it completes, if any.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
+        match self.step(tok, id) {
+            Ok(text) => Ok(text),
+            // Why: with a byte-fallback tokenizer (Llama-2, Mistral, Gemma),
+            // a stray byte after a run of bytes already sent as characters
+            // makes the run decode to U+FFFD per byte, rewriting text the
+            // client has (tokenizers' "invalid prefix"). What was sent
+            // stands; decoding starts afresh at this token, as vLLM does,
+            // instead of failing the sequence and every other one in its
+            // batch.
+            Err(_) => {
+                *self = Self::default();
+                self.step(tok, id)
+            }
+        }
+    }
+
+    fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<Option<String>, TokenizerError> {
         tokenizers::tokenizer::step_decode_stream(
             &tok.inner,
             vec![id],
@@ -313,5 +330,44 @@ impl TextStream {
             &mut self.prefix_index,
         )
         .map_err(tk_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Llama-2-style tokenizer: byte fallback, `▁` for spaces.
+    fn byte_fallback() -> Tokenizer {
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+            ]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
+                "byte_fallback": true, "ignore_merges": false,
+                "vocab": {"<unk>": 0, "<0xE4>": 1, "<0xBD>": 2, "<0xA0>": 3, "\u{2581}next": 4, "\u{2581}ok": 5},
+                "merges": []}
+        });
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).expect("written");
+        Tokenizer::from_hf_dir(dir.path()).expect("a byte-fallback tokenizer loads")
+    }
+
+    #[test]
+    fn a_stray_byte_after_a_decoded_character_does_not_fail_the_stream() {
+        let tok = byte_fallback();
+        let mut stream = tok.stream();
+        let mut text = String::new();
+        // 你 (E4 BD A0), then a lone E4 that can never complete, then words.
+        for id in [1, 2, 3, 1, 4, 5] {
+            text.extend(stream.push(&tok, id).expect("decoding never fails a sequence"));
+        }
+        assert!(text.starts_with("你"), "{text:?}");
+        assert!(text.ends_with("next ok"), "{text:?}");
     }
 }
