@@ -5,6 +5,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Temperatures below this sample greedily.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -55,7 +58,10 @@ impl Sampler {
 
     /// Picks the next token from raw logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature <= 0.0 {
+        // Why the floor: 1/T overflows f32 below about 3e-39, and well
+        // before that the top token takes all the mass; vLLM treats
+        // T < 1e-5 as greedy too.
+        if self.params.temperature < GREEDY_BELOW {
             return argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
@@ -86,13 +92,20 @@ impl Sampler {
         let total: f32 = c.iter().map(|x| x.1).sum();
         // One draw per sampled token keeps the RNG stream aligned across runs.
         let mut u = self.rng.random::<f32>() * total;
+        if !(total.is_finite() && total > 0.0) {
+            // Non-finite logits (a NaN anywhere makes every weight NaN).
+            return argmax(logits);
+        }
         for &(id, w) in c.iter() {
             if u < w {
                 return id;
             }
             u -= w;
         }
-        c.last().map(|x| x.0).unwrap_or_else(|| argmax(logits))
+        // Rounding in the f32 sum can leave u just past the last weight:
+        // the answer is then the last token that had any mass, never one
+        // top-k or top-p already left with none.
+        c.iter().rev().find(|x| x.1 > 0.0).map_or_else(|| argmax(logits), |x| x.0)
     }
 }
 
@@ -160,6 +173,19 @@ mod tests {
         let drawn: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(drawn.iter().all(|&t| t == 1 || t == 2));
         assert!(drawn.contains(&1) && drawn.contains(&2));
+    }
+
+    #[test]
+    fn a_vanishing_temperature_is_greedy_and_non_finite_logits_fall_back_to_argmax() {
+        for t in [1e-40f32, 1e-6] {
+            let mut s = Sampler::new(params(t, 1.0, 0, 3));
+            assert_eq!(s.sample(&[1.0, 5.0, 2.0, 0.5]), 1, "T {t}");
+            let mut s = Sampler::new(params(t, 1.0, 2, 3));
+            assert_eq!(s.sample(&[1.0, 5.0, 2.0, 0.5]), 1, "T {t}, top-k 2");
+        }
+        let mut s = Sampler::new(params(0.7, 1.0, 0, 3));
+        assert_eq!(s.sample(&[1.0, f32::NAN, 4.0, 0.5]), 2, "argmax skips NaN");
+        assert_eq!(s.sample(&[f32::NEG_INFINITY; 3]), 0);
     }
 
     #[test]
