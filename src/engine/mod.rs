@@ -212,8 +212,11 @@ impl Engine {
         if !eos && let Some(piece) = seq.text.stream.push(&self.tokenizer, token)? {
             seq.text.text.push_str(&piece);
         }
-        let stop_hit = stop::find_stop(&seq.text.text, before.max(seq.text.run_start), &seq.opts.stop.stop)
-            .filter(|m| m.start >= seq.text.run_start);
+        // A run's first token also searches what the token that ended the
+        // previous run left after its stop string.
+        let start = seq.text.run_start;
+        let new_from = if seq.run_tokens == 1 { start } else { before.max(start) };
+        let stop_hit = stop::find_stop(&seq.text.text, start, new_from, &seq.opts.stop.stop);
         let finish = if eos {
             Some(FinishReason::Eos)
         } else if let Some(m) = stop_hit {

@@ -15,11 +15,15 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// The earliest occurrence of any stop string that ends after byte
-/// `new_from` of `text` (text before it was already searched).
-pub fn find_stop(text: &str, new_from: usize, stops: &[String]) -> Option<StopMatch> {
+/// The earliest occurrence of any stop string that starts at or after byte
+/// `floor` (a char boundary: where this run's text begins) and ends after
+/// byte `new_from` of `text` (text before it was already searched).
+pub fn find_stop(text: &str, floor: usize, new_from: usize, stops: &[String]) -> Option<StopMatch> {
     let longest = stops.iter().map(String::len).max()?;
-    let from = floor_char_boundary(text, new_from.saturating_sub(longest.saturating_sub(1)));
+    // Why the floor: looking back before it would find the stop string that
+    // ended the previous run, and that match, dropped as not this run's,
+    // would hide a real one starting at the floor.
+    let from = floor_char_boundary(text, new_from.saturating_sub(longest.saturating_sub(1))).max(floor);
     let hay = &text[from..];
     stops
         .iter()
@@ -56,16 +60,16 @@ mod tests {
         let s = stops(&["\n\n"]);
         // "...7.\n" then "\nNext": searched from the second piece.
         let text = "3 + 4 = 7.\n\nNext";
-        let m = find_stop(text, 11, &s).unwrap();
+        let m = find_stop(text, 0, 11, &s).unwrap();
         assert_eq!(m, StopMatch { start: 10, index: 0 });
     }
 
     #[test]
     fn the_earliest_of_several_stop_strings_wins() {
         let s = stops(&["END", "\n\n", "x"]);
-        let m = find_stop("ab\n\ncdENDx", 0, &s).unwrap();
+        let m = find_stop("ab\n\ncdENDx", 0, 0, &s).unwrap();
         assert_eq!(m, StopMatch { start: 2, index: 1 });
-        assert_eq!(find_stop("no match here", 0, &s), None);
+        assert_eq!(find_stop("no match here", 0, 0, &s), None);
     }
 
     #[test]
@@ -80,8 +84,21 @@ mod tests {
     fn multibyte_text_is_searched_on_char_boundaries() {
         let s = stops(&["é!"]);
         let text = "café!";
-        let m = find_stop(text, 4, &s).unwrap();
+        let m = find_stop(text, 0, 4, &s).unwrap();
         assert_eq!(&text[m.start..], "é!");
         assert_eq!(partial_stop_len("caf\u{e9}", &s), "é".len());
+    }
+
+    #[test]
+    fn a_stop_string_right_after_the_one_that_ended_the_last_run_is_found() {
+        let s = stops(&["\n\n"]);
+        // The previous run ended at "7\n\n"; this run starts at byte 3 and
+        // its first token is another "\n\n".
+        let text = "a 7\n\n\n\n";
+        assert_eq!(find_stop(text, 5, 5, &s), Some(StopMatch { start: 5, index: 0 }));
+        // Text left after the stop string by the token that completed it is
+        // this run's and is searched from the floor.
+        let text = "7\n\n\n\nx";
+        assert_eq!(find_stop(text, 3, 3, &s), Some(StopMatch { start: 3, index: 0 }));
     }
 }
