@@ -184,6 +184,9 @@ async fn openai_fields_ponder_cannot_honour_are_refused_by_name_and_harmless_one
         let r = post(&app, path, &chat(extra.clone())).await;
         assert_eq!(r.status, 200, "{extra}: {}", r.text);
     }
+    let penalised = app.fake.seen().into_iter().find(|s| !s.generation.sampling.penalties.is_none());
+    let penalties = penalised.expect("the penalties reach the backend").generation.sampling.penalties;
+    assert_eq!(penalties, ponder::engine::Penalties { presence: 1.5, frequency: -2.0 });
     for extra in [json!({"echo": false, "suffix": "", "best_of": 1}), json!({"prompt": [1.0, 2.0]})] {
         let mut body = json!({"model": MODEL, "prompt": "1", "max_tokens": 1});
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());

@@ -53,7 +53,7 @@ fn job(engine: &Engine, question: &str, p: ReasoningParams) -> ReasoningJob {
         question: question.into(),
         prompt: tok.encode(&text, AddSpecial::No).unwrap(),
         params: p,
-        sampling: SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed: 3 },
+        sampling: SamplingParams::sampled(0.7, 3),
     }
 }
 

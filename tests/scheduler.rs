@@ -117,7 +117,7 @@ fn submit_n(
         request: GenerationRequest {
             prompts: vec![prompt],
             n,
-            sampling: SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed },
+            sampling: SamplingParams::sampled(0.7, seed),
             stop: Vec::new(),
             max_tokens,
             logprobs: None,

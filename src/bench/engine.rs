@@ -120,7 +120,7 @@ fn prompt_ids(engine: &Engine, n: usize, random_weights: bool) -> anyhow::Result
 
 fn options(tokens: usize, seed: u64) -> SeqOptions {
     SeqOptions {
-        sampling: SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 0, seed },
+        sampling: SamplingParams::sampled(0.7, seed),
         stop: StopCriteria { max_tokens: tokens, stop: Vec::new(), eos: EosPolicy::Ignore },
         logprobs: Logprobs::None,
         capture: HiddenCapture::Never,

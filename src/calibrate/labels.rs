@@ -215,7 +215,7 @@ fn start_question(
     let text = tok.apply_chat_template(&[ChatMessage::new("user", p.question.clone())])?;
     let prompt = tok.encode(&text, AddSpecial::No)?;
     let opts = SeqOptions {
-        sampling: SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed: cfg.seed },
+        sampling: SamplingParams::sampled(cfg.temperature, cfg.seed),
         stop: step_stop(cfg),
         // The chosen tokens' logprobs are PRM features.
         logprobs: Logprobs::Top(0),

@@ -53,7 +53,7 @@ impl RemoteLabeler {
         let text = tok.apply_chat_template(&[ChatMessage::new("user", p.question.clone())])?;
         let prompt = tok.encode(&text, AddSpecial::No)?;
         let base = cfg.seed ^ qhash(&p.id);
-        let sampling = SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed: base };
+        let sampling = SamplingParams::sampled(cfg.temperature, base);
         let row = |k: usize, path: &Path| prefix_row(p, &prompt, k, path);
         // Rows, and the continuations each prefix row waits for.
         let mut rows = vec![row(0, &Path::default())];
@@ -162,7 +162,7 @@ impl RemoteLabeler {
         cfg: &LabelConfig,
         seed: u64,
     ) -> impl Future<Output = anyhow::Result<(usize, usize)>> + use<> {
-        let sampling = SamplingParams { temperature: cfg.temperature, top_p: 1.0, top_k: 0, seed };
+        let sampling = SamplingParams::sampled(cfg.temperature, seed);
         let calls: Vec<CompletionCall> = self
             .upstream
             .split_n(cfg.n_mc)

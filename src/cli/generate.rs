@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::ModelArgs;
 use crate::engine::{
-    EosPolicy, HiddenCapture, Logprobs, SamplingParams, SeqOptions, StopCriteria, child_seed,
+    EosPolicy, HiddenCapture, Logprobs, Penalties, SamplingParams, SeqOptions, StopCriteria, child_seed,
 };
 use crate::tokenizer::{AddSpecial, ChatMessage};
 
@@ -79,6 +79,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             top_k: args.top_k,
             seed: args.seed,
+            penalties: Penalties::NONE,
         },
         stop: StopCriteria { max_tokens: args.max_tokens, stop: args.stop.clone(), eos: EosPolicy::Stop },
         logprobs: Logprobs::None,

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use crate::model::{AttentionPath, BatchEntry, Llama, ModelError, ModelSource, WeightFormat};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
-pub use sampling::{SamplingParams, child_seed};
+pub use sampling::{Penalties, SamplingParams, child_seed};
 pub use sequence::{
     EosPolicy, FinishReason, HiddenCapture, Logprobs, SeqOptions, Sequence, StopCriteria, TokenLogprob,
 };
@@ -155,6 +155,7 @@ impl Engine {
             .map(|&seed| {
                 let mut opts = parent.opts.clone();
                 opts.sampling.seed = seed;
+                let sampler = parent.sampler.child(seed);
                 Sequence {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     cache: parent.cache.fork(),
@@ -163,7 +164,7 @@ impl Engine {
                     pending: Vec::new(),
                     logits: parent.logits.clone(),
                     hidden: parent.hidden.clone(),
-                    sampler: sampling::Sampler::new(opts.sampling),
+                    sampler,
                     opts,
                     run_tokens: parent.run_tokens,
                     text: parent.text.clone(),

@@ -1,6 +1,9 @@
-//! Per-sequence token choice: greedy at temperature 0, else temperature,
-//! top-k and top-p with the sequence's own seeded RNG, so a sequence draws
-//! the same tokens whatever shares its batch. Also per-token logprobs.
+//! Per-sequence token choice: presence and frequency penalties, then greedy
+//! at temperature 0, else temperature, top-k and top-p with the sequence's
+//! own seeded RNG, so a sequence draws the same tokens whatever shares its
+//! batch. Also per-token logprobs (of the model's own distribution).
+
+use std::collections::HashMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -17,11 +20,35 @@ pub struct SamplingParams {
     /// 0 keeps every token.
     pub top_k: usize,
     pub seed: u64,
+    pub penalties: Penalties,
+}
+
+/// OpenAI's repetition penalties over the tokens the sequence generated:
+/// each logit is lowered by `frequency` times the token's count so far and
+/// by `presence` once it has appeared (vLLM's reading: output tokens only,
+/// before temperature, greedy included).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Penalties {
+    pub presence: f32,
+    pub frequency: f32,
+}
+
+impl Penalties {
+    pub const NONE: Penalties = Penalties { presence: 0.0, frequency: 0.0 };
+
+    pub fn is_none(&self) -> bool {
+        *self == Self::NONE
+    }
 }
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 }
+        Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0, penalties: Penalties::NONE }
+    }
+
+    /// Temperature sampling over the whole vocabulary, without penalties.
+    pub fn sampled(temperature: f32, seed: u64) -> Self {
+        Self { temperature, top_p: 1.0, top_k: 0, seed, penalties: Penalties::NONE }
     }
 
     pub fn with_seed(self, seed: u64) -> Self {
@@ -45,19 +72,56 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// Candidate buffer reused across steps.
     candidates: Vec<(u32, f32)>,
+    /// How often each token was drawn, kept only when penalties are on.
+    counts: HashMap<u32, u32>,
+    /// The logits with penalties applied, reused across steps.
+    penalised: Vec<f32>,
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
-        Self { params, rng: ChaCha8Rng::seed_from_u64(params.seed), candidates: Vec::new() }
+        Self {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            candidates: Vec::new(),
+            counts: HashMap::new(),
+            penalised: Vec::new(),
+        }
+    }
+
+    /// A sampler for a child sequence: its own seed, and the tokens the
+    /// parent drew still count towards the penalties.
+    pub fn child(&self, seed: u64) -> Self {
+        let mut child = Self::new(SamplingParams { seed, ..self.params });
+        child.counts = self.counts.clone();
+        child
     }
 
     pub fn params(&self) -> SamplingParams {
         self.params
     }
 
-    /// Picks the next token from raw logits.
+    /// Picks the next token from raw logits, penalties applied.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.penalties.is_none() {
+            return self.sample_from(logits);
+        }
+        let Penalties { presence, frequency } = self.params.penalties;
+        let mut penalised = std::mem::take(&mut self.penalised);
+        penalised.clear();
+        penalised.extend_from_slice(logits);
+        for (&t, &n) in &self.counts {
+            if let Some(l) = penalised.get_mut(t as usize) {
+                *l -= frequency * n as f32 + presence;
+            }
+        }
+        let token = self.sample_from(&penalised);
+        self.penalised = penalised;
+        *self.counts.entry(token).or_default() += 1;
+        token
+    }
+
+    fn sample_from(&mut self, logits: &[f32]) -> u32 {
         // Why the floor: 1/T overflows f32 below about 3e-39, and well
         // before that the top token takes all the mass; vLLM treats
         // T < 1e-5 as greedy too.
@@ -143,7 +207,7 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_p, top_k, seed }
+        SamplingParams { temperature, top_p, top_k, seed, penalties: Penalties::NONE }
     }
 
     #[test]
@@ -186,6 +250,32 @@ mod tests {
         let mut s = Sampler::new(params(0.7, 1.0, 0, 3));
         assert_eq!(s.sample(&[1.0, f32::NAN, 4.0, 0.5]), 2, "argmax skips NaN");
         assert_eq!(s.sample(&[f32::NEG_INFINITY; 3]), 0);
+    }
+
+    #[test]
+    fn penalties_lower_drawn_tokens_by_count_and_presence_and_children_inherit_the_counts() {
+        let logits = [2.0f32, 1.5, 0.0];
+        let greedy = |presence, frequency| SamplingParams {
+            penalties: Penalties { presence, frequency },
+            ..SamplingParams::greedy()
+        };
+        // Frequency 0.3: token 0 leads by 0.5, so it is drawn twice (2.0,
+        // 1.7), then token 1 (1.5 > 1.4), then 0 again (1.4 > 1.2).
+        let mut s = Sampler::new(greedy(0.0, 0.3));
+        let drawn: Vec<u32> = (0..4).map(|_| s.sample(&logits)).collect();
+        assert_eq!(drawn, [0, 0, 1, 0]);
+        // Presence 0.6: once each of 0 and 1 has appeared, 0 leads again.
+        let mut s = Sampler::new(greedy(0.6, 0.0));
+        let drawn: Vec<u32> = (0..4).map(|_| s.sample(&logits)).collect();
+        assert_eq!(drawn, [0, 1, 0, 0]);
+        let mut child = s.child(9);
+        assert_eq!(child.sample(&logits), 0, "the parent's tokens still count");
+        // A negative penalty encourages repeats.
+        let mut s = Sampler::new(greedy(-1.0, 0.0));
+        assert_eq!(s.sample(&[1.5, 1.0]), 0);
+        assert_eq!(s.sample(&[1.4, 1.5]), 0);
+        let mut off = Sampler::new(SamplingParams::greedy());
+        assert_eq!((0..3).map(|_| off.sample(&logits)).collect::<Vec<_>>(), [0, 0, 0]);
     }
 
     #[test]

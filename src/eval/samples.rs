@@ -54,7 +54,7 @@ fn run_questions(engine: &Engine, problems: &[EvalProblem], args: &EvalArgs) -> 
     for (q, p) in problems.iter().enumerate() {
         let text = tok.apply_chat_template(&[ChatMessage::new("user", p.question.clone())])?;
         let opts = SeqOptions {
-            sampling: SamplingParams { temperature: args.temperature, top_p: 1.0, top_k: 0, seed: args.seed },
+            sampling: SamplingParams::sampled(args.temperature, args.seed),
             stop: StopCriteria { max_tokens: args.max_tokens, stop: Vec::new(), eos: EosPolicy::Stop },
             logprobs: Logprobs::None,
             capture: HiddenCapture::Never,

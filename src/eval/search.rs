@@ -94,12 +94,7 @@ pub(super) fn run_all(
                 question: q.question.clone(),
                 prompt: prompt(engine, &q.question)?,
                 params: p,
-                sampling: SamplingParams {
-                    temperature: args.temperature,
-                    top_p: 1.0,
-                    top_k: 0,
-                    seed: seed(args, &q.id),
-                },
+                sampling: SamplingParams::sampled(args.temperature, seed(args, &q.id)),
             };
             owner.insert(rt.spawn(job)?, next);
             next += 1;

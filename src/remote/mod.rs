@@ -618,6 +618,8 @@ fn call(model: &str, g: &GenerationRequest, prompt: &[u32], n: usize, seed_offse
         top_p: g.sampling.top_p,
         top_k: (g.sampling.top_k > 0).then_some(g.sampling.top_k),
         min_p: None,
+        presence_penalty: g.sampling.penalties.presence,
+        frequency_penalty: g.sampling.penalties.frequency,
         // Engines read the seed as a signed 64-bit integer (ponder's own API too).
         seed: g.sampling.seed.wrapping_add(seed_offset) & (i64::MAX as u64),
         stop: g.stop.clone(),
@@ -655,6 +657,34 @@ mod tests {
         assert_eq!(finish_reason("stop", None, &stops), FinishReason::Eos);
         assert_eq!(finish_reason("stop", Some("other"), &stops), FinishReason::Eos);
         assert_eq!(finish_reason("length", None, &stops), FinishReason::Length);
+    }
+
+    #[test]
+    fn penalties_go_to_the_engine_under_openais_names_and_are_left_out_when_off() {
+        let mut g = GenerationRequest {
+            prompts: vec![vec![1, 2]],
+            n: 1,
+            sampling: crate::engine::SamplingParams::sampled(0.7, 1),
+            stop: vec![],
+            max_tokens: 4,
+            logprobs: None,
+            token_ids: crate::validation::TokenIds::Omit,
+            question: String::new(),
+            reasoning: None,
+        };
+        let body =
+            |g: &GenerationRequest| serde_json::to_value(call("m", g, &[1, 2], 1, 0)).expect("serialises");
+        let plain = body(&g);
+        assert!(
+            plain.get("presence_penalty").is_none() && plain.get("frequency_penalty").is_none(),
+            "{plain}"
+        );
+        g.sampling.penalties = crate::engine::Penalties { presence: 0.5, frequency: -1.0 };
+        let v = body(&g);
+        assert_eq!(
+            (v["presence_penalty"].as_f64(), v["frequency_penalty"].as_f64()),
+            (Some(0.5), Some(-1.0))
+        );
     }
 
     #[test]

@@ -183,6 +183,10 @@ pub fn step_call(
         top_p: sampling.top_p,
         top_k: (sampling.top_k > 0).then_some(sampling.top_k),
         min_p: None,
+        // Each step is a call of its own, so the engine counts repeats
+        // within the step only.
+        presence_penalty: sampling.penalties.presence,
+        frequency_penalty: sampling.penalties.frequency,
         seed: seed & (i64::MAX as u64),
         stop: vec![STEP_DELIMITER.to_string()],
         logprobs: None,

@@ -41,6 +41,10 @@ impl UpstreamError {
     }
 }
 
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
+}
+
 /// vLLM's `/v1/completions` body, as ponder sends it. Fields the engine
 /// does not know are ignored by vLLM, SGLang, TGI and llama.cpp alike.
 #[derive(Debug, Clone, Serialize)]
@@ -59,6 +63,12 @@ pub struct CompletionCall {
     /// request did not ask to filter.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_p: Option<f32>,
+    /// OpenAI's penalties, which every engine reads under these names;
+    /// left out when 0 (the engines' default).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub presence_penalty: f32,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub frequency_penalty: f32,
     pub seed: u64,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,

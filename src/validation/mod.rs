@@ -3,7 +3,7 @@
 //! that names the field, the limit and the value given.
 
 use crate::config::Limits;
-use crate::engine::SamplingParams;
+use crate::engine::{Penalties, SamplingParams};
 use crate::reasoning::knobs::{self, KnobValues, ReasoningDefaults};
 use crate::reasoning::{Budget, BudgetRule, Candidates, ReasoningParams, Select, Strategy};
 use crate::tokenizer::{AddSpecial, ChatMessage, Tokenizer, TokenizerError};
@@ -149,6 +149,9 @@ struct Common<'a> {
     temperature: Option<f64>,
     top_p: Option<f64>,
     top_k: Option<i64>,
+    /// Range-checked with OpenAI's other fields (`openai::check_common`).
+    presence_penalty: Option<f64>,
+    frequency_penalty: Option<f64>,
     n: Option<i64>,
     seed: Option<i64>,
     stop: &'a Option<StopWire>,
@@ -336,7 +339,11 @@ fn sampling(c: &Common<'_>) -> Result<SamplingParams, ValidationError> {
     };
     // Without a seed each request draws its own, as OpenAI does.
     let seed = c.seed.map(|s| s as u64).unwrap_or_else(rand::random);
-    Ok(SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k, seed })
+    let penalties = Penalties {
+        presence: c.presence_penalty.unwrap_or(0.0) as f32,
+        frequency: c.frequency_penalty.unwrap_or(0.0) as f32,
+    };
+    Ok(SamplingParams { temperature: temperature as f32, top_p: top_p as f32, top_k, seed, penalties })
 }
 
 fn stops(stop: &Option<StopWire>, limits: &Limits) -> Result<Vec<String>, ValidationError> {
@@ -609,6 +616,8 @@ pub fn chat(
         temperature: req.temperature,
         top_p: req.top_p,
         top_k: req.top_k,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
         n: req.n,
         seed: req.seed,
         stop: &req.stop,
@@ -693,6 +702,8 @@ pub fn completion(
         temperature: req.temperature,
         top_p: req.top_p,
         top_k: req.top_k,
+        presence_penalty: req.presence_penalty,
+        frequency_penalty: req.frequency_penalty,
         n: req.n,
         seed: req.seed,
         stop: &req.stop,

@@ -1,8 +1,8 @@
-//! OpenAI's fields that ponder does not act on: each is accepted where its
-//! value asks nothing ponder cannot do (or only shapes sampling, which
-//! ponder leaves as is, after OpenAI's range check), and refused with the
-//! field named where a client relies on it: a forced tool call, structured
-//! output, a logit bias, an echo, a suffix, more candidates than answers.
+//! OpenAI's range check of the penalties, and the fields ponder does not
+//! act on: each is accepted where its value asks nothing ponder cannot do,
+//! and refused with the field named where a client relies on it: a forced
+//! tool call, structured output, a logit bias, an echo, a suffix, more
+//! candidates than answers.
 
 use super::ValidationError;
 use crate::wire::{

@@ -37,7 +37,7 @@ pub fn chat_prompt(engine: &Engine, user: &str) -> Vec<u32> {
 
 pub fn options(temperature: f32, seed: u64, max_tokens: usize) -> SeqOptions {
     SeqOptions {
-        sampling: SamplingParams { temperature, top_p: 1.0, top_k: 0, seed },
+        sampling: SamplingParams::sampled(temperature, seed),
         stop: StopCriteria { max_tokens, stop: Vec::new(), eos: EosPolicy::Stop },
         logprobs: Logprobs::None,
         capture: HiddenCapture::Never,
