@@ -19,7 +19,8 @@ enum Arch {
     Qwen2,
 }
 
-fn write_gguf(path: &std::path::Path, arch: Arch, dtype: GgmlDType) {
+/// A tiny random file; with `rope_freqs`, Llama 3's RoPE factors tensor too.
+fn write_gguf(path: &std::path::Path, arch: Arch, dtype: GgmlDType, rope_freqs: Option<&[f32]>) {
     let dev = Device::Cpu;
     let name = match arch {
         Arch::Llama => "llama",
@@ -51,6 +52,10 @@ fn write_gguf(path: &std::path::Path, arch: Arch, dtype: GgmlDType) {
             add(format!("{p}.attn_k.bias"), &[KV_HEADS * head_dim], 0.1, 0.0, GgmlDType::F32);
             add(format!("{p}.attn_v.bias"), &[KV_HEADS * head_dim], 0.1, 0.0, GgmlDType::F32);
         }
+    }
+    if let Some(f) = rope_freqs {
+        let t = Tensor::new(f, &dev).unwrap();
+        tensors.push(("rope_freqs.weight".into(), QTensor::quantize(&t, GgmlDType::F32).unwrap()));
     }
     use gguf_file::Value as V;
     let meta: Vec<(String, V)> = vec![
@@ -112,7 +117,7 @@ fn kl(p_logits: &[f32], q_logits: &[f32]) -> f64 {
 fn check(arch: Arch, dtype: GgmlDType) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    write_gguf(&path, arch, dtype);
+    write_gguf(&path, arch, dtype, None);
     let model = Llama::from_gguf(&path, WeightFormat::Stored, &Device::Cpu).unwrap();
     let prompt: Vec<u32> = (0..10).map(|i| (i * 29 % VOCAB) as u32).collect();
     let mut cache = model.new_cache();
@@ -160,4 +165,32 @@ fn qwen2_gguf_with_biases_and_half_split_rope_matches_candle_quantized_qwen2() {
     for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4K] {
         check(Arch::Qwen2, dtype);
     }
+}
+
+#[test]
+fn llama3_rope_factors_in_a_gguf_divide_the_frequencies_candle_quantized_llama_leaves_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let half = HIDDEN / HEADS / 2;
+    let logits = |factors: &[f32]| {
+        let path = dir.path().join("rope.gguf");
+        write_gguf(&path, Arch::Llama, GgmlDType::F32, Some(factors));
+        let model = Llama::from_gguf(&path, WeightFormat::Stored, &Device::Cpu).unwrap();
+        assert_eq!(model.config().rope_freq_factors.as_deref(), Some(factors));
+        let prompt: Vec<u32> = (0..10).map(|i| (i * 29 % VOCAB) as u32).collect();
+        let mut cache = model.new_cache();
+        let out = model.forward(&mut [BatchEntry { tokens: &prompt, cache: &mut cache }]).unwrap();
+        let ours = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (ours, reference(&path, Arch::Llama, &prompt, &[])[0].clone())
+    };
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    // Factors of 1 change nothing: the same logits as candle's.
+    let (ours, theirs) = logits(&vec![1.0; half]);
+    assert!(max_diff(&ours, &theirs) < 1e-3);
+    // Slower low frequencies (as Llama 3 makes them) change what attention sees.
+    let mut factors = vec![1.0; half];
+    for f in &mut factors[half / 2..] {
+        *f = 32.0;
+    }
+    let (ours, theirs) = logits(&factors);
+    assert!(max_diff(&ours, &theirs) > 1e-3, "the factors were applied");
 }

@@ -24,7 +24,11 @@ impl Rope {
         // so that parity tests compare like with like.
         let inv_freq: Vec<f32> = (0..cfg.head_dim)
             .step_by(2)
-            .map(|i| 1f32 / cfg.rope_theta.powf(i as f32 / cfg.head_dim as f32))
+            .enumerate()
+            .map(|(k, i)| {
+                let f = 1f32 / cfg.rope_theta.powf(i as f32 / cfg.head_dim as f32);
+                cfg.rope_freq_factors.as_ref().map_or(f, |factors| f / factors[k])
+            })
             .collect();
         let max_position = cfg.max_position;
         let mut cos = Vec::with_capacity(max_position * half);
@@ -231,6 +235,37 @@ mod tests {
         let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
         let z: f32 = e.iter().sum();
         (0..d).map(|j| (0..t).map(|i| e[i] / z * v[i * d + j]).sum()).collect()
+    }
+
+    #[test]
+    fn rope_frequency_factors_divide_each_frequency() {
+        let cfg = |factors: Option<Vec<f32>>| ModelConfig {
+            arch: crate::model::config::Arch::Llama,
+            hidden: 8,
+            intermediate: 8,
+            n_layers: 1,
+            n_heads: 1,
+            n_kv_heads: 1,
+            head_dim: 8,
+            vocab: 4,
+            rms_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_style: RopeStyle::HalfSplit,
+            rope_freq_factors: factors,
+            max_position: 16,
+            tie_embeddings: true,
+        };
+        let plain = Rope::new(&cfg(None));
+        // Frequency k divided by 2^k: position 8 of the scaled table is,
+        // for frequency k, position 8 / 2^k of the plain one.
+        let scaled = Rope::new(&cfg(Some(vec![1.0, 2.0, 4.0, 8.0])));
+        let (pc, ps, half) = plain.tables();
+        let (sc, ss, _) = scaled.tables();
+        for k in 0..half {
+            let p = 8 >> k;
+            assert!((sc[8 * half + k] - pc[p * half + k]).abs() < 1e-5, "cos of frequency {k}");
+            assert!((ss[8 * half + k] - ps[p * half + k]).abs() < 1e-5, "sin of frequency {k}");
+        }
     }
 
     #[test]

@@ -261,6 +261,7 @@ mod tests {
             rms_eps: 1e-5,
             rope_theta: 10_000.0,
             rope_style: style,
+            rope_freq_factors: None,
             max_position: 64,
             tie_embeddings: true,
         }

@@ -127,13 +127,29 @@ impl GgufMeta<'_> {
     }
 }
 
+/// The GGUF tensor of Llama 3's RoPE frequency factors.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
 impl Llama {
     /// Loads a GGUF file of the `llama` or `qwen2` architecture.
     pub fn from_gguf(path: &Path, format: WeightFormat, device: &Device) -> Result<Self, ModelError> {
         let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| ModelError::Format(format!("{}: not a readable GGUF file: {e}", path.display())))?;
-        let cfg = gguf_config(&ct)?;
+        let mut cfg = gguf_config(&ct)?;
+        if ct.tensor_infos.contains_key(ROPE_FREQS) {
+            // Llama 3's long-context factors: what each frequency is divided by.
+            let factors = ct
+                .tensor(&mut file, ROPE_FREQS, &Device::Cpu)?
+                .dequantize(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let linear = cfg.rope_freq_factors.take();
+            cfg.rope_freq_factors = Some(match linear {
+                Some(l) if l.len() == factors.len() => factors.iter().zip(l).map(|(a, b)| a * b).collect(),
+                _ => factors,
+            });
+        }
         let has_output = !cfg.tie_embeddings;
         cfg.validate()?;
         let quantized = ct.tensor_infos.values().any(|t| {
@@ -696,10 +712,29 @@ fn gguf_config(ct: &gguf_file::Content) -> Result<ModelConfig, ModelError> {
             Arch::Llama => RopeStyle::Interleaved,
             Arch::Qwen2 => RopeStyle::HalfSplit,
         },
+        rope_freq_factors: gguf_rope_scaling(&meta, head_dim)?,
         max_position: meta.opt_usize("context_length").unwrap_or(4096),
         tie_embeddings: !has_output,
     };
     Ok(cfg)
+}
+
+/// Linear RoPE scaling from the metadata (`rope.scaling.type`); kinds that
+/// change attention beyond the frequencies (YaRN) are refused. Llama 3's
+/// per-frequency factors come as the `rope_freqs.weight` tensor instead.
+fn gguf_rope_scaling(meta: &GgufMeta<'_>, head_dim: usize) -> Result<Option<Vec<f32>>, ModelError> {
+    let kind = meta.get("rope.scaling.type").ok().and_then(|v| v.to_string().ok()).cloned();
+    match kind.as_deref() {
+        None | Some("none") => Ok(None),
+        Some("linear") => match meta.f32("rope.scaling.factor") {
+            Some(f) if f == 1.0 => Ok(None),
+            Some(f) => Ok(Some(vec![f; head_dim / 2])),
+            None => Err(ModelError::Config("linear rope scaling without rope.scaling.factor".into())),
+        },
+        Some(other) => Err(ModelError::Unsupported(format!(
+            "GGUF rope.scaling.type {other:?} (ponder implements linear and Llama 3's rope_freqs)"
+        ))),
+    }
 }
 
 fn refuse_types_without_cuda_kernels(

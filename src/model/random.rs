@@ -47,6 +47,7 @@ impl RandomShape {
             rms_eps: 1e-6,
             rope_theta: 1_000_000.0,
             rope_style: RopeStyle::HalfSplit,
+            rope_freq_factors: None,
             max_position: 32_768,
             tie_embeddings: tie,
         }
