@@ -113,7 +113,7 @@ fn resolve(args: &CalibrateArgs) -> anyhow::Result<ModelEntry> {
 
 /// Where the policy runs for the labels.
 enum Policy {
-    Local(Engine),
+    Local(Box<Engine>),
     Remote(RemoteLabeler),
 }
 
@@ -142,7 +142,7 @@ fn policy(entry: &ModelEntry, target: &Target) -> anyhow::Result<(Policy, PathBu
             );
             let engine =
                 Engine::load(path, entry.weights, &candle_core::Device::Cpu, EngineOptions::default())?;
-            Ok((Policy::Local(engine), path.join("calibration"), path.clone()))
+            Ok((Policy::Local(Box::new(engine)), path.join("calibration"), path.clone()))
         }
         BackendConfig::Openai(engine) => {
             anyhow::ensure!(

@@ -727,7 +727,7 @@ fn gguf_rope_scaling(meta: &GgufMeta<'_>, head_dim: usize) -> Result<Option<Vec<
     match kind.as_deref() {
         None | Some("none") => Ok(None),
         Some("linear") => match meta.f32("rope.scaling.factor") {
-            Some(f) if f == 1.0 => Ok(None),
+            Some(1.0) => Ok(None),
             Some(f) => Ok(Some(vec![f; head_dim / 2])),
             None => Err(ModelError::Config("linear rope scaling without rope.scaling.factor".into())),
         },
