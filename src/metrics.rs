@@ -127,7 +127,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let models_loaded = IntGauge::new(MODELS_LOADED, "Models loaded and serving").expect("valid gauge");
+        let models_loaded = IntGauge::new(MODELS_LOADED, "Models ready to serve, as /health counts them")
+            .expect("valid gauge");
         r.register(Box::new(models_loaded.clone())).expect("metric names are unique");
         Self {
             http_requests: counter(
@@ -278,8 +279,11 @@ impl Metrics {
         self.cancelled.with_label_values(&[model]).inc();
     }
 
-    pub fn model_loaded(&self) {
-        self.models_loaded.inc();
+    /// Set at each scrape from the models' statuses, so that a model on
+    /// several devices counts once and one that failed or became
+    /// unreachable no longer counts.
+    pub fn set_models_ready(&self, ready: usize) {
+        self.models_loaded.set(ready as i64);
     }
 
     /// Handles bound to one model's labels, for the worker's hot loop; the
@@ -433,7 +437,7 @@ mod tests {
         let m = Metrics::new();
         m.http_request("/v1/chat/completions", 200, 0.01);
         m.rejected("x", Rejection::QueueFull);
-        m.model_loaded();
+        m.set_models_ready(1);
         let mm = m.for_model("x", "cpu");
         for h in [&mm.queue_duration, &mm.ttft, &mm.itl, &mm.batch_size] {
             h.observe(1.0);

@@ -486,6 +486,13 @@ async fn backend_refusals_and_failures_map_to_429_503_and_a_generic_500() {
     assert_eq!(call(&app, "GET", "/health", None, None).await.status, 503);
     let m = call(&app, "GET", "/metrics", None, Some(KEY)).await.text;
     assert!(m.contains("ponder_http_requests_total{route=\"/v1/chat/completions\",status=\"503\"}"), "{m}");
+    assert!(m.contains("ponder_models_loaded 0"), "a loading model is not ready: {m}");
+    app.fake.set_status(BackendStatus::Ready);
+    let m = call(&app, "GET", "/metrics", None, Some(KEY)).await.text;
+    assert!(m.contains("ponder_models_loaded 1"), "{m}");
+    app.fake.set_status(BackendStatus::Unreachable("gone".into()));
+    let m = call(&app, "GET", "/metrics", None, Some(KEY)).await.text;
+    assert!(m.contains("ponder_models_loaded 0"), "an unreachable model is not ready: {m}");
     let _ = &app.metrics;
 }
 

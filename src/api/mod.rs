@@ -220,6 +220,8 @@ async fn health(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let ready = state.models.values().filter(|p| p.status() == BackendStatus::Ready).count();
+    state.metrics.set_models_ready(ready);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }

@@ -97,7 +97,7 @@ impl RemoteBackend {
             metrics: metrics.clone(),
             mm: metrics.for_model(&entry.id, "remote"),
         });
-        tokio::spawn(start(backend.upstream.clone(), entry.clone(), shared, metrics.clone()));
+        tokio::spawn(start(backend.upstream.clone(), entry.clone(), shared));
         backend
     }
 }
@@ -121,7 +121,7 @@ type Loaded = (Arc<Tokenizer>, Option<Arc<dyn Scorer>>);
 
 /// Loads the tokenizer and the PRM, then probes the engine; a load that
 /// fails marks the model failed, which stops start-up.
-async fn start(upstream: Upstream, entry: ModelEntry, shared: Arc<Shared>, metrics: Metrics) {
+async fn start(upstream: Upstream, entry: ModelEntry, shared: Arc<Shared>) {
     let loaded = tokio::task::spawn_blocking({
         let entry = entry.clone();
         move || -> Result<Loaded, String> {
@@ -162,7 +162,7 @@ async fn start(upstream: Upstream, entry: ModelEntry, shared: Arc<Shared>, metri
     if let Some(context_length) = entry.context_length {
         let _ = shared.info.set(ModelInfo { tokenizer: tokenizer.clone(), context_length, detail });
     }
-    probe_loop(upstream, entry.id, entry.context_length, (tokenizer, detail), shared, metrics).await;
+    probe_loop(upstream, entry.id, entry.context_length, (tokenizer, detail), shared).await;
 }
 
 /// Probes the engine every few seconds: `Ready` while it answers and
@@ -174,7 +174,6 @@ async fn probe_loop(
     configured: Option<usize>,
     (tokenizer, detail): (Arc<Tokenizer>, TokenDetail),
     shared: Arc<Shared>,
-    metrics: Metrics,
 ) {
     let mut announced = false;
     loop {
@@ -201,7 +200,6 @@ async fn probe_loop(
         match &status {
             BackendStatus::Ready if !announced => {
                 announced = true;
-                metrics.model_loaded();
                 tracing::info!(model = %id, engine = upstream.model(), "remote engine ready");
             }
             BackendStatus::Unreachable(why) => tracing::warn!(model = %id, %why, "remote engine unreachable"),

@@ -91,7 +91,6 @@ struct WorkerCtx {
     device: DeviceKind,
     shared: Arc<Shared>,
     mm: ModelMetrics,
-    metrics: Metrics,
     max_running: usize,
     options: WorkerOptions,
 }
@@ -116,7 +115,6 @@ impl ModelPool {
                 device: *device,
                 shared: shared.clone(),
                 mm: metrics.for_model(&entry.id, &device.to_string()),
-                metrics: metrics.clone(),
                 max_running: queue.max_running,
                 options: options.clone(),
             };
@@ -272,9 +270,7 @@ fn supervise(ctx: WorkerCtx, mut rx: mpsc::Receiver<Job>) {
                 return;
             }
         };
-        if restarts == 0 {
-            ctx.metrics.model_loaded();
-        } else {
+        if restarts > 0 {
             ctx.shared.restarting.fetch_sub(1, Ordering::AcqRel);
         }
         ctx.shared.ready.fetch_add(1, Ordering::AcqRel);
