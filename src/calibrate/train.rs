@@ -123,7 +123,9 @@ impl Standardized {
 }
 
 /// Full-batch AdamW on `loss` until the validation loss stops improving;
-/// returns the best validation loss and restores the best weights.
+/// returns the best validation loss and restores the best weights, the
+/// starting ones included (a head converted from a PRM's own may already
+/// be better than anything training finds).
 fn fit(
     head: &Head,
     vars: &[Var],
@@ -136,8 +138,9 @@ fn fit(
         vars.to_vec(),
         ParamsAdamW { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() },
     )?;
+    let start = loss(head, val)?.to_scalar::<f32>()? as f64;
     let mut best =
-        (f64::INFINITY, vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?);
+        (start, vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?);
     let mut since = 0;
     for _ in 0..cfg.max_epochs {
         opt.backward_step(&loss(head, train)?)?;
@@ -194,7 +197,7 @@ pub fn train_from_good_logit(
     let loss = |h: &Head, d: &Data| pinball_loss(&h.probabilities(&d.x)?, &d.soft);
     let before = loss(&quantile, &val)?.to_scalar::<f32>()? as f64;
     let after = fit(&quantile, &vars, cfg, loss, &train, &val)?;
-    Ok((quantile.fold_standardization(&mean, &std)?, before, after.min(before)))
+    Ok((quantile.fold_standardization(&mean, &std)?, before, after))
 }
 
 #[cfg(test)]
@@ -263,6 +266,13 @@ mod tests {
         let cfg = FitConfig { lr: 5e-2, max_epochs: 300, ..Default::default() };
         let (_, before, after) = train_from_good_logit(&w, &b, &d, &d, &cfg).unwrap();
         assert!(after < before - 1e-3, "{before} -> {after}");
+        // Steps so large that every epoch is worse: the head it started
+        // from is kept, and the loss reported is that head's.
+        let wild = FitConfig { lr: 1e4, max_epochs: 5, patience: 5, ..Default::default() };
+        let (q, before, after) = train_from_good_logit(&w, &b, &d, &d, &wild).unwrap();
+        assert_eq!(before, after);
+        let p = q.probabilities(&d.x).unwrap().to_vec2::<f32>().unwrap();
+        assert!(p.iter().zip(&good).all(|(row, g)| row.iter().all(|v| (v - g).abs() < 1e-5)));
     }
 
     fn noisy_rows(n: usize) -> Vec<LabelRow> {
