@@ -5,6 +5,7 @@
 //! field.
 
 use super::{EvalArgs, MAX_SEQUENCES};
+use crate::prm::head::HeadOutput;
 use crate::reasoning::{BudgetRule, Select, Strategy};
 
 /// What a best-of-N or beam run does, the defaults filled in for the model.
@@ -173,6 +174,13 @@ pub(super) fn choose(args: &EvalArgs, has_prm: bool) -> anyhow::Result<Choice> {
     }
     if strategy == Strategy::Beam && !has_prm {
         return Err(no_prm("--strategy beam", "beam search"));
+    }
+    if let (Some(output), false) = (args.prm, has_prm) {
+        let name = match output {
+            HeadOutput::Calibrated => "calibrated",
+            HeadOutput::Raw => "raw",
+        };
+        return Err(no_prm(&format!("--prm {name}"), "choosing the PRM's output"));
     }
     let adaptive = strategy != Strategy::Single && !args.sweep && args.adaptive();
     let rule = match args.rule {
@@ -352,7 +360,8 @@ mod tests {
         assert_eq!((c.adaptive, c.select), (false, Select::Majority));
         let c = choose(&["--strategy", "best_of_n"], true).expect("with a PRM");
         assert_eq!((c.rule, c.select), (BudgetRule::GiveUp, Select::PrmMax));
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 6] = [
+            (&["--strategy", "best_of_n", "--prm", "raw"], "--prm raw: choosing the PRM's output"),
             (&["--strategy", "best_of_n", "--select", "prm_vote"], "--select prm_vote: select \"prm_vote\""),
             (
                 &["--strategy", "best_of_n", "--budget-rule", "ias"],
