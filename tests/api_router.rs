@@ -10,6 +10,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::http::Request;
+use futures::StreamExt;
 use ponder::api::{AppState, router};
 use ponder::backend::fake::{FakeBackend, FakeBehaviour};
 use ponder::backend::{Backend, BackendStatus, ModelInfo, TokenDetail};
@@ -45,6 +46,7 @@ fn app_with(detail: TokenDetail) -> App {
     c.server.api_keys = vec!["test-key-1".into(), KEY.into()];
     c.server.metrics_auth = MetricsAuth::Protected;
     c.limits.max_body_bytes = 4000;
+    c.limits.body_timeout_secs = 1;
     c.limits.max_prompt_tokens = 60;
     c.limits.max_tokens = 10_000;
     c.models.truncate(1);
@@ -345,6 +347,31 @@ async fn size_limits_on_body_prompt_and_context_are_enforced_and_a_body_over_the
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     assert_eq!(v["error"]["param"], "max_tokens");
     assert!(v["error"]["message"].as_str().unwrap().contains(&CONTEXT.to_string()), "{v}");
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_naming_the_limit() {
+    let app = app();
+    let first = Ok::<_, std::io::Error>(br#"{"model": "m", "prompt": "#.to_vec());
+    let stalled = futures::stream::iter([first]).chain(futures::stream::pending());
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/completions")
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {KEY}"))
+        .body(Body::from_stream(stalled))
+        .unwrap();
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(60), app.router.clone().oneshot(req))
+        .await
+        .expect("answered, not left hanging")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let v: Value =
+        serde_json::from_slice(&axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap()).unwrap();
+    assert_eq!(status, 408, "{v}");
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("1 s (limits.body_timeout_secs)"), "{v}");
+    assert!(app.fake.seen().is_empty());
 }
 
 async fn post_with_id(app: &App, id: &str) -> Reply {

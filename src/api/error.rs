@@ -19,6 +19,8 @@ pub enum ApiError {
     PrmNotFound { model: String, served: Vec<String> },
     #[error("request body over {limit} bytes")]
     BodyTooLarge { limit: usize, got: String },
+    #[error("the request body stopped arriving")]
+    BodyTimeout { secs: usize },
     #[error("no such route")]
     NoRoute,
     #[error("{method} is not allowed on {path}")]
@@ -85,6 +87,15 @@ impl ApiError {
                 None,
                 Some("request_too_large"),
                 format!("The request body must be at most {limit} bytes (limits.max_body_bytes), got {got}."),
+            ),
+            ApiError::BodyTimeout { secs } => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                None,
+                Some("request_timeout"),
+                format!(
+                    "The request body stopped arriving: nothing came for {secs} s (limits.body_timeout_secs)."
+                ),
             ),
             ApiError::NoRoute => (
                 StatusCode::NOT_FOUND,

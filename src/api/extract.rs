@@ -1,6 +1,6 @@
 //! A JSON body extractor whose every failure is an OpenAI-style 400 naming
-//! the field (by its path) and what was wrong, or a 413 for a body over
-//! `limits.max_body_bytes`.
+//! the field (by its path) and what was wrong, a 413 for a body over
+//! `limits.max_body_bytes`, or a 408 for one that stops arriving.
 
 use axum::extract::{FromRequest, Request};
 use serde::de::DeserializeOwned;
@@ -10,6 +10,12 @@ use super::error::ApiError;
 use crate::validation::ValidationError;
 
 pub struct JsonBody<T>(pub T);
+
+/// Whether `T` is `e` or anywhere in its chain of sources (a body's error
+/// comes wrapped by each layer it passed through).
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(e), |e| e.source()).any(|e| e.is::<T>())
+}
 
 fn invalid(param: Option<String>, message: String) -> ApiError {
     ApiError::Invalid(ValidationError { param, message, code: None })
@@ -35,6 +41,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             let e = e.into_inner();
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 too_big(format!("more than {limit} bytes"))
+            } else if caused_by::<tower_http::timeout::TimeoutError>(&*e) {
+                ApiError::BodyTimeout { secs: state.config.limits.body_timeout_secs }
             } else {
                 invalid(None, format!("the request body could not be read in full: {e}"))
             }

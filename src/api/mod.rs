@@ -276,9 +276,11 @@ pub fn router(state: AppState) -> Router {
     }
     let keyed =
         keyed.route_layer(axum::middleware::from_fn_with_state(state.clone(), middleware::require_key));
+    let body_timeout = std::time::Duration::from_secs(state.config.limits.body_timeout_secs as u64);
     open.merge(keyed)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), middleware::track))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_timeout))
         .with_state(state)
 }

@@ -91,6 +91,10 @@ impl Default for ServerConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Longest wait for the next part of a request body, in seconds: a
+    /// client that stops sending mid-body gets 408 instead of holding its
+    /// connection.
+    pub body_timeout_secs: usize,
     pub max_prompt_tokens: usize,
     /// Largest `max_tokens` a request may ask for.
     pub max_tokens: usize,
@@ -106,6 +110,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 1 << 20,
+            body_timeout_secs: 30,
             max_prompt_tokens: 4096,
             max_tokens: 4096,
             default_max_tokens: 256,
@@ -530,6 +535,7 @@ impl Config {
         let l = &self.limits;
         let nonzero = [
             ("limits.max_body_bytes", l.max_body_bytes),
+            ("limits.body_timeout_secs", l.body_timeout_secs),
             ("limits.max_prompt_tokens", l.max_prompt_tokens),
             ("limits.max_tokens", l.max_tokens),
             ("limits.default_max_tokens", l.default_max_tokens),
